@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny real checkpoints per family, built once per session, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from tiny_models import make_dense
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory):
+    """dense_dir(family, **overrides) -> a saved tiny random model, cached for the session."""
+    built: dict[tuple, Path] = {}
+
+    def get(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"dense-{family}")
+            built[key] = make_dense(family, folder, **overrides)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture
+def cli():
+    """Run the real Typer app in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from upcycle.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str | Path):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def load_clean(folder: Path, dtype: torch.dtype = torch.float32):
+    """Load with plain transformers and fail on any missing/unexpected/mismatched key."""
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, f"loading {folder} reported {problems}"
+    return model.eval()

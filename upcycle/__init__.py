@@ -1,0 +1,3 @@
+"""upcycle: exact dense-to-MoE upcycling of Hugging Face language models."""
+
+__version__ = "0.1.0"

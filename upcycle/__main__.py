@@ -1,0 +1,3 @@
+from upcycle.cli import app
+
+app()

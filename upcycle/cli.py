@@ -1,0 +1,303 @@
+"""The `upcycle` command line: parsing and presentation only; the work happens in the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from upcycle.errors import UpcycleError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a dense Hugging Face model into an exact Mixture-of-Experts model, verify it, train it.",
+)
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+EXIT_NOT_EQUIVALENT = 1
+EXIT_BAD_INPUT = 2
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+def fail(error: BaseException) -> typer.Exit:
+    """One line naming the problem and the fix; the traceback only with --debug."""
+    if STATE["debug"]:
+        console.print_exception()
+    if isinstance(error, UpcycleError):
+        err_console.print(f"[bold red]error:[/] {error.line()}", highlight=False)
+        return typer.Exit(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        err_console.print("[bold red]interrupted:[/] nothing was written. Fix: run the command again.")
+        return typer.Exit(EXIT_BAD_INPUT)
+    raise error
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGIB")
+    try:
+        return int(float(number) * units[stripped[len(number) :]])
+    except (ValueError, KeyError):
+        raise typer.BadParameter(f"{text!r} is not a size; use e.g. 2GB, 500MB or a byte count.") from None
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Dense model: a local Hugging Face folder or a .gguf file.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist).")],
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Expansion rate E: copies of each MLP.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
+    granularity: Annotated[int, typer.Option("--granularity", "-g", help="Shards per copy (virtual groups).")] = 1,
+    router: Annotated[str, typer.Option(help="renorm (exact) or softmax-topk (the paper's router).")] = "renorm",
+    router_init: Annotated[str, typer.Option(help="random, zero or tied.")] = "random",
+    weight_scale: Annotated[str, typer.Option(help="auto (the paper's factor), none, or a number.")] = "auto",
+    drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
+    noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
+    layers: Annotated[str, typer.Option(help="Layers that become MoE: all, 0-11, 0,2,4 ...")] = "all",
+    target: Annotated[str, typer.Option(help="auto, mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (as the source), float32, bfloat16, float16.")] = "auto",
+    shard_size: Annotated[str, typer.Option(help="Maximum size of one safetensors file.")] = "2GB",
+    seed: Annotated[int, typer.Option(help="Seed for routers, Drop-Upcycling and noise.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Accept a source that declares custom code.")] = False,
+    show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
+) -> None:
+    """Upcycle a dense model into a native transformers MoE checkpoint (exact by default: E=8, top-2)."""
+    from upcycle.convert import UpcycleOptions, convert
+
+    try:
+        options = UpcycleOptions(
+            experts=experts,
+            top_k=top_k,
+            granularity=granularity,
+            router=router,
+            router_init=router_init,
+            weight_scale=weight_scale,
+            drop_upcycling=drop_upcycling,
+            noise=noise,
+            layers=layers,
+            target=target,
+            dtype=dtype,
+            shard_size=parse_size(shard_size),
+            seed=seed,
+        )
+        with _transfer_progress(disable=dry_run) as progress:
+            task = progress.add_task("writing", total=None)
+            result = convert(
+                src,
+                out,
+                options,
+                force=force,
+                dry_run=dry_run,
+                trust_remote_code=trust_remote_code,
+                progress=lambda done, total, name: progress.update(task, completed=done, total=total),
+            )
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    _print_plan(result.plan, show_plan)
+    if dry_run:
+        console.print("[yellow]dry run:[/] nothing was written.")
+        return
+    rate = result.bytes_written / result.seconds / 1e6 if result.seconds else 0.0
+    console.print(
+        f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s, {rate:.0f} MB/s)"
+    )
+
+
+def _transfer_progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=disable,
+    )
+
+
+def _print_plan(plan: Any, show_tensors: bool) -> None:
+    opts = plan.options
+    table = Table(title="Upcycle plan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    exact = "[green]exact[/]" if plan.exactness.exact else "[yellow]approximate by design[/]"
+    rows = [
+        ("source family", plan.family),
+        ("target", f"{plan.architecture} ({plan.target})"),
+        ("experts", f"{opts.num_experts} = E {opts.experts} x G {opts.granularity}, top-{opts.top_k}"),
+        ("router", f"{opts.router}, init {opts.router_init}"),
+        ("MoE layers", _ranges(plan.moe_layers)),
+        ("dtype", plan.dtype),
+        ("method", f"{plan.exactness.method}: {exact}"),
+        *[("note", note) for note in plan.exactness.notes],
+        ("tensors / files", f"{len(plan.recipes)} in {len(plan.shards)} safetensors file(s)"),
+        ("size", f"{plan.total_bytes / 1e9:.3f} GB"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if show_tensors:
+        detail = Table("file", "tensor", "shape", "dtype", "recipe")
+        for name, shard in zip(plan.shard_names(), plan.shards, strict=True):
+            for r in shard:
+                how = r.op + (f" {r.source}" if r.source else "")
+                how += f" rows{list(r.rows)}" if r.rows else ""
+                how += f" cols{list(r.cols)}" if r.cols else ""
+                how += f" x{r.scale:g}" if r.scale != 1 else ""
+                how += f" drop {r.drop_ratio:g}" if r.drop_ratio else ""
+                detail.add_row(name, r.name, str(list(r.shape)), r.dtype, how)
+        console.print(detail)
+
+
+def _ranges(layers: tuple[int, ...]) -> str:
+    spans: list[str] = []
+    for i in layers:
+        if spans and spans[-1].split("-")[-1] == str(i - 1):
+            spans[-1] = f"{spans[-1].split('-')[0]}-{i}"
+        else:
+            spans.append(str(i))
+    return ", ".join(spans)
+
+
+@app.command("verify")
+def verify_cmd(
+    dense: Annotated[Path, typer.Argument(help="The dense source folder.")],
+    moe: Annotated[Path, typer.Argument(help="The folder written by `upcycle convert`.")],
+    dtype: Annotated[str, typer.Option(help="Compute dtype for the function check.")] = "float32",
+    tol: Annotated[
+        float | None, typer.Option(help="Relative logits tolerance (required for approximate methods).")
+    ] = None,
+    text: Annotated[Path | None, typer.Option(help="A text file to run both models on.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of text per sequence.")] = 256,
+    weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the function check.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a dense model with custom code.")] = False,
+) -> None:
+    """Prove that MOE equals DENSE (weights and logits), or measure how far an approximate method is."""
+    from upcycle.verify import verify
+
+    try:
+        if text is not None and not text.is_file():
+            raise UpcycleError(f"--text {text} does not exist.", "pass an existing UTF-8 text file.")
+        content = text.read_text(errors="replace") if text is not None else None
+        report = verify(
+            dense,
+            moe,
+            dtype=dtype,
+            tol=tol,
+            text=content,
+            max_tokens=max_tokens,
+            function=not weights_only,
+            trust_remote_code=trust_remote_code,
+        )
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    if json_out:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_verify_report(report)
+    raise typer.Exit(0 if report.equivalent else EXIT_NOT_EQUIVALENT)
+
+
+def print_verify_report(report: Any) -> None:
+    table = Table(title=f"verify: {report.method}", title_justify="left")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("status")
+    ok, bad = "[green]ok[/]", "[red]FAIL[/]"
+    w = report.weights
+    if w is not None:
+        table.add_row("source sha256 matches upcycle.json", "", ok if w.source_matches_provenance else bad)
+        table.add_row("tensors re-made from the plan", f"{w.tensors_checked}", ok if not w.mismatches else bad)
+        for m in w.mismatches[:8]:
+            diff = f"{m.max_abs_diff:.3g}" if m.max_abs_diff == m.max_abs_diff else ""
+            table.add_row(f"  {m.tensor}", diff, f"[red]{m.problem}[/]")
+    f = report.function
+    if f is not None:
+        within = f.logits_rel_diff <= report.tolerance
+        table.add_row("text", f"{f.tokens} tokens", f.text_source)
+        table.add_row("loads with no missing/unexpected keys", "", ok if not f.loading_problems else bad)
+        table.add_row("logits max |Δ|", f"{f.logits_max_abs_diff:.3g}", "")
+        table.add_row(
+            f"logits relative Δ ({f.dtype}, tol {report.tolerance:g})",
+            f"{f.logits_rel_diff:.3g}",
+            ok if within else ("[yellow]deviation[/]" if not report.exact_by_design else bad),
+        )
+        table.add_row("mean KL(dense ‖ moe)", f"{f.mean_kl:.3g}", "")
+        table.add_row("top-1 agreement", f"{f.top1_agreement:.2%}", "")
+        for d in f.layers:
+            label = "embeddings" if d.layer == 0 else f"after layer {d.layer - 1}"
+            mark = "" if d.rel_diff <= report.tolerance else "[yellow]diverges[/]"
+            table.add_row(f"  hidden {label}", f"{d.rel_diff:.3g}", mark)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    style = "green" if report.equivalent else "red"
+    console.print(
+        Panel(f"[bold {style}]{'EQUIVALENT' if report.equivalent else 'NOT EQUIVALENT'}[/]: {report.verdict}")
+    )
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path | None, typer.Option(help="Where the MoE checkpoint goes (default: the cache).")] = None,
+) -> None:
+    """Upcycle the real SmolLM2-135M on this CPU, verify it, and compare generations."""
+    from upcycle.demo import DemoSteps, run_demo
+
+    start = time.perf_counter()
+    status = console.status("")
+
+    def started(message: str) -> None:
+        status.update(f"[bold]{message}…")
+        console.print(f"[bold cyan]›[/] {message}")
+
+    def finished(step: str, value: Any) -> None:
+        if step == "model":
+            console.print(f"  dense model: {value}")
+        elif step == "convert":
+            console.print(
+                f"  {value.plan.architecture}, {len(value.plan.recipes)} tensors, "
+                f"{value.bytes_written / 1e9:.2f} GB in {value.seconds:.1f} s → {value.out}"
+            )
+        elif step == "verify":
+            print_verify_report(value)
+        elif step == "generate":
+            table = Table("prompt", "dense SmolLM2", "upcycled MoE", "same", title="Greedy continuations")
+            for c in value:
+                table.add_row(c.prompt, c.dense, c.moe, "[green]yes[/]" if c.identical else "[red]no[/]")
+            console.print(table)
+
+    try:
+        with status:
+            ok = run_demo(DemoSteps(started, finished), out)
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    console.print(
+        f"demo finished in {time.perf_counter() - start:.0f} s: "
+        + ("[green]the MoE model is the dense model, now with experts.[/]" if ok else "[red]mismatch[/]")
+    )
+    raise typer.Exit(0 if ok else EXIT_NOT_EQUIVALENT)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

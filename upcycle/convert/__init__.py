@@ -1,0 +1,48 @@
+"""Dense → MoE conversion: plan it from headers and config, then stream it into a native HF checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle.convert.options import UpcycleOptions
+from upcycle.convert.plan import UpcyclePlan, build_plan
+from upcycle.convert.source import open_source
+from upcycle.convert.writer import Progress, check_output, write_plan
+
+
+@dataclass
+class ConvertResult:
+    plan: UpcyclePlan
+    out: Path | None  # None for a dry run
+    bytes_written: int
+    seconds: float
+
+
+def convert(
+    src: Path,
+    out: Path,
+    options: UpcycleOptions | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Upcycle SRC (HF folder or .gguf) into OUT; a dry run plans and checks everything but writes nothing."""
+    start = time.perf_counter()
+    options = options or UpcycleOptions()
+    options.validate()
+    src, out = Path(src), Path(out).absolute()
+    if not dry_run:
+        check_output(out, force)
+    with open_source(src, trust_remote_code, scratch=out.parent if out.parent.is_dir() else None) as source:
+        plan = build_plan(source, options)
+        if dry_run:
+            return ConvertResult(plan, None, 0, time.perf_counter() - start)
+        written = write_plan(plan, source, out, force=force, progress=progress)
+    return ConvertResult(plan, out, written, time.perf_counter() - start)
+
+
+__all__ = ["ConvertResult", "UpcycleOptions", "UpcyclePlan", "build_plan", "convert"]

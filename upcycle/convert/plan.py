@@ -1,0 +1,310 @@
+"""The UpcyclePlan: every output tensor's recipe, the target config and the exactness claim, as data.
+
+`--dry-run` prints it, the writer executes it, `upcycle.json` stores it and `verify` re-reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from upcycle import __version__
+from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, describe_dense
+from upcycle.convert.options import UpcycleOptions, parse_layers
+from upcycle.convert.recipe import TensorRecipe
+from upcycle.convert.source import DTYPE_CODES, DenseSource
+from upcycle.convert.targets import TARGETS, Layout, Target, choose_target
+from upcycle.errors import SourceError
+
+PLAN_FORMAT = 1
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+CODE_NAMES = {code: name for name, code in DTYPE_NAMES.items()}
+
+
+@dataclass
+class Exactness:
+    """Whether the MoE equals the dense model at init, and why not when it does not."""
+
+    exact: bool
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UpcyclePlan:
+    options: UpcycleOptions
+    family: str
+    target: str
+    architecture: str
+    dtype: str  # output dtype name, e.g. "bfloat16"
+    moe_layers: tuple[int, ...]
+    config: dict  # the target's config.json
+    shards: list[list[TensorRecipe]]  # one list per output safetensors file, in write order
+    exactness: Exactness
+    source: dict = field(default_factory=dict)  # path and file hashes, filled in by the writer
+
+    @property
+    def recipes(self) -> list[TensorRecipe]:
+        return [recipe for shard in self.shards for recipe in shard]
+
+    def shard_names(self) -> list[str]:
+        total = len(self.shards)
+        return [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_nbytes(recipe) for recipe in self.recipes)
+
+    def to_json(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "tool": {"name": "upcycle", "version": __version__},
+            "source": self.source,
+            "family": self.family,
+            "target": self.target,
+            "architecture": self.architecture,
+            "dtype": self.dtype,
+            "options": self.options.to_json(),
+            "moe_layers": list(self.moe_layers),
+            "exactness": {
+                "exact": self.exactness.exact,
+                "method": self.exactness.method,
+                "notes": self.exactness.notes,
+            },
+            "shards": {
+                name: [r.to_json() for r in shard] for name, shard in zip(self.shard_names(), self.shards, strict=True)
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, config: dict) -> UpcyclePlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise SourceError(
+                f"upcycle.json has plan format {data.get('format')!r}; this upcycle reads format {PLAN_FORMAT}.",
+                "convert again with this version of upcycle.",
+            )
+        exact = data["exactness"]
+        return cls(
+            options=UpcycleOptions(**data["options"]),
+            family=data["family"],
+            target=data["target"],
+            architecture=data["architecture"],
+            dtype=data["dtype"],
+            moe_layers=tuple(data["moe_layers"]),
+            config=config,
+            shards=[[TensorRecipe.from_json(r) for r in shard] for shard in data["shards"].values()],
+            exactness=Exactness(exact["exact"], exact["method"], list(exact["notes"])),
+            source=data.get("source", {}),
+        )
+
+
+def _nbytes(recipe: TensorRecipe) -> int:
+    return math.prod(recipe.shape) * {"F32": 4, "BF16": 2, "F16": 2}[recipe.dtype]
+
+
+def expert_scales(opts: UpcycleOptions) -> tuple[tuple[float, float, float], Exactness]:
+    """(gate, up, down) weight factors and the exactness they leave, per the paper and DESIGN.md."""
+    override = opts.weight_scale_factor_override()
+    paper_factor = opts.experts * opts.granularity**2 / opts.top_k
+    if opts.router == "renorm":
+        if override is None:
+            method = "renormalised router, copies" + (" in virtual groups" if opts.granularity > 1 else "")
+            return (1.0, 1.0, 1.0), Exactness(True, method)
+        cube = override ** (1 / 3)
+        return (cube, cube, cube), Exactness(
+            False,
+            f"renormalised router with weight scale {override:g}",
+            [f"every expert weight scaled by {override:g}^(1/3)"],
+        )
+    if opts.weight_scale == "none":
+        return (1.0, 1.0, 1.0), Exactness(
+            False,
+            "softmax-topk router without weight scaling",
+            ["the selected router probabilities sum to less than 1, so the MLP output shrinks"],
+        )
+    if opts.router_init == "zero" and override is None:
+        factor = opts.experts / opts.top_k
+        notes = (
+            []
+            if factor.is_integer() and int(factor) & (int(factor) - 1) == 0
+            else [f"E/k = {factor:g} is not a power of two: equal up to rounding"]
+        )
+        return (1.0, 1.0, factor), Exactness(True, f"softmax-topk, zero router, down_proj x E/k = {factor:g}", notes)
+    factor = override if override is not None else paper_factor
+    cube = factor ** (1 / 3)
+    return (cube, cube, cube), Exactness(
+        False,
+        f"softmax-topk with the paper's weight scaling s = {factor:g}",
+        [
+            f"gate, up and down scaled by s^(1/3) = {cube:.4f}: exact for squared-ReLU, approximate for SwiGLU",
+            "the router is not uniform, so the selected probabilities do not sum to k/E exactly",
+        ],
+    )
+
+
+def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:
+    """Decide every output tensor; reads headers and config only, never weights."""
+    opts.validate()
+    dense = describe_dense(source.config, set(source.tensors))
+    layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
+    target = choose_target(dense, opts, layout)
+    _check_mlp_shapes(source, dense, opts)
+    dtype = _output_dtype(source, dense, opts)
+    scales, exactness = expert_scales(opts)
+    if opts.drop_upcycling:
+        exactness.exact = False
+        exactness.notes.append(f"Drop-Upcycling re-draws {opts.drop_upcycling:.0%} of each expert's neurons")
+    if opts.noise:
+        exactness.exact = False
+        exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
+    recipes = _recipes(source, dense, opts, layout, target, DTYPE_NAMES[dtype], scales)
+    return UpcyclePlan(
+        options=opts,
+        family=dense.family,
+        target=target.name,
+        architecture=target.architecture,
+        dtype=dtype,
+        moe_layers=layout.moe_layers,
+        config=target.config(dense, opts, layout, dtype),
+        shards=_shard(recipes, opts.shard_size),
+        exactness=exactness,
+    )
+
+
+def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) -> str:
+    if opts.dtype != "auto":
+        return opts.dtype
+    declared = dense.config.get("dtype") or dense.config.get("torch_dtype")
+    if declared in DTYPE_NAMES:
+        return declared
+    code = DTYPE_CODES.get(source.tensors[dense.mlp_key(0, "gate")].dtype, "F32")
+    return CODE_NAMES.get(code, "float32")
+
+
+def _check_mlp_shapes(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) -> None:
+    hidden, inter = dense.hidden_size, dense.intermediate_size
+    expected = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    for layer in range(dense.num_layers):
+        for projection, shape in expected.items():
+            info = source.tensors[dense.mlp_key(layer, projection)]
+            if info.shape != shape:
+                raise SourceError(
+                    f"{info.name} has shape {list(info.shape)} but config.json implies {list(shape)}.",
+                    "check that config.json matches the weights.",
+                )
+    if inter % opts.granularity:
+        raise SourceError(
+            f"the intermediate size {inter} does not split into {opts.granularity} equal shards.",
+            f"choose a --granularity that divides {inter}.",
+        )
+
+
+def _recipes(
+    source: DenseSource,
+    dense: DenseModel,
+    opts: UpcycleOptions,
+    layout: Layout,
+    target: Target,
+    dtype: str,
+    scales: tuple[float, float, float],
+) -> list[TensorRecipe]:
+    moe = set(layout.moe_layers)
+    mlp_keys = {dense.mlp_key(i, p) for i in range(dense.num_layers) for p in MLP_PROJECTIONS}
+    order = sorted(source.tensors, key=_write_order)
+    recipes: list[TensorRecipe] = []
+    for name in order:
+        if name.endswith("rotary_emb.inv_freq") or (dense.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name not in mlp_keys:
+            recipes.append(TensorRecipe(name, source.tensors[name].shape, dtype, "copy", source=name))
+            continue
+        layer, projection = int(name.split(".")[2]), name.split(".")[-2].removesuffix("_proj")
+        if layer not in moe:
+            recipes.append(
+                TensorRecipe(
+                    target.dense_mlp_key(layer, projection),
+                    source.tensors[name].shape,
+                    dtype,
+                    "copy",
+                    source=name,
+                    layer=layer,
+                )
+            )
+        elif projection == "down":  # the layer's MoE block is emitted once, after its last MLP tensor
+            recipes += _moe_block(layer, dense, opts, target, dtype, scales)
+    return recipes
+
+
+def _write_order(name: str) -> tuple[int, int, str]:
+    """Embeddings, then layer by layer (MLP last), then the final norm and head: the order a reader wants."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+        return (1, int(parts[2]), ("1" if ".mlp." in name else "0") + name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def _moe_block(
+    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype: str, scales: tuple[float, float, float]
+) -> list[TensorRecipe]:
+    hidden, inter, groups = dense.hidden_size, dense.intermediate_size, opts.granularity
+    shard = inter // groups
+    std = opts.router_std if opts.router_std is not None else float(dense.config.get("initializer_range", 0.02))
+    recipes = [
+        TensorRecipe(
+            target.router_key(layer),
+            (opts.num_experts, hidden),
+            "F32" if target.router_fp32 else dtype,
+            "router",
+            router_init="zero" if opts.router_init == "zero" else "random",
+            router_std=std,
+            group_size=groups,
+            seed=opts.seed,
+            layer=layer,
+        )
+    ]
+    for expert in range(opts.num_experts):
+        g = expert % groups  # expert e = n*G + g holds shard g of copy n
+        span = (g * shard, (g + 1) * shard)
+        common = dict(
+            dtype=dtype,
+            op="expert",
+            drop_ratio=opts.drop_upcycling,
+            drop_key=f"{layer}.{expert}",
+            noise=opts.noise,
+            seed=opts.seed,
+            layer=layer,
+            expert=expert,
+        )
+        for projection, scale in zip(MLP_PROJECTIONS, scales, strict=True):
+            is_down = projection == "down"
+            recipes.append(
+                TensorRecipe(
+                    target.expert_key(layer, expert, projection),
+                    (hidden, shard) if is_down else (shard, hidden),
+                    source=dense.mlp_key(layer, projection),
+                    rows=None if is_down or groups == 1 else span,
+                    cols=span if is_down and groups > 1 else None,
+                    scale=scale,
+                    drop_axis=1 if is_down else 0,
+                    projection=projection,
+                    **common,
+                )
+            )
+    recipes += target.extra_tensors(layer, dense, opts, dtype)
+    return recipes
+
+
+def _shard(recipes: list[TensorRecipe], shard_size: int) -> list[list[TensorRecipe]]:
+    shards: list[list[TensorRecipe]] = [[]]
+    size = 0
+    for recipe in recipes:
+        nbytes = _nbytes(recipe)
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(recipe)
+        size += nbytes
+    return shards
+
+
+__all__ = ["TARGETS", "Exactness", "UpcyclePlan", "build_plan", "expert_scales"]

@@ -1,0 +1,277 @@
+"""Reading a dense source checkpoint: validated up front, then read one tensor at a time.
+
+Safetensors files are read with positioned reads rather than memory maps: a map keeps every touched page of
+the source resident in the process, which would put the whole model into the converter's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import SourceError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024**2
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one source tensor lives and what it is, as declared by its file's header."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file (safetensors) or -1 (pickle)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header against the file size, so truncation is caught before writing."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SourceError(
+                    f"{path} is truncated: it is too short to hold a safetensors header.",
+                    "re-download or re-save the checkpoint.",
+                )
+            header_len = int.from_bytes(prefix, "little")
+            if header_len <= 0 or header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise SourceError(
+                    f"{path} is corrupt or truncated: its header length ({header_len} bytes) "
+                    f"does not fit in the file ({size} bytes).",
+                    "re-download or re-save the checkpoint.",
+                )
+            header = json.loads(handle.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SourceError(
+            f"{path} is corrupt: its safetensors header is not valid JSON.",
+            "re-download or re-save the checkpoint.",
+        ) from None
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror}.", "check the path and permissions.") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path} is corrupt: its header is not a JSON object.", "re-download the checkpoint.")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(
+                f"{path} is corrupt: tensor {name!r} has an unreadable header entry ({entry!r}).",
+                "re-download or re-save the checkpoint.",
+            ) from None
+        info = TensorInfo(name, path, dtype, shape, data_start + begin)
+        if end - begin != info.nbytes or not 0 <= begin <= end:
+            raise SourceError(
+                f"{path} is corrupt: tensor {name!r} declares shape {list(shape)} "
+                f"({info.nbytes} bytes) but spans {end - begin} bytes.",
+                "re-download or re-save the checkpoint.",
+            )
+        if end > data_size:
+            raise SourceError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes.",
+                "re-download or re-save the checkpoint.",
+            )
+        infos[name] = info
+    return infos
+
+
+class DenseSource:
+    """A local Hugging Face folder: its config.json and an index of every weight tensor, checked on open."""
+
+    def __init__(self, folder: Path, config: dict, tensors: dict[str, TensorInfo]) -> None:
+        self.folder = folder
+        self.config = config
+        self.tensors = tensors
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted({info.file for info in self.tensors.values()})
+
+    @classmethod
+    def open(cls, folder: Path, trust_remote_code: bool = False) -> DenseSource:
+        folder = Path(folder)
+        if not folder.exists():
+            raise SourceError(
+                f"source {folder} does not exist.",
+                "pass a local Hugging Face model folder (with config.json and *.safetensors) or a .gguf file.",
+            )
+        if not folder.is_dir():
+            raise SourceError(
+                f"source {folder} is a file, not a model folder.",
+                "pass the folder that holds config.json, or a .gguf file.",
+            )
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise SourceError(
+                f"{folder} has no config.json, so it is not a Hugging Face model folder.",
+                "pass the folder written by save_pretrained (config.json + weights).",
+            )
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SourceError(f"{config_path} is not valid JSON.", "repair or re-save the config.") from None
+        if not isinstance(config, dict):
+            raise SourceError(f"{config_path} is not a JSON object.", "repair or re-save the config.")
+        if config.get("auto_map") and not trust_remote_code:
+            raise SourceError(
+                f"{folder} declares custom code (auto_map in config.json); upcycle never runs "
+                "remote code unless asked.",
+                "pass --trust-remote-code if you trust this model.",
+            )
+        return cls(folder, config, _index_weights(folder))
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, freshly read into its own memory."""
+        info = self.tensors[name]
+        if info.offset < 0:
+            return self._pickle_dict(info.file)[name].clone()
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        with info.file.open("rb", buffering=0) as handle:
+            handle.seek(info.offset)
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < info.nbytes:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise SourceError(
+                        f"{info.file} ended early while reading {name!r}.",
+                        "re-download or re-save the checkpoint.",
+                    )
+                done += got
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def _pickle_dict(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._pickled:
+            self._pickled[path] = _load_pickle(path)
+        return self._pickled[path]
+
+
+def _index_weights(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the folder, from sharded or single safetensors, else pickles loaded weights-only."""
+    st_index = folder / "model.safetensors.index.json"
+    safetensor_files = sorted(folder.glob("*.safetensors"))
+    if st_index.is_file():
+        shard_names = _index_shards(st_index)
+        missing = [name for name in shard_names if not (folder / name).is_file()]
+        if missing:
+            raise SourceError(
+                f"{st_index.name} lists {missing[0]}, which is not in {folder}.",
+                "download every shard of the checkpoint.",
+            )
+        safetensor_files = [folder / name for name in shard_names]
+    if safetensor_files:
+        tensors: dict[str, TensorInfo] = {}
+        for path in safetensor_files:
+            for name, info in read_safetensors_header(path).items():
+                if name in tensors:
+                    raise SourceError(
+                        f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}.",
+                        "remove the stray weight file from the folder.",
+                    )
+                tensors[name] = info
+        return tensors
+    bin_files = sorted(folder.glob("pytorch_model*.bin"))
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        bin_files = [folder / name for name in _index_shards(bin_index)]
+    if not bin_files:
+        raise SourceError(
+            f"{folder} has no weights (*.safetensors or pytorch_model*.bin).",
+            "pass a folder written by save_pretrained, or a .gguf file.",
+        )
+    tensors = {}
+    for path in bin_files:
+        for name, tensor in _load_pickle(path).items():
+            tensors[name] = TensorInfo(name, path, tensor.dtype, tuple(tensor.shape), -1)
+    return tensors
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise SourceError(f"{index_path} is not a valid weight index.", "re-save the checkpoint.") from None
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Pickled weights are only ever opened weights-only: arbitrary objects in them are refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise SourceError(
+            f"{path} cannot be loaded as weights only ({type(error).__name__}); upcycle "
+            "refuses pickles that hold anything but tensors.",
+            "convert it to safetensors with a tool you trust, or re-save it.",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{path} is not a flat state dict of tensors.", "re-save it with save_pretrained.")
+    return state
+
+
+@contextmanager
+def open_source(path: Path, trust_remote_code: bool = False, scratch: Path | None = None) -> Iterator[DenseSource]:
+    """Open SRC as a DenseSource; a .gguf file is first de-quantised into a scratch folder removed afterwards."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        yield DenseSource.open(path, trust_remote_code)
+        return
+    if not path.is_file():
+        raise SourceError(f"source {path} does not exist.", "pass an existing .gguf file or model folder.")
+    from upcycle.convert.gguf_source import dequantize_gguf
+
+    parent = scratch if scratch is not None else Path(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=".upcycle-gguf-", dir=parent) as tmp:
+        folder = dequantize_gguf(path, Path(tmp) / "dense")
+        yield DenseSource.open(folder, trust_remote_code)
+
+
+def hash_files(paths: list[Path], chunk: int = 16 * 1024**2) -> dict[str, str]:
+    """sha256 of each source file, for provenance (hashlib releases the GIL, so this runs in a thread)."""
+    import hashlib
+
+    digests: dict[str, str] = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb", buffering=0) as handle:
+            buffer = bytearray(chunk)
+            view = memoryview(buffer)
+            while got := handle.readinto(buffer):
+                digest.update(view[:got])
+        digests[os.path.basename(path)] = digest.hexdigest()
+    return digests

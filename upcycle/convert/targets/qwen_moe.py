@@ -1,0 +1,77 @@
+"""Qwen2-MoE and Qwen3-MoE: softmax-topk routers, layers kept dense, and the Qwen families' own attention."""
+
+from __future__ import annotations
+
+from upcycle.convert.families import DenseModel
+from upcycle.convert.options import UpcycleOptions
+from upcycle.convert.recipe import TensorRecipe
+from upcycle.convert.targets.base import Layout, Target
+
+
+def _routing(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
+    return {
+        "intermediate_size": dense.intermediate_size,
+        "moe_intermediate_size": dense.intermediate_size,
+        "num_experts": opts.num_experts,  # never also num_local_experts: Qwen3-MoE maps one onto the other
+        "num_experts_per_tok": opts.top_k,
+        "norm_topk_prob": opts.router == "renorm",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": layout.dense_layers,
+        "router_aux_loss_coef": 0.01,
+    }
+
+
+class Qwen2MoeTarget(Target):
+    name = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+    model_type = "qwen2_moe"
+
+    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
+        if dense.qk_norm:
+            return "Qwen2-MoE attention has no q/k norms, which this qwen3 model needs (use qwen3_moe)"
+        if opts.granularity > 1:
+            return "Qwen2-MoE has no group-limited routing, so virtual groups could split (use glm4_moe)"
+        return None
+
+    def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
+        window = dense.sliding_window
+        cfg = _routing(dense, opts, layout)
+        cfg.update(
+            qkv_bias=dense.qkv_bias,
+            shared_expert_intermediate_size=0,  # a zero-width shared expert adds nothing to the output
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=dense.num_layers,
+            layer_types=["sliding_attention" if window else "full_attention"] * dense.num_layers,
+        )
+        return cfg
+
+    def extra_tensors(self, layer: int, dense: DenseModel, opts: UpcycleOptions, dtype: str) -> list[TensorRecipe]:
+        prefix = f"model.layers.{layer}.mlp."
+        hidden = dense.hidden_size
+        return [
+            TensorRecipe(prefix + "shared_expert.gate_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
+            TensorRecipe(prefix + "shared_expert.up_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
+            TensorRecipe(prefix + "shared_expert.down_proj.weight", (hidden, 0), dtype, "zeros", layer=layer),
+            TensorRecipe(prefix + "shared_expert_gate.weight", (1, hidden), dtype, "zeros", layer=layer),
+        ]
+
+
+class Qwen3MoeTarget(Target):
+    name = "qwen3_moe"
+    architecture = "Qwen3MoeForCausalLM"
+    model_type = "qwen3_moe"
+
+    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
+        if not dense.qk_norm:
+            return f"Qwen3-MoE attention applies q/k norms that this {dense.family} model lacks"
+        if dense.sliding_window is not None:
+            return "Qwen3-MoE has no per-layer sliding-window attention for this model"
+        if opts.granularity > 1:
+            return "Qwen3-MoE has no group-limited routing, so virtual groups could split (use dots1)"
+        return None
+
+    def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
+        cfg = _routing(dense, opts, layout)
+        cfg.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+        return cfg

