@@ -84,7 +84,7 @@ def test_on_disk_layout_index_and_provenance(dense_dir, tmp_path):
     provenance = json.loads((out / "upcycle.json").read_text())
     assert provenance["options"]["seed"] == 7 and provenance["options"]["experts"] == 4
     assert provenance["tool"]["name"] == "upcycle" and provenance["tool"]["version"]
-    assert set(provenance["source"]["sha256"]) == {"model.safetensors"}
+    assert set(provenance["source"]["sha256"]) == {"model.safetensors", "config.json"}
     assert all(len(h) == 64 for h in provenance["source"]["sha256"].values())
     config = json.loads((out / "config.json").read_text())
     assert config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2

@@ -105,8 +105,8 @@ def check_weights(dense: DenseSource, moe: DenseSource, plan: UpcyclePlan) -> We
     """Re-make every planned tensor from the dense model and compare it bit for bit with the MoE file."""
     report = WeightReport()
     recorded = plan.source.get("sha256") or {}
-    if recorded:
-        actual = hash_files(dense.weight_files)
+    if recorded and plan.source.get("kind", "folder") == "folder":  # a .gguf source leaves no folder to hash
+        actual = hash_files([*dense.weight_files, dense.folder / "config.json"])
         report.source_matches_provenance = actual == recorded
     planned = {recipe.name: recipe for recipe in plan.recipes}
     for name in sorted(set(moe.tensors) - set(planned)):
@@ -284,19 +284,18 @@ def _verdict(
     if weights is not None and weights.mismatches:
         first = weights.mismatches[0]
         return False, f"{len(weights.mismatches)} tensor(s) differ from the plan; first: {first.tensor} {first.problem}"
-    if function is not None:
-        if function.loading_problems:
-            return False, "transformers did not load the checkpoint cleanly: " + "; ".join(function.loading_problems)
-        layer = function.first_divergent_layer(tol)
-        if function.logits_rel_diff > tol:
-            where = f" (hidden states first diverge after layer {layer})" if layer is not None else ""
-            return (
-                False,
-                f"logits differ by {function.logits_rel_diff:.3g} relative, above the tolerance {tol:g}{where}",
-            )
+    if function is not None and function.loading_problems:
+        return False, "transformers did not load the checkpoint cleanly: " + "; ".join(function.loading_problems)
+    deviation = f" (logits deviate {function.logits_rel_diff:.3g} relative)" if function is not None else ""
     if not plan.exactness.exact and not explicit:
-        deviation = f" ({function.logits_rel_diff:.3g} relative)" if function is not None else ""
-        return False, (f"approximate by design{deviation}: {plan.exactness.method}; pass --tol to accept a deviation")
+        return False, f"approximate by design{deviation}: {plan.exactness.method}; pass --tol to accept a deviation"
+    if function is not None and function.logits_rel_diff > tol:
+        layer = function.first_divergent_layer(tol)
+        where = "" if layer is None else " in the embeddings" if layer == 0 else f" after decoder layer {layer - 1}"
+        return False, (
+            f"logits differ by {function.logits_rel_diff:.3g} relative, above the tolerance {tol:g}; "
+            f"hidden states first diverge{where}"
+        )
     if not plan.exactness.exact:
-        return True, f"within the explicit tolerance {tol:g} (approximate method)"
+        return True, f"within the explicit tolerance {tol:g}{deviation} (approximate method)"
     return True, f"equivalent within {tol:g} relative"

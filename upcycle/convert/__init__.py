@@ -41,7 +41,8 @@ def convert(
         plan = build_plan(source, options)
         if dry_run:
             return ConvertResult(plan, None, 0, time.perf_counter() - start)
-        written = write_plan(plan, source, out, force=force, progress=progress)
+        origin = src if src.suffix.lower() == ".gguf" else None
+        written = write_plan(plan, source, out, force=force, progress=progress, origin=origin)
     return ConvertResult(plan, out, written, time.perf_counter() - start)
 
 

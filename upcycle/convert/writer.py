@@ -57,7 +57,12 @@ def check_output(out: Path, force: bool) -> None:
 
 
 def write_plan(
-    plan: UpcyclePlan, source: DenseSource, out: Path, force: bool = False, progress: Progress | None = None
+    plan: UpcyclePlan,
+    source: DenseSource,
+    out: Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    origin: Path | None = None,
 ) -> int:
     """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written."""
     check_output(out, force)
@@ -71,7 +76,8 @@ def write_plan(
         )
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
     hashes: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: hashes.update(hash_files(source.weight_files)), daemon=True)
+    hashed = [origin] if origin is not None else [*source.weight_files, source.folder / "config.json"]
+    hasher = threading.Thread(target=lambda: hashes.update(hash_files(hashed)), daemon=True)
     try:
         with _signals_raise():
             tmp.mkdir()
@@ -79,7 +85,11 @@ def write_plan(
             written = _write_tensors(plan, source, tmp, progress)
             _write_metadata(plan, source, tmp)
             hasher.join()
-            plan.source = {"path": str(source.folder.resolve()), "family": plan.family, "sha256": hashes}
+            plan.source = {
+                "path": str((origin or source.folder).resolve()),
+                "kind": "gguf" if origin is not None else "folder",
+                "sha256": hashes,
+            }
             _write_json(tmp / "upcycle.json", plan.to_json())
             _publish(tmp, out)
     except OSError as error:
