@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from typer.testing import CliRunner
-
 from tiny_models import make_dense
+from typer.testing import CliRunner
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 transformers.logging.set_verbosity_error()

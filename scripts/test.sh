@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (first run only), lint, and run the whole test suite, slow tests included.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/env.sh" test
+cd "$root"
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,78 @@
+"""The real SmolLM2-135M (de-quantised from its registry package): every method, through plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_clean
+
+from upcycle import assets
+from upcycle.convert import UpcycleOptions, convert
+from upcycle.verify import verify
+
+pytestmark = pytest.mark.slow
+
+METHODS = {
+    "softmax-topk zero router": (dict(router="softmax-topk", router_init="zero"), True),
+    "virtual groups E4G2T2": (dict(granularity=2, top_k=2), True),
+    "layers 10-29, rest dense": (dict(layers="10-29"), True),
+    "softmax-topk paper scaling": (dict(router="softmax-topk"), False),
+    "drop-upcycling 0.5": (dict(drop_upcycling=0.5), False),
+    "noise 0.02": (dict(noise=0.02), False),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return assets.smollm2_folder()
+
+
+@pytest.fixture(scope="module")
+def dense_logits(smollm2):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(smollm2)(assets.sample_text(), return_tensors="pt").input_ids[:, :96]
+    with torch.no_grad():
+        return ids, load_clean(smollm2)(ids).logits
+
+
+def test_default_conversion_is_verified_equivalent(smollm2, tmp_path):
+    out = tmp_path / "moe"
+    result = convert(smollm2, out, UpcycleOptions())
+    assert result.plan.architecture == "MixtralForCausalLM" and result.plan.exactness.exact
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    report = verify(smollm2, out, max_tokens=128)
+    assert report.equivalent, report.verdict
+    assert report.weights.tensors_checked == len(result.plan.recipes)
+    assert report.function.logits_rel_diff <= 1e-5 and report.function.top1_agreement == 1.0
+    assert report.function.tokens == 128 and "Shakespeare" in report.function.text_source
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_smollm2(smollm2, dense_logits, tmp_path, method):
+    options, exact = METHODS[method]
+    out = tmp_path / "moe"
+    result = convert(smollm2, out, UpcycleOptions(experts=4, **options))
+    assert result.plan.exactness.exact is exact
+    ids, reference = dense_logits
+    with torch.no_grad():
+        logits = load_clean(out)(ids).logits
+    relative = ((logits - reference).abs().max() / reference.abs().max()).item()
+    if exact:
+        assert relative <= 1e-5
+    else:
+        assert relative > 1e-4
+
+
+def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):
+    out = tmp_path / "moe"
+    convert(assets.smollm2_gguf(), out, UpcycleOptions(experts=2, top_k=1))
+    provenance = json.loads((out / "upcycle.json").read_text())["source"]
+    assert provenance["kind"] == "gguf" and list(provenance["sha256"]) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    ids, reference = dense_logits
+    with torch.no_grad():
+        logits = load_clean(out)(ids).logits
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+    assert not list(tmp_path.glob(".upcycle-gguf-*"))
