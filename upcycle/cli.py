@@ -32,6 +32,20 @@ EXIT_BAD_INPUT = 2
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     STATE["debug"] = debug
+    _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-tensor loading bars and advisory warnings drown the report; errors still show."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def fail(error: BaseException) -> typer.Exit:
@@ -218,6 +232,10 @@ def verify_cmd(
     raise typer.Exit(0 if report.equivalent else EXIT_NOT_EQUIVALENT)
 
 
+def _layer_label(index: int) -> str:
+    return "embeddings" if index == 0 else f"after layer {index - 1}"
+
+
 def print_verify_report(report: Any) -> None:
     table = Table(title=f"verify: {report.method}", title_justify="left")
     table.add_column("check")
@@ -244,10 +262,13 @@ def print_verify_report(report: Any) -> None:
         )
         table.add_row("mean KL(dense ‖ moe)", f"{f.mean_kl:.3g}", "")
         table.add_row("top-1 agreement", f"{f.top1_agreement:.2%}", "")
-        for d in f.layers:
-            label = "embeddings" if d.layer == 0 else f"after layer {d.layer - 1}"
-            mark = "" if d.rel_diff <= report.tolerance else "[yellow]diverges[/]"
-            table.add_row(f"  hidden {label}", f"{d.rel_diff:.3g}", mark)
+        worst = max(f.layers, key=lambda d: d.rel_diff)
+        table.add_row(
+            f"hidden states, worst of {len(f.layers)} ({_layer_label(worst.layer)})", f"{worst.rel_diff:.3g}", ""
+        )
+        diverging = [d for d in f.layers if d.rel_diff > report.tolerance]
+        for d in diverging[:6]:
+            table.add_row(f"  hidden {_layer_label(d.layer)}", f"{d.rel_diff:.3g}", "[yellow]above tolerance[/]")
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

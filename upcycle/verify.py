@@ -106,8 +106,8 @@ def check_weights(dense: DenseSource, moe: DenseSource, plan: UpcyclePlan) -> We
     report = WeightReport()
     recorded = plan.source.get("sha256") or {}
     if recorded and plan.source.get("kind", "folder") == "folder":  # a .gguf source leaves no folder to hash
-        actual = hash_files([*dense.weight_files, dense.folder / "config.json"])
-        report.source_matches_provenance = actual == recorded
+        files = [dense.folder / name for name in recorded]
+        report.source_matches_provenance = all(f.is_file() for f in files) and hash_files(files) == recorded
     planned = {recipe.name: recipe for recipe in plan.recipes}
     for name in sorted(set(moe.tensors) - set(planned)):
         report.mismatches.append(WeightMismatch(name, "not in the plan (unexpected tensor)"))

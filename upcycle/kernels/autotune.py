@@ -1,0 +1,177 @@
+"""Block-size choice for the MoE kernels: heuristics, optional on-device tuning, and a cache across runs.
+
+The tuning key is (kernel, N, K, tokens-per-expert bucket, dtype, GPU), never T: a new batch size only re-tunes
+when its average tokens per expert crosses a power of two. Tuned choices persist in a JSON file so later runs
+pay nothing. `UPCYCLE_KERNELS_AUTOTUNE=0` turns tuning off (heuristic configs only);
+`UPCYCLE_KERNELS_CACHE_DIR` moves the cache (default `~/.cache/upcycle/kernels`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Small tiles keep the numpy interpreter cheap and make CPU tests cross several tile boundaries.
+INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 1, 1)
+
+# Candidates per kernel on GPU, first entry = default. "up" carries two accumulators (gate and up), so its tiles
+# are smaller; "dw" tiles are (N, K) of the weight gradient with block_m rows reduced per step.
+_CANDIDATES: dict[str, list[KernelConfig]] = {
+    "up": [
+        KernelConfig(128, 64, 64, 8, 3),
+        KernelConfig(128, 128, 64, 8, 3),
+        KernelConfig(64, 128, 64, 4, 4),
+        KernelConfig(64, 64, 64, 4, 4),
+    ],
+    "gemm": [
+        KernelConfig(128, 128, 64, 8, 3),
+        KernelConfig(128, 256, 64, 8, 3),
+        KernelConfig(64, 128, 64, 4, 4),
+        KernelConfig(128, 64, 64, 4, 4),
+    ],
+    "down_bwd": [
+        KernelConfig(128, 64, 64, 8, 3),
+        KernelConfig(128, 128, 64, 8, 3),
+        KernelConfig(64, 128, 64, 4, 4),
+    ],
+    "dw": [
+        KernelConfig(64, 128, 128, 8, 3),
+        KernelConfig(32, 128, 128, 8, 4),
+        KernelConfig(64, 128, 64, 4, 4),
+        KernelConfig(64, 64, 64, 4, 4),
+    ],
+}
+
+
+def tokens_per_expert_bucket(num_rows: int, num_experts: int) -> int:
+    """Power-of-two bucket of the mean rows per expert, clamped to [16, 4096]."""
+    mean = max(1, -(-num_rows // max(num_experts, 1)))
+    return min(4096, max(16, 1 << (mean - 1).bit_length()))
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("UPCYCLE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("UPCYCLE_KERNELS_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "upcycle", "kernels"
+    )
+    try:
+        import triton
+
+        version = triton.__version__
+    except ImportError:  # pragma: no cover - only reached on the tuning path, which needs triton
+        version = "none"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    safe = "".join(c if c.isalnum() else "-" for c in f"{name}-triton{version}")
+    return Path(root) / f"autotune-{safe}.json"
+
+
+class _Cache:
+    """Process-wide memo of chosen configs, backed by one JSON file per (GPU, triton version)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mem: dict[str, KernelConfig] = {}
+        self._loaded_from: Path | None = None
+
+    def _load(self, path: Path) -> None:
+        if self._loaded_from == path:
+            return
+        self._loaded_from = path
+        try:
+            data = json.loads(path.read_text())
+            self._mem.update({k: KernelConfig(**v) for k, v in data.items()})
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def get(self, key: str) -> KernelConfig | None:
+        with self._lock:
+            self._load(_cache_path())
+            return self._mem.get(key)
+
+    def put(self, key: str, cfg: KernelConfig) -> None:
+        with self._lock:
+            self._mem[key] = cfg
+            path = _cache_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                data = {k: asdict(v) for k, v in self._mem.items()}
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except OSError as err:  # a read-only home must not break training
+                logger.debug("upcycle.kernels: cannot write autotune cache %s: %s", path, err)
+
+
+_CACHE = _Cache()
+
+
+def _heuristic(kernel: str, n: int, k: int, bucket: int) -> KernelConfig:
+    """Default when not tuning: shrink the row tile for sparse experts, the column tile for narrow outputs."""
+    cfg = _CANDIDATES[kernel][0]
+    block_m = cfg.block_m if kernel == "dw" else min(cfg.block_m, max(16, bucket))
+    block_n = min(cfg.block_n, _pow2_at_least_16(n))
+    block_k = min(cfg.block_k, _pow2_at_least_16(k))
+    return KernelConfig(block_m, block_n, block_k, cfg.num_warps, cfg.num_stages)
+
+
+def _pow2_at_least_16(x: int) -> int:
+    return max(16, 1 << (max(x, 1) - 1).bit_length())
+
+
+def choose_config(
+    kernel: str,
+    n: int,
+    k: int,
+    bucket: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    launch: Callable[[KernelConfig], None],
+) -> KernelConfig:
+    """Pick the config for one launch; tunes on first sight of a key when running on a GPU with tuning on."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if not autotune_enabled():
+        return _heuristic(kernel, n, k, bucket)
+    key = f"{kernel}|N={n}|K={k}|tpe={bucket}|{str(dtype).removeprefix('torch.')}"
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    from triton.testing import do_bench
+
+    candidates = list(dict.fromkeys([_heuristic(kernel, n, k, bucket), *_CANDIDATES[kernel]]))
+    timings: dict[KernelConfig, float] = {}
+    for cfg in candidates:
+        try:
+            timings[cfg] = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+        except Exception as err:  # out of shared memory / registers: skip the candidate
+            logger.debug("upcycle.kernels: %s config %s failed: %s", kernel, cfg, err)
+    best = min(timings, key=timings.get) if timings else _heuristic(kernel, n, k, bucket)
+    logger.info("upcycle.kernels: tuned %s -> %s", key, best)
+    _CACHE.put(key, best)
+    return best
