@@ -144,3 +144,14 @@ def test_conversion_is_deterministic(dense_dir, tmp_path):
         convert(dense_dir("llama"), tmp_path / name, options)
     for file in ("model-00001-of-00001.safetensors", "upcycle.json", "config.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_sharded_source_converts(dense_dir, tmp_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir("qwen2"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    convert(tmp_path / "sharded", tmp_path / "moe", UpcycleOptions())
+    assert relative_logits_diff(tmp_path / "sharded", tmp_path / "moe") <= 1e-5

@@ -19,6 +19,7 @@ from upcycle.errors import UpcycleError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    invoke_without_command=True,
     pretty_exceptions_enable=False,
     help="Turn a dense Hugging Face model into an exact Mixture-of-Experts model, verify it, train it.",
 )
@@ -30,7 +31,15 @@ EXIT_BAD_INPUT = 2
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from upcycle import __version__
+
+        console.print(f"upcycle {__version__}")
+        raise typer.Exit(0)
     STATE["debug"] = debug
     _quiet_transformers()
 
