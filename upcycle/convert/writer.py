@@ -52,8 +52,8 @@ def check_output(out: Path, force: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder.", "choose another OUT.")
-    if not out.parent.is_dir():
-        raise OutputError(f"the parent folder of {out} does not exist.", f"create {out.parent} first.")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"the parent of {out} is a file, not a folder.", "choose another OUT.")
 
 
 def write_plan(
@@ -66,6 +66,7 @@ def write_plan(
 ) -> int:
     """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written."""
     check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(out)
     free = shutil.disk_usage(out.parent).free
     if free < plan.total_bytes * 1.01 + 64 * 1024**2:

@@ -1,0 +1,78 @@
+"""Process-group set-up and FSDP2 sharding: the same code for 1 CPU, 1 GPU and `torchrun` on many GPUs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group `torchrun` describes (nccl on GPUs, gloo on CPUs); a single process needs none."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and os.environ.get("UPCYCLE_DEVICE", "") != "cpu"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def shutdown(info: Dist) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers to shard")
+    return list(layers)
+
+
+def shard_model(model: nn.Module, info: Dist, param_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2: one `fully_shard` unit per decoder layer, then the root; fp32 master weights, optional bf16 compute."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh(info.device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def all_reduce_sum(values: torch.Tensor, info: Dist) -> torch.Tensor:
+    """Sum over ranks; the result comes back on the CPU whatever device the collective needs."""
+    if info.enabled:
+        values = values.to(info.device, copy=True)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values.cpu()
+    return values
+
+
+def barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
