@@ -220,6 +220,8 @@ def child_upcycle(spec: dict[str, Any], events: Events) -> None:
         "tensorboard": False,
         "export": False,
     }
+    if "checkpoints" in RunSection.__dataclass_fields__:  # newer upcycle: no checkpoint at all
+        run["checkpoints"] = False
     if spec["compile"]:
         if "compile" not in RunSection.__dataclass_fields__:
             raise SystemExit("this upcycle has no run.compile recipe key")
