@@ -224,7 +224,7 @@ def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
     _, moe = tiny_pair
     common = {
         "batch": {"micro_batch_size": 2, "grad_accum": None, "global_batch_tokens": 4 * 2 * 32, "steps": 3},
-        "run": {"export": False, "eval_interval": 3, "checkpoint_interval": 0},
+        "run": {"export": True, "eval_interval": 3, "checkpoint_interval": 0},
     }
     one = write_recipe(tmp_path / "one.yaml", recipe_dict(moe, tmp_path / "one", texts, **common))
     two = write_recipe(tmp_path / "two.yaml", recipe_dict(moe, tmp_path / "two", texts, **common))
@@ -253,6 +253,11 @@ def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
     eval_a = [r["eval_loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "eval"]
     eval_b = [r["eval_loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "eval"]
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(eval_a, eval_b, strict=True)), (eval_a, eval_b)
+    exported = [load_clean(tmp_path / name / "export").state_dict() for name in ("one", "two")]
+    assert exported[0].keys() == exported[1].keys()
+    worst = {key: (exported[1][key] - value).abs().max().item() / value.abs().max().item()
+             for key, value in exported[0].items() if value.numel()}
+    assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
 
 
 def _free_port() -> int:
