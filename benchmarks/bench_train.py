@@ -20,17 +20,22 @@ Routes (``--routes``, comma list):
 1. ``upcycle``: :func:`upcycle.train.loop.train` with a generated recipe: the same batch, sequence length,
    steps and constant LR, ``experts_implementation: auto`` (upcycle's Triton kernels on a CUDA GPU, else
    transformers' grouped_mm), its defaults otherwise (aux loss 1e-2, gradient clipping at 1.0, fp32 master
-   weights with bf16 autocast on a GPU), no evaluation, no export (``checkpoint_interval: 0`` still writes one
-   checkpoint after the last step; that is outside every figure but the route's total wall time);
+   weights with bf16 autocast on a GPU), no evaluation, no export, no checkpoint (``run.checkpoints: false``);
 2. ``plain-eager``: the loop everyone writes: ``AutoModelForCausalLM.from_pretrained`` (transformers' default
    ``grouped_mm`` experts), ``torch.optim.AdamW`` with its defaults but the same LR, betas, eps and weight
    decay, then per step ``model(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()`` on the
-   very same batches upcycle's loop draws (same seed, same order); no aux loss, no clipping;
+   very same batches upcycle's loop draws (same seed, same order, written by the untimed preparation step);
+   no aux loss, no clipping; ``loss.item()`` each step, as upcycle's loop does (a device sync either way);
 3. ``plain-compile``: the same loop over ``torch.compile(model)``; if it has not finished its first step
    within ``--compile-timeout`` seconds it is stopped and the table says so;
 4. ``dense-eager``: the plain eager loop over the dense source model (the same layers), for reference;
 
 and, on request only, ``upcycle-compile`` (the recipe with ``run.compile: true``) and ``dense-compile``.
+
+Before the routes, an untimed preparation child resolves the defaults for the device, makes the truncated copy
+(if any), upcycles it with :func:`upcycle.convert.convert` (E8 top-2 by default) into the temporary work folder
+(deleted at the end unless ``--keep``), tokenises the Shakespeare training text into upcycle's token cache (so
+no route pays for tokenising) and writes the batches of every step for the plain routes.
 
 On a GPU the plain routes load the model in bf16 (pure bf16 weights and AdamW state: the fastest plain set-up,
 and the one transformers' grouped_mm runs in bf16 under both eager and torch.compile); ``--plain-precision
@@ -61,7 +66,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
 ROUTES = ("upcycle", "plain-eager", "plain-compile", "dense-eager", "upcycle-compile", "dense-compile")
 DEFAULT_ROUTES = ROUTES[:4]
 BASELINE = "plain-compile"  # the route the goal is stated against
@@ -85,7 +89,7 @@ PEAK_BF16_FLOPS = (
 )
 
 GPU_DEFAULTS = {"layers": 0, "batch": 16, "seq": 2048, "steps": 30, "warmup": 10}
-CPU_DEFAULTS = {"layers": 4, "batch": 2, "seq": 128, "steps": 8, "warmup": 3}
+CPU_DEFAULTS = {"layers": 4, "batch": 4, "seq": 128, "steps": 8, "warmup": 3}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,9 +310,8 @@ def truncated_copy(src: Path, dst: Path, layers: int) -> None:
         config["layer_types"] = config["layer_types"][:layers]
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in src.iterdir():
-        if path.is_file() and not path.name.endswith((".safetensors", ".index.json", ".bin")) and path.name != (
-            "config.json"
-        ):
+        weights = path.name.endswith((".safetensors", ".index.json", ".bin"))
+        if path.is_file() and not weights and path.name != "config.json":
             shutil.copy2(path, dst / path.name)
 
 
@@ -428,9 +431,15 @@ def tail(path: Path, lines: int = 20) -> str:
 def child_env(cache_root: Path, cpu: bool) -> dict[str, str]:
     """Offline, quiet, and with this route's own compile/autotune caches."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"), TRITON_CACHE_DIR=str(cache_root / "triton"),
-               UPCYCLE_KERNELS_CACHE_DIR=str(cache_root / "upcycle-kernels"))  # fmt: skip
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
+        TRITON_CACHE_DIR=str(cache_root / "triton"),
+        UPCYCLE_KERNELS_CACHE_DIR=str(cache_root / "upcycle-kernels"),
+    )
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["UPCYCLE_DEVICE"] = "cpu"
@@ -450,7 +459,7 @@ def spawn(
     spec_path.write_text(json.dumps(spec, indent=1))
     log = work / f"{spec['name']}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", route, "--spec", str(spec_path)]
-    killed = None
+    killed, kill_at = None, float("inf")
     with log.open("ab") as handle:
         start = time.perf_counter()
         env = dict(env, BENCH_T0=repr(time.time()))
@@ -565,6 +574,7 @@ def summarise(runs: list[RouteRun], warmup: int, tokens_per_step: int, flops_per
         "steps_done": max((len(r.step_seconds) for r in runs), default=0),
         "loaded": last.loaded if last else {},
         "failed": next((r.killed or r.error for r in runs if r.killed or r.error), None),
+        "crashed": any(r.error for r in runs),
     }
 
 
@@ -579,7 +589,7 @@ def report(result: dict[str, Any]) -> None:
     p, s = result["prepared"], result["prepared"]["settings"]
     summaries = result["summaries"]
     base, eager = summaries.get(BASELINE, {}), summaries.get("plain-eager", {})
-    console = Console(width=max(150, shutil.get_terminal_size().columns))
+    console = Console(width=max(160, shutil.get_terminal_size().columns))
     truncated = s["layers"] < p["full_layers"]
     model = f"{Path(p['source']).name}" + (f" cut to {s['layers']} of {p['full_layers']} layers" if truncated else "")
     title = (
@@ -594,17 +604,17 @@ def report(result: dict[str, Any]) -> None:
     peak = result["peak_flops"]
     for route in result["routes"]:
         r = summaries[route]
-        impl = r["loaded"].get("experts_implementation") or ("-" if route.startswith("dense") else "?")
+        impl = "- (dense)" if route.startswith("dense") else str(r["loaded"].get("experts_implementation"))
         if r["tokens_per_s"] is None:
-            table.add_row(route, str(impl), "-", "-", "-", "-", fmt(r["first_step_s"], ".1f"), fmt(r["loaded_s"], ".1f"),
-                          "-", "-", "-", "FAILED (below)")  # fmt: skip
+            cells = ["-"] * 4 + [fmt(r["first_step_s"], ".1f"), fmt(r["loaded_s"], ".1f")] + ["-"] * 3
+            table.add_row(route, impl, *cells, "stopped (below)" if not r["crashed"] else "FAILED (below)")
             continue
         vs_base = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
         vs_eager = r["tokens_per_s"] / eager["tokens_per_s"] if eager.get("tokens_per_s") else None
         mfu = r["tflops"] * 1e12 / peak if peak and r["tflops"] else None
         table.add_row(
             route,
-            str(impl),
+            impl,
             f"{r['tokens_per_s']:,.0f}",
             fmt(r["step_s"] * 1e3, ".0f"),
             fmt(vs_base, ".2f", "x"),
@@ -614,7 +624,7 @@ def report(result: dict[str, Any]) -> None:
             fmt(r["peak_bytes"] / 1e9 if r["peak_bytes"] else None, ".2f"),
             fmt(r["tflops"], ".3f"),
             fmt(mfu * 100 if mfu is not None else None, ".1f", "%"),
-            f"{fmt(r['first_loss'], '.4f')} -> {fmt(r['last_loss'], '.4f')}",
+            f"{fmt(r['first_loss'], '.3f')} -> {fmt(r['last_loss'], '.3f')}",
         )
     console.print(table)
     lines = []
@@ -653,11 +663,24 @@ def report(result: dict[str, Any]) -> None:
         + ", aux loss 1e-2 and grad clipping 1.0 (its defaults); plain: LM loss only, no clipping"
     )
     if up.get("loop_reported_tokens_per_s"):
-        lines.append(f"upcycle's own progress figure (its step_seconds): {up['loop_reported_tokens_per_s']:,.0f} tokens/s")
-    losses = {k: v["first_loss"] for k, v in summaries.items() if v["first_loss"] is not None and "dense" not in k}
-    if len(losses) > 1:
-        spread = max(losses.values()) - min(losses.values())
-        lines.append(f"same batches: first-step LM loss of the MoE routes agree within {spread:.2e}")
+        loop_tps = up["loop_reported_tokens_per_s"]
+        lines.append(f"upcycle's own progress figure (its step_seconds, no device sync): {loop_tps:,.0f} tokens/s")
+    first = {k: v["first_loss"] for k, v in summaries.items() if v["first_loss"] is not None}
+    moe_first = [v for k, v in first.items() if not k.startswith("dense")]
+    dense_first = [v for k, v in first.items() if k.startswith("dense")]
+    if len(moe_first) > 1:
+        spread = max(moe_first) - min(moe_first)
+        lines.append(f"same batches: the first-step LM losses of the MoE routes agree within {spread:.2e}")
+    if moe_first and dense_first:
+        lines.append(
+            f"dense vs MoE first-step LM loss: {dense_first[0]:.6f} vs {moe_first[0]:.6f} (equal when the upcycle is "
+            "exact and the precisions match)"
+        )
+    if p["device"] == "cpu" and any(r.endswith("compile") for r in result["routes"]):
+        lines.append(
+            "CPU, fp32: under torch.compile transformers' grouped_mm dispatch takes its per-expert fallback "
+            "(torch.mm per expert): its grouped_mm is compiled for bf16 weights only"
+        )
     lines.append(
         f"prepare (not timed in any route): convert {p['convert_s']:.1f} s, MoE folder {p['moe_bytes'] / 1e9:.2f} GB; "
         f"torch {p['torch']}, transformers {p['transformers']}; 1-min load average {result['loadavg'][0]:.1f} at "
@@ -680,7 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the first N decoder layers (0 = all; default: all on a GPU, 4 on the CPU)")  # fmt: skip
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 16 GPU, 2 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 16 GPU, 4 CPU)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 GPU, 128 CPU)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per route (default 30 GPU, 8 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 10 GPU, 3 CPU)")
@@ -693,8 +716,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route-timeout", type=float, default=3600.0, help="stop any route after this many seconds")
     p.add_argument("--repeats", type=int, default=1, help="rounds, route order rotated; medians are shown")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the table)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="keep per-route compile/autotune caches here (warm on a second run); default: fresh, cold")  # fmt: skip
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="per-route compile/autotune caches kept here (default: fresh)"
+    )
     p.add_argument("--json", action="store_true", help="print the raw numbers as JSON instead of the table")
     p.add_argument("--keep", action="store_true", help="keep the work folder (models, logs, events)")
     p.add_argument("--workdir", type=Path, default=None, help="where the work folder is made (MoE: ~2.8 GB fp32)")
@@ -748,10 +772,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = RouteRun(route, rep, wall, rc, rss, killed)
                 events = read_events(Path(spec["events"]))
                 collect(run, events)
+                log = work / f"{spec['name']}.log"
                 if killed is None and (rc != 0 or not any(e["event"] == "done" for e in events)):
-                    run.error = f"exit status {rc}; log tail:\n{textwrap.indent(tail(work / (spec['name'] + '.log')), '  ')}"
+                    run.error = f"exit status {rc}; log tail:\n{textwrap.indent(tail(log), '  ')}"
                 elif killed:
-                    run.killed = f"{killed}; log tail:\n{textwrap.indent(tail(work / (spec['name'] + '.log'), 8), '  ')}"
+                    run.killed = f"{killed}; log tail:\n{textwrap.indent(tail(log, 8), '  ')}"
                 runs[route].append(run)
                 shutil.rmtree(spec["output_dir"], ignore_errors=True)  # the final checkpoint upcycle writes
         tokens_per_step = s["batch"] * s["seq"]
@@ -796,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return 1 if any(v["failed"] for v in summaries.values()) else 0
+    return 1 if any(v["crashed"] for v in summaries.values()) else 0
 
 
 if __name__ == "__main__":

@@ -341,3 +341,26 @@ def test_unsupported_experts_are_refused() -> None:
     experts.act_fn, experts.has_bias = torch.nn.SiLU(), True
     with pytest.raises(K.UnsupportedExpertsError, match="expert biases"):
         K.check_experts_module(experts)
+
+
+def test_autocast_computes_experts_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 master weights under bf16 autocast: the experts compute in bf16 (as linear layers do), not fp32.
+
+    The reference backend runs it: the Triton interpreter mishandles bf16 dots (bf16 kernels are GPU-checked).
+    """
+    monkeypatch.setenv("UPCYCLE_KERNELS_BACKEND", "reference")
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("upcycle")
+    experts = model.model.layers[0].mlp.experts
+    hidden_TH = torch.randn(6, 32)
+    index_TK = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [2, 0]])
+    weights_TK = torch.full((6, 2), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_TH = experts(hidden_TH, index_TK, weights_TK)
+    assert out_TH.dtype == torch.bfloat16
+    reference_TH = K.moe_swiglu_reference(
+        hidden_TH, experts.gate_up_proj.detach(), experts.down_proj.detach(), index_TK, weights_TK
+    )
+    torch.testing.assert_close(out_TH.float(), reference_TH, rtol=5e-2, atol=5e-2)
+    out_TH.float().sum().backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.dtype == torch.float32

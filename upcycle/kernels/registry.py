@@ -77,9 +77,17 @@ def experts_forward(
     if getattr(self, "is_transposed", False):  # stored [E, H, 2F] / [E, F, H]: the kernels take strided views
         w_gate_up_E2FH = w_gate_up_E2FH.transpose(1, 2)
         w_down_EHF = w_down_EHF.transpose(1, 2)
-    x_TH = hidden_states.to(w_gate_up_E2FH.dtype)  # as grouped_mm does under autocast
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        # autocast does not reach a custom op: cast as it would for a linear layer, so fp32 master weights still
+        # compute in bf16 on the tensor cores; gradients flow back through the casts to the fp32 weights
+        dtype = torch.get_autocast_dtype(device_type)
+        w_gate_up_E2FH, w_down_EHF = w_gate_up_E2FH.to(dtype), w_down_EHF.to(dtype)
+        x_TH = hidden_states.to(dtype)
+    else:
+        x_TH = hidden_states.to(w_gate_up_E2FH.dtype)  # as grouped_mm does
     out_TH = moe_swiglu(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index, top_k_weights)
-    return out_TH.to(hidden_states.dtype)
+    return out_TH if torch.is_autocast_enabled(device_type) else out_TH.to(hidden_states.dtype)
 
 
 def register() -> bool:

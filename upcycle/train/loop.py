@@ -110,7 +110,8 @@ def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimiz
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     o = recipe.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=False)
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters on a GPU
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
 def tokens_for(files: list[str], recipe: TrainRecipe, info: Dist) -> PackedDataset:
@@ -123,13 +124,6 @@ def tokens_for(files: list[str], recipe: TrainRecipe, info: Dist) -> PackedDatas
     return dataset if info.is_main else packed_dataset(*args)
 
 
-@dataclass
-class StepStats:
-    lm: float = 0.0
-    aux: float = 0.0
-    z: float = 0.0
-
-
 def run_micro_batch(
     model: nn.Module,
     taps: moe_losses.RouterTaps,
@@ -137,24 +131,23 @@ def run_micro_batch(
     recipe: TrainRecipe,
     scale: float,
     autocast: contextlib.AbstractContextManager,
-) -> StepStats:
-    """Forward and backward of one micro-batch; the loss is scaled so accumulated gradients are a mean."""
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch, the loss scaled so accumulated gradients are a mean.
+
+    Returns (lm, aux, z) as a detached device tensor: reading it is left to the end of the step, so the device
+    never waits for the host in between.
+    """
     taps.clear()
     with autocast:
         out = model(input_ids=batch_BS, labels=batch_BS)
-    loss = out.loss.float()
-    stats = StepStats(lm=loss.item())
-    if taps.records and recipe.moe.aux_loss_coef:
-        aux = moe_losses.aux_loss(taps.records)
-        loss = loss + recipe.moe.aux_loss_coef * aux
-        stats.aux = aux.item()
-    if taps.records and recipe.moe.z_loss_coef:
-        z = moe_losses.z_loss(taps.records)
-        loss = loss + recipe.moe.z_loss_coef * z
-        stats.z = z.item()
+    lm = out.loss.float()
+    zero = torch.zeros((), device=lm.device)
+    aux = moe_losses.aux_loss(taps.records) if taps.records and recipe.moe.aux_loss_coef else zero
+    z = moe_losses.z_loss(taps.records) if taps.records and recipe.moe.z_loss_coef else zero
+    loss = lm + recipe.moe.aux_loss_coef * aux + recipe.moe.z_loss_coef * z
     (loss * scale).backward()
     taps.clear()
-    return stats
+    return torch.stack([lm, aux, z]).detach()
 
 
 def evaluate(
@@ -324,17 +317,18 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
         micro_batches = order.local_micro_batches(
             step, batch.global_batch_sequences, batch.micro_batch_size, info.rank, info.world_size
         )
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(3, device=info.device)
         for ids in micro_batches:
-            stats = run_micro_batch(
-                model, taps, make_batch(train_set, ids).to(info.device), recipe, 1.0 / len(micro_batches), autocast
-            )
-            totals += torch.tensor([stats.lm, stats.aux, stats.z], dtype=torch.float64)
-        totals = all_reduce_sum(totals / len(micro_batches), info) / info.world_size
+            batch_BS = make_batch(train_set, ids).to(info.device)
+            totals += run_micro_batch(model, taps, batch_BS, recipe, 1.0 / len(micro_batches), autocast)
         clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = bool(torch.isfinite(grad_norm).item()) and math.isfinite(totals[0].item())
+        # one host read per step: the mean losses over ranks and the (already global) gradient norm
+        step_values = torch.cat([totals.double() / len(micro_batches), grad_norm.detach().double().reshape(1)])
+        step_values = all_reduce_sum(step_values, info).cpu()
+        totals, grad_norm_value = step_values[:3] / info.world_size, step_values[3].item() / info.world_size
+        finite = math.isfinite(grad_norm_value) and math.isfinite(totals[0].item())
         if finite:
             optimizer.step()
             bad_steps = 0
@@ -351,7 +345,7 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
             "aux_loss": totals[1].item(),
             "z_loss": totals[2].item(),
             "lr": lr,
-            "grad_norm": float(grad_norm.item()),
+            "grad_norm": grad_norm_value,
             "tokens": (step + 1) * batch.tokens_per_step,
             "tokens_per_s": batch.tokens_per_step / seconds,
             "step_seconds": seconds,

@@ -70,13 +70,19 @@ def within_capacity(index_TK: torch.Tensor, num_experts: int, capacity_factor: f
     return (position_S < capacity).view(k, tokens).t()
 
 
+def _counts(index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert; scatter_add, unlike bincount, needs no host sync on a GPU."""
+    flat = index_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def aux_loss(records: list[RouterRecord]) -> torch.Tensor:
     """Switch-style load balancing, E * sum_e f_e * P_e, averaged over layers: 1.0 when perfectly balanced."""
     losses = []
     for record in records:
         num_experts = record.logits_TE.shape[-1]
         probs_E = record.logits_TE.float().softmax(-1).mean(0)
-        counts_E = torch.bincount(record.index_TK.reshape(-1), minlength=num_experts).to(probs_E.dtype)
+        counts_E = _counts(record.index_TK, num_experts).to(probs_E.dtype)
         fraction_E = counts_E / record.index_TK.numel()
         losses.append(num_experts * (fraction_E * probs_E).sum())
     return torch.stack(losses).mean()
@@ -91,6 +97,6 @@ def expert_load(records: list[RouterRecord]) -> list[list[float]]:
     """Per layer, the fraction of token assignments each expert received."""
     loads = []
     for record in records:
-        counts = torch.bincount(record.index_TK.reshape(-1), minlength=record.logits_TE.shape[-1]).double()
+        counts = _counts(record.index_TK, record.logits_TE.shape[-1]).double()
         loads.append((counts / counts.sum()).tolist())
     return loads
