@@ -255,8 +255,11 @@ def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(eval_a, eval_b, strict=True)), (eval_a, eval_b)
     exported = [load_clean(tmp_path / name / "export").state_dict() for name in ("one", "two")]
     assert exported[0].keys() == exported[1].keys()
-    worst = {key: (exported[1][key] - value).abs().max().item() / value.abs().max().item()
-             for key, value in exported[0].items() if value.numel()}
+    worst = {
+        key: (exported[1][key] - value).abs().max().item() / value.abs().max().item()
+        for key, value in exported[0].items()
+        if value.numel()
+    }
     assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
 
 
