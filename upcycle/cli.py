@@ -361,6 +361,56 @@ class RichTrainReporter:
         self.progress.console.print(f"[yellow]{text}[/]")
 
 
+@app.command("compare")
+def compare_cmd(
+    recipes: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Recipes to compare, one arm each (default: the dense control and the paper's upcycles)."),
+    ] = None,
+    size: Annotated[str, typer.Option(help="cpu (under 30 min on 2 cores) or gpu (~10 min on one GPU).")] = "cpu",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the runs, compare.md/.png/.json.")] = Path(
+        "runs/compare"
+    ),
+    seeds: Annotated[int, typer.Option(help="Seeds for the dense control and the best MoE (others: 1).")] = 2,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="Repeatable: dense, e8g1t2-renorm, e8g1t2-softmax, e8g8t8, drop-upcycling."),
+    ] = None,
+    keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted MoE folders.")] = False,
+) -> None:
+    """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON."""
+    from upcycle.compare import compare_main
+
+    try:
+        compare_main(
+            list(recipes or []),
+            size=size,
+            out=out,
+            seeds=seeds,
+            variants=variant,
+            keep_models=keep_models,
+            echo=lambda text: console.print(text, markup=False, highlight=False),
+        )
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders written by upcycle train or upcycle compare.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG file to write.")] = Path("compare.png"),
+    title: Annotated[str | None, typer.Option(help="A title over the plot.")] = None,
+) -> None:
+    """Plot held-out loss against training tokens and training FLOPs for any set of runs."""
+    from upcycle.compare import plot_main
+
+    try:
+        path = plot_main(run_dirs, out, title)
+    except UpcycleError as error:
+        raise fail(error) from None
+    console.print(f"wrote {path}", markup=False, highlight=False)
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Where the MoE checkpoint goes (default: the cache).")] = None,

@@ -953,7 +953,7 @@ def compare_main(
     json_path = out / "compare.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     table_path = out / "compare.md"
-    header = [f"{size_obj.describe()}; sized for {size_obj.budget}.", f"Model: {payload['model_note']}.", ""]
+    header = [f"{size_obj.describe()}; sized for {size_obj.budget}.", f"Model: {payload['model_note']}.", "", ""]
     findings_text = "\n".join(f"- {line}" for line in summary["findings"])
     table_path.write_text("\n".join(header) + markdown + "\n" + findings_text + "\n")
     echo("")
