@@ -21,7 +21,8 @@ from upcycle import assets
 from upcycle.convert import UpcycleOptions, convert
 from upcycle.convert.writer import COPIED_FILES
 from upcycle.train import moe_losses
-from upcycle.train.loop import TrainingDiverged, train
+from upcycle.train.distributed import Dist
+from upcycle.train.loop import TrainingDiverged, load_model, train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import load_recipe, recipe_from_dict
 
@@ -47,10 +48,10 @@ def texts() -> tuple[list[str], list[str]]:
     return [str(p) for p in train_files[:2]], [str(heldout[0])]
 
 
-def recipe_dict(model: Path, out: Path, texts, **sections) -> dict:
+def recipe_dict(model_path: Path, out: Path, texts, **sections) -> dict:
     train_files, eval_files = texts
     data = {
-        "model": {"path": str(model), "experts_implementation": "grouped_mm"},
+        "model": {"path": str(model_path), "experts_implementation": "grouped_mm"},
         "data": {"train": train_files, "eval": eval_files, "seq_len": 32, "eval_sequences": 6},
         "batch": {"micro_batch_size": 2, "grad_accum": 2, "steps": 6},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
@@ -294,3 +295,37 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_tensorboard_logs(tiny_p
 def test_shipped_quickstart_recipe_loads():
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "cpu-quickstart.yaml", resolve_assets=False)
     assert recipe.run.precision in ("fp32", "auto")
+
+
+def test_export_on_demand_from_a_checkpoint(tiny_pair, texts, tmp_path):
+    _, moe = tiny_pair
+    data = recipe_dict(moe, tmp_path / "run", texts, batch={"steps": 2}, run={"eval_interval": 0})
+    train(recipe_from_dict(data, tmp_path))
+    result = run_cli("export", str(tmp_path / "run"), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    on_demand = load_clean(tmp_path / "exported").state_dict()
+    at_end = load_clean(tmp_path / "run" / "export").state_dict()
+    assert on_demand.keys() == at_end.keys()
+    assert all(torch.equal(on_demand[k], at_end[k]) for k in at_end)
+    assert json.loads((tmp_path / "exported" / "upcycle.json").read_text())["training"]["steps"] == 2
+
+
+def test_activation_checkpointing_gives_the_same_losses(tiny_pair, texts, tmp_path):
+    _, moe = tiny_pair
+    runs = {}
+    for flag in (False, True):
+        data = recipe_dict(
+            moe,
+            tmp_path / f"run-{flag}",
+            texts,
+            model={"activation_checkpointing": flag},
+            batch={"steps": 2},
+            run={"export": False, "checkpoints": False, "eval_interval": 0},
+        )
+        recipe = recipe_from_dict(data, tmp_path)
+        loaded = load_model(recipe, Dist(0, 1, 0, torch.device("cpu")), torch.float32)
+        assert getattr(loaded, "is_activation_checkpointing", None) is flag
+        train(recipe)
+        runs[flag] = losses(tmp_path / f"run-{flag}")
+    assert len(runs[True]) == 2
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(runs[False], runs[True], strict=True)), runs

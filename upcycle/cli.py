@@ -361,6 +361,25 @@ class RichTrainReporter:
         self.progress.console.print(f"[yellow]{text}[/]")
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder of `upcycle train` (or one checkpoint folder in it).")],
+    out: Annotated[Path, typer.Argument(help="Where the HF-native checkpoint goes.")],
+) -> None:
+    """Export a training checkpoint (the latest in RUN_DIR, or the one given) as an HF-native MoE folder."""
+    from upcycle.train.checkpoint import latest_checkpoint
+    from upcycle.train.export import export_checkpoint
+
+    try:
+        checkpoint = run_dir if (run_dir / "manifest.json").is_file() else latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UpcycleError(f"{run_dir} holds no checkpoint.", "pass a run folder of `upcycle train`.")
+        path = export_checkpoint(checkpoint, out)
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    console.print(f"[green]exported[/] {checkpoint.name} → {path}")
+
+
 @app.command("compare")
 def compare_cmd(
     recipes: Annotated[

@@ -52,3 +52,26 @@ def export_model(model: nn.Module, info: Dist, source: Path, out: Path, summary:
             raise
     barrier(info)
     return out if info.is_main else None
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """Export on demand: any saved training checkpoint, as an HF-native folder (single process)."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.train.checkpoint import load_checkpoint, read_trainer_state
+    from upcycle.train.distributed import Dist
+
+    state = read_trainer_state(checkpoint)
+    source = Path(state["recipe"]["model"]["path"])
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    load_checkpoint(checkpoint, model, None)
+    summary = {
+        "steps": state["step"],
+        "tokens": state.get("tokens"),
+        "eval_history": state.get("eval_history", []),
+        "recipe": state["recipe"],
+        "from_checkpoint": str(checkpoint),
+    }
+    exported = export_model(model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary)
+    assert exported is not None
+    return exported

@@ -96,7 +96,11 @@ def load_model(recipe: TrainRecipe, info: Dist, compute_dtype: torch.dtype) -> n
     if hasattr(model.config, "output_router_logits"):
         model.config.output_router_logits = False  # upcycle adds the aux loss itself, for every class alike
     if recipe.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     model.to(info.device)
     if info.enabled:
         shard_model(model, info, compute_dtype if compute_dtype != torch.float32 else None)
