@@ -256,9 +256,10 @@ def truncated_model(src: Path, out: Path, layers: int) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    from upcycle.loading import load_causal_lm_strict
+
+    model = load_causal_lm_strict(src, torch.float32)
     total = model.config.num_hidden_layers
     if not 1 <= layers <= total:
         raise OptionError(f"layers={layers}: the model has {total} decoder layers.", f"use 1 to {total}.")

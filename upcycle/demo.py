@@ -38,10 +38,12 @@ def greedy_continuations(
 ) -> list[Continuation]:
     """Greedy decoding with both models through plain transformers generate()."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from upcycle.loading import load_causal_lm_strict
 
     tokenizer = AutoTokenizer.from_pretrained(moe_folder)
-    models = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for f in (dense_folder, moe_folder)]
+    models = [load_causal_lm_strict(f, torch.float32).eval() for f in (dense_folder, moe_folder)]
     results = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")

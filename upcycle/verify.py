@@ -187,16 +187,15 @@ def check_function(
     storage_dtype: str | None = None,
 ) -> FunctionReport:
     """Run both models with plain transformers and compare logits and every layer's hidden state."""
-    from transformers import AutoModelForCausalLM
+    from upcycle.loading import load_causal_lm, load_causal_lm_strict
 
     torch_dtype = TORCH_DTYPES[dtype]
     # Both models load at the checkpoint's storage precision, then compute in `dtype`: a bf16 MoE is compared with
     # the dense model rounded to bf16, so what is measured is the upcycling, not the change of precision.
     stored = TORCH_DTYPES.get(storage_dtype or dtype, torch_dtype)
-    dense = AutoModelForCausalLM.from_pretrained(dense_folder, dtype=stored, trust_remote_code=trust_remote_code)
-    moe, info = AutoModelForCausalLM.from_pretrained(moe_folder, dtype=stored, output_loading_info=True)
+    dense = load_causal_lm_strict(dense_folder, stored, trust_remote_code)
+    moe, problems = load_causal_lm(moe_folder, stored)
     dense, moe = dense.to(torch_dtype), moe.to(torch_dtype)
-    problems = [f"{kind}: {', '.join(sorted(keys)[:3])}" for kind, keys in info.items() if keys]
     dense.eval()
     moe.eval()
     sequences, origin = load_text_tokens(moe_folder, text, max_tokens, dense.config.vocab_size)

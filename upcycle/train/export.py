@@ -56,14 +56,13 @@ def export_model(model: nn.Module, info: Dist, source: Path, out: Path, summary:
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Export on demand: any saved training checkpoint, as an HF-native folder (single process)."""
-    from transformers import AutoModelForCausalLM
-
+    from upcycle.loading import load_causal_lm_strict
     from upcycle.train.checkpoint import load_checkpoint, read_trainer_state
     from upcycle.train.distributed import Dist
 
     state = read_trainer_state(checkpoint)
     source = Path(state["recipe"]["model"]["path"])
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = load_causal_lm_strict(source, torch.float32)
     load_checkpoint(checkpoint, model, None)
     summary = {
         "steps": state["step"],

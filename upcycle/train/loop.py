@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import OptionError, UpcycleError
+from upcycle.loading import load_causal_lm_strict
 from upcycle.train import moe_losses
 from upcycle.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from upcycle.train.data import BatchOrder, PackedDataset, eval_batches, make_batch, packed_dataset
@@ -82,14 +83,10 @@ def choose_experts_implementation(requested: str, device: torch.device) -> str:
 
 
 def load_model(recipe: TrainRecipe, info: Dist, compute_dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     implementation = choose_experts_implementation(recipe.model.experts_implementation, info.device)
     if implementation == "upcycle":
         import upcycle.kernels  # noqa: F401  (registers the implementation with transformers)
-    model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.path, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code
-    )
+    model = load_causal_lm_strict(recipe.model.path, torch.float32, recipe.model.trust_remote_code)
     if moe_losses.find_routers(model) and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(implementation)
     model.config.use_cache = False
@@ -213,9 +210,7 @@ def dense_reference_loss(
     source = Path(plan.get("source", {}).get("path", ""))
     if plan.get("source", {}).get("kind") != "folder" or not (source / "config.json").is_file():
         return None
-    from transformers import AutoModelForCausalLM
-
-    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(info.device)
+    dense = load_causal_lm_strict(source, torch.float32).to(info.device)
     record = evaluate(dense, dataset, recipe, info, None, autocast)  # unsharded: each rank evaluates its share
     del dense
     return record["eval_loss"], bool(plan.get("exactness", {}).get("exact"))

@@ -1,0 +1,45 @@
+"""Loading a causal LM through plain transformers, refusing silent random initialisation.
+
+`from_pretrained` fills any missing tensor with random values and only logs it; every load in upcycle goes
+through here so a checkpoint that does not match its class is an error, not a quietly different model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upcycle.errors import SourceError
+
+
+def load_causal_lm(
+    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[nn.Module, list[str]]:
+    """The model and a list of loading problems (missing, unexpected or mismatched keys); empty when clean."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SourceError(
+            f"{folder} is not a Hugging Face model folder (no config.json).",
+            "pass a folder written by save_pretrained or `upcycle convert`.",
+        )
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+    )
+    problems = [f"{kind}: {', '.join(sorted(keys)[:3])}" for kind, keys in info.items() if keys]
+    return model, problems
+
+
+def load_causal_lm_strict(
+    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> nn.Module:
+    model, problems = load_causal_lm(folder, dtype, trust_remote_code)
+    if problems:
+        raise SourceError(
+            f"{folder} does not load cleanly in transformers ({'; '.join(problems)}).",
+            "re-create the checkpoint; upcycle never trains or compares a partly random model.",
+        )
+    return model
