@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from upcycle.kernels.cross_compile import DESIGN_SHAPES
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -39,12 +41,7 @@ class Shape:
         return (18 if backward else 6) * self.T * self.k * self.H * self.F
 
 
-GPU_SHAPES = [
-    Shape("E64-k8-H2048-F1024-T16k", 64, 8, 2048, 1024, 16384),
-    Shape("E8-k2-H4096-F14336-T8k", 8, 2, 4096, 14336, 8192),
-    Shape("E8-k2-H576-F1536-T16k", 8, 2, 576, 1536, 16384),
-    Shape("E64-k8-H576-F192-T16k", 64, 8, 576, 192, 16384),
-]
+GPU_SHAPES = [Shape(s.name, s.E, s.k, s.H, s.F, s.T) for s in DESIGN_SHAPES]
 CPU_SHAPES = [
     Shape("cpu-E8-k2-H128-F256-T512", 8, 2, 128, 256, 512),
     Shape("cpu-E16-k4-H64-F64-T512", 16, 4, 64, 64, 512),
@@ -289,10 +286,11 @@ def check_against_fp32(shape: Shape, impls: list[str], dtype: torch.dtype, devic
     return errors
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, header: bool = True) -> None:
     env = report["environment"]
-    print(f"# MoE experts layer benchmark  {env['date']}  {env['device']}  {env['dtype']}")
-    print(f"# torch {env['torch']}  triton {env['triton']}  transformers {env['transformers']}")
+    if header:
+        print(f"# MoE experts layer benchmark  {env['date']}  {env['device']}  {env['dtype']}")
+        print(f"# torch {env['torch']}  triton {env['triton']}  transformers {env['transformers']}")
     head = (
         f"{'impl':<22}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}"
         f"{'vs dense':>10}{'vs gmm':>9}{'peak MiB':>10}{'1st call s':>11}{'max|diff|':>11}"
@@ -376,15 +374,14 @@ def main(argv: list[str] | None = None) -> int:
             checked = [i for i in impls if i in ("upcycle", "grouped_mm", "liger")]
             block["rel_err_vs_fp32_reference"] = check_against_fp32(shape, checked, dtype, device)
         report["shapes"].append(block)
-    if args.json_path != "-":
-        print_table(report)
-    if args.json_path:
-        text = json.dumps(report, indent=1)
-        if args.json_path == "-":
-            print(text)
-        else:
+        if args.json_path != "-":
+            print_table({"environment": report["environment"], "shapes": [block]}, header=len(report["shapes"]) == 1)
+            sys.stdout.flush()
+        if args.json_path and args.json_path != "-":  # after every shape, so a run stopped midway keeps its results
             with open(args.json_path, "w") as f:
-                f.write(text + "\n")
+                f.write(json.dumps(report, indent=1) + "\n")
+    if args.json_path == "-":
+        print(json.dumps(report, indent=1))
     return 0
 
 

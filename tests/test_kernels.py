@@ -236,6 +236,40 @@ def test_autotune_bucket_heuristics_and_cache(tmp_path, monkeypatch: pytest.Monk
     assert not autotune.autotune_enabled()
 
 
+def captured_step(T: int = 40, H: int = 24, Fi: int = 20, E: int = 6, k: int = 2):
+    from upcycle.kernels.precompile import plan
+
+    x_TH, w_gate_up_E2FH, w_down_EHF, index_TK, weights_TK = make_inputs(T, H, Fi, E, k)
+    return plan(x_TH, w_gate_up_E2FH, w_down_EHF, build_routing(index_TK, E), weights_TK, training=True)
+
+
+def test_capture_plans_a_training_step_without_launching() -> None:
+    from upcycle.kernels.launch import active_capture
+
+    captured = captured_step()
+    assert active_capture() is None
+    assert [(s.kernel, s.n, s.k) for s in captured.tuned] == [
+        ("up", 20, 24), ("gemm", 24, 20), ("down_bwd", 20, 24), ("gemm", 24, 40), ("dw", 40, 24), ("dw", 24, 20),
+    ]  # fmt: skip
+    names = [launch.name for launch in captured.launches]
+    assert names.count("_combine_kernel") == 2 and len(names) == 8  # one launch per site, plus the two combines
+
+
+def test_precompile_warms_every_candidate_until_tuned(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from upcycle.kernels.precompile import warmups
+
+    monkeypatch.setenv("UPCYCLE_KERNELS_CACHE_DIR", str(tmp_path))
+    captured = captured_step()
+    per_site = [len(autotune.candidates(s.kernel, s.n, s.k, s.bucket)) for s in captured.tuned]
+    assert len(warmups(captured, torch.bfloat16)) == sum(per_site) + 2
+    first = captured.tuned[0]
+    key = autotune.tuning_key(first.kernel, first.n, first.k, first.bucket, torch.bfloat16)
+    autotune._CACHE.put(key, autotune.KernelConfig(64, 64, 64, 4, 3))  # a tuned site compiles its choice only
+    assert len(warmups(captured, torch.bfloat16)) == sum(per_site) - per_site[0] + 1 + 2
+    monkeypatch.setenv("UPCYCLE_KERNELS_AUTOTUNE", "0")
+    assert len(warmups(captured, torch.bfloat16)) == len(captured.tuned) + 2
+
+
 # ---------------------------------------------------------------- whole models through transformers' dispatch
 
 

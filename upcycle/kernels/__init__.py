@@ -6,8 +6,9 @@ Triton is imported lazily, only when a kernel runs; without a usable GPU (or wit
 instead and a warning says so once.
 
 Environment: UPCYCLE_KERNELS_BACKEND=auto|triton|reference, UPCYCLE_KERNELS_AUTOTUNE=0 (heuristic tiles only),
-UPCYCLE_KERNELS_CACHE_DIR (tuned-config cache, default ~/.cache/upcycle/kernels), TRITON_INTERPRET=1 (run the
-Triton kernels on the CPU, for tests).
+UPCYCLE_KERNELS_CACHE_DIR (tuned-config cache, default ~/.cache/upcycle/kernels), UPCYCLE_KERNELS_PRECOMPILE=0
+(compile lazily, one kernel at a time, instead of a shape's whole set in parallel before its first launch),
+TRITON_INTERPRET=1 (run the Triton kernels on the CPU, for tests).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .launch import TunedSite, active_capture
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,13 +39,16 @@ class KernelConfig:
 INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 1, 1)
 
 # Candidates per kernel on GPU, first entry = default. "up" carries two accumulators (gate and up), so its tiles
-# are smaller; "dw" tiles are (N, K) of the weight gradient with block_m rows reduced per step.
+# are smaller; "dw" tiles are (N, K) of the weight gradient with block_m rows reduced per step. Every entry
+# compiles for sm_90 to warp-group MMA with pipelined loads and no register spills (benchmarks/kernel_report.py,
+# checked in CI): the spilling ones it found, down_bwd at 128x128 / 64x128 with 4 warps (~180 spill stores) and
+# up at 64x128 with 4 warps, were dropped.
 _CANDIDATES: dict[str, list[KernelConfig]] = {
     "up": [
         KernelConfig(128, 64, 64, 8, 3),
+        KernelConfig(128, 64, 64, 8, 4),
         KernelConfig(128, 128, 64, 8, 3),
-        KernelConfig(64, 128, 64, 4, 4),
-        KernelConfig(64, 64, 64, 4, 4),
+        KernelConfig(64, 64, 64, 4, 3),
     ],
     "gemm": [
         KernelConfig(128, 128, 64, 8, 3),
@@ -53,8 +58,9 @@ _CANDIDATES: dict[str, list[KernelConfig]] = {
     ],
     "down_bwd": [
         KernelConfig(128, 64, 64, 8, 3),
-        KernelConfig(128, 128, 64, 8, 3),
-        KernelConfig(64, 128, 64, 4, 4),
+        KernelConfig(128, 64, 64, 8, 4),
+        KernelConfig(64, 128, 64, 8, 3),
+        KernelConfig(64, 64, 64, 4, 3),
     ],
     "dw": [
         KernelConfig(64, 128, 128, 8, 3),
@@ -144,6 +150,23 @@ def _pow2_at_least_16(x: int) -> int:
     return max(16, 1 << (max(x, 1) - 1).bit_length())
 
 
+def candidates(kernel: str, n: int, k: int, bucket: int) -> list[KernelConfig]:
+    """What the tuner times for one key: the heuristic first, then the fixed list (one source for tuner and tools)."""
+    return list(dict.fromkeys([_heuristic(kernel, n, k, bucket), *_CANDIDATES[kernel]]))
+
+
+def tuning_key(kernel: str, n: int, k: int, bucket: int, dtype: torch.dtype) -> str:
+    return f"{kernel}|N={n}|K={k}|tpe={bucket}|{str(dtype).removeprefix('torch.')}"
+
+
+def configs_to_compile(kernel: str, n: int, k: int, bucket: int, dtype: torch.dtype) -> list[KernelConfig]:
+    """The configs a GPU launch of this key will need: the cached or heuristic one, else every candidate."""
+    if not autotune_enabled():
+        return [_heuristic(kernel, n, k, bucket)]
+    cached = _CACHE.get(tuning_key(kernel, n, k, bucket, dtype))
+    return [cached] if cached is not None else candidates(kernel, n, k, bucket)
+
+
 def choose_config(
     kernel: str,
     n: int,
@@ -151,22 +174,30 @@ def choose_config(
     bucket: int,
     dtype: torch.dtype,
     device: torch.device,
-    launch: Callable[[KernelConfig], None],
+    launch: Callable[..., None],
 ) -> KernelConfig:
-    """Pick the config for one launch; tunes on first sight of a key when running on a GPU with tuning on."""
+    """Pick the config for one launch; tunes on first sight of a key when running on a GPU with tuning on.
+
+    `launch(cfg, warmup=False)` runs the kernel with `cfg` (or only compiles it with `warmup=True`).
+    """
+    capture = active_capture()
+    if capture is not None:
+        capture.tuned.append(TunedSite(kernel, n, k, bucket, candidates(kernel, n, k, bucket), launch))
+        return _heuristic(kernel, n, k, bucket)
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     if not autotune_enabled():
         return _heuristic(kernel, n, k, bucket)
-    key = f"{kernel}|N={n}|K={k}|tpe={bucket}|{str(dtype).removeprefix('torch.')}"
+    key = tuning_key(kernel, n, k, bucket, dtype)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
     from triton.testing import do_bench
 
-    candidates = list(dict.fromkeys([_heuristic(kernel, n, k, bucket), *_CANDIDATES[kernel]]))
+    configs = candidates(kernel, n, k, bucket)
+    compile_in_parallel([lambda cfg=cfg: launch(cfg, warmup=True) for cfg in configs])
     timings: dict[KernelConfig, float] = {}
-    for cfg in candidates:
+    for cfg in configs:
         try:
             timings[cfg] = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
         except Exception as err:  # out of shared memory / registers: skip the candidate
@@ -175,3 +206,27 @@ def choose_config(
     logger.info("upcycle.kernels: tuned %s -> %s", key, best)
     _CACHE.put(key, best)
     return best
+
+
+def compile_in_parallel(warmups: list[Callable[[], None]]) -> bool:
+    """Run kernel warm-ups (compile only) on a thread pool; False when this triton cannot, and nothing ran.
+
+    Triton's compiler releases the GIL, so N threads compile about N kernels at once (measured:
+    `benchmarks/kernel_report.py`); compiled kernels land in each kernel's own cache, where the real launch
+    finds them. A failing compile is left for the real launch to report.
+    """
+    import triton
+
+    async_mode = getattr(triton, "AsyncCompileMode", None)
+    workers = min(len(warmups), os.cpu_count() or 1, 32)
+    if async_mode is None or workers < 2:
+        return False
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(workers) as pool, async_mode(pool, ignore_errors=True):
+            for warm in warmups:
+                warm()
+    except Exception as err:  # an older AsyncCompileMode signature, or a compile error surfacing here
+        logger.debug("upcycle.kernels: parallel compile failed (%s); launches compile one by one", err)
+    return True

@@ -54,10 +54,12 @@ def _saved_rows(x_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> int:
 
 
 def _triton_forward(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK, store_gu):
+    from .precompile import precompile
     from .routing import build_routing
     from .triton_fwd import moe_swiglu_forward
 
     routing = build_routing(top_k_index_TK, w_gate_up_E2FH.shape[0])
+    precompile(x_TH, w_gate_up_E2FH, w_down_EHF, routing, top_k_weights_TK, training=store_gu)
     return moe_swiglu_forward(x_TH, w_gate_up_E2FH, w_down_EHF, routing, top_k_weights_TK, store_gu)
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .autotune import KernelConfig, choose_config, tokens_per_expert_bucket
+from .launch import launch_kernel
 from .routing import Routing
 from .triton_fwd import _add, _grid_rows, _sigmoid, combine, dot_precision, grouped_gemm
 
@@ -128,18 +129,19 @@ def down_backward(
     prec = dot_precision(dy_TH.dtype)
     parts: dict[int, torch.Tensor] = {}
 
-    def launch(cfg: KernelConfig) -> None:
+    def launch(cfg: KernelConfig, warmup: bool = False) -> None:
         tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
         part_SB = parts.setdefault(
             cfg.block_n, torch.zeros(S, triton.cdiv(F, cfg.block_n), device=dy_TH.device, dtype=torch.float32)
         )
-        _down_bwd_kernel[_grid_rows(routing, cfg, F)](
+        launch_kernel(
+            _down_bwd_kernel, _grid_rows(routing, cfg, F),
             dy_TH, w_down_EHF, gu_S2F, weights_TK, dgu_S2F, part_SB, routing.sorted_s_S,
             tile_expert_M, tile_start_M, routing.offsets_E1, F, H, routing.top_k,
             *dy_TH.stride(), *w_down_EHF.stride(), *gu_S2F.stride(), *weights_TK.stride(),
             *dgu_S2F.stride(), part_SB.stride(0),
             DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
         parts["last"] = part_SB
 
@@ -166,14 +168,15 @@ def grouped_dw(
     w = weights_TK if weights_TK is not None else a
     w_strides = weights_TK.stride() if weights_TK is not None else (0, 0)
 
-    def launch(cfg: KernelConfig) -> None:
+    def launch(cfg: KernelConfig, warmup: bool = False) -> None:
         grid = (E, triton.cdiv(N, cfg.block_n) * triton.cdiv(KD, cfg.block_k))
-        _grouped_dw_kernel[grid](
+        launch_kernel(
+            _grouped_dw_kernel, grid,
             a, b, out_ENK, w, routing.sorted_s_S, routing.offsets_E1, N, KD, routing.top_k, half,
             *a.stride(), *b.stride(), *out_ENK.stride(), *w_strides,
             A_GATHER=a_gather, A_SCALE=weights_TK is not None, B_GATHER=b_gather, B_SWIGLU=b_swiglu,
             DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
     bucket = tokens_per_expert_bucket(routing.num_rows, E)

