@@ -77,6 +77,7 @@ def print_rows(rows: list[dict]) -> None:
         f"{'site':<10}{'kernel':<22}{'N':>7}{'K':>7}  {'bm,bn,bk,warps,stages':<22}{'compile s':>10}{'regs':>6}"
         f"{'stack':>7}{'STL':>5}{'smem KB':>9}{'HGMMA':>7}{'LDGSTS':>8}  problems"
     )
+
     def fmt(seconds: float | None) -> str:
         return "-" if seconds is None else f"{seconds:.2f}"
 
