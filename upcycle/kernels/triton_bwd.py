@@ -18,7 +18,7 @@ import triton.language as tl
 from .autotune import KernelConfig, choose_config, tokens_per_expert_bucket
 from .launch import launch_kernel
 from .routing import Routing
-from .triton_fwd import _add, _grid_rows, _sigmoid, combine, dot_precision, grouped_gemm
+from .triton_fwd import GROUP_M, _add, _grid_rows, _row_tile, _sigmoid, combine, dot_precision, grouped_gemm
 
 
 @triton.jit
@@ -28,24 +28,16 @@ def _down_bwd_kernel(
     stride_dyt, stride_dyh, stride_we, stride_wk, stride_wn, stride_gs, stride_gn,
     stride_wt, stride_wkk, stride_ds, stride_dn, stride_ps,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """a = dy[tok] @ W_d[e] (N = F, KD = H); epilogue: SwiGLU backward and router-weight partials."""
-    pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    tile = pid // num_n
-    pid_n = pid % num_n
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < 0:
+    tile_expert, expert, rows, row_mask, pid_n, cols, col_mask = _row_tile(
+        tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M, BLOCK_N, GROUP_M
+    )
+    if tile_expert < 0:
         return
-    expert = expert.to(tl.int64)
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < row_end
     s = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0)
     tok = s // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_mask = cols < N
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     dy_ptrs = dy_ptr + tok[:, None] * stride_dyt + ks[None, :] * stride_dyh
     w_ptrs = wd_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
@@ -140,7 +132,7 @@ def down_backward(
             tile_expert_M, tile_start_M, routing.offsets_E1, F, H, routing.top_k,
             *dy_TH.stride(), *w_down_EHF.stride(), *gu_S2F.stride(), *weights_TK.stride(),
             *dgu_S2F.stride(), part_SB.stride(0),
-            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
         parts["last"] = part_SB

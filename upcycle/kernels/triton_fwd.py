@@ -39,28 +39,45 @@ def _add(a, b):
 
 
 @triton.jit
+def _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr):  # fmt: skip
+    """This program's expert (-1: no work) and as int64, sorted rows and mask, column block, columns and mask.
+
+    Programs go in groups of GROUP_M consecutive row tiles that walk the output columns together, so each
+    column tile of an expert's weight is read from HBM once per group instead of once per row tile (the rest
+    hit L2). Within a group the row tile varies fastest.
+    """
+    pid = tl.program_id(0)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_tiles = tl.num_programs(0) // num_n
+    group = GROUP_M * num_n
+    first = (pid // group) * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    tile = first + (pid % group) % size
+    pid_n = (pid % group) // size
+    expert = tl.load(tile_expert_ptr + tile)
+    expert64 = tl.maximum(expert, 0).to(tl.int64)
+    row_start = tl.load(tile_start_ptr + tile)
+    row_end = tl.load(offsets_ptr + expert64 + 1)
+    rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    return expert, expert64, rows, rows < row_end, pid_n, cols, cols < N
+
+
+@triton.jit
 def _up_swiglu_kernel(
     x_ptr, w_ptr, h_ptr, gu_ptr, sorted_s_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     N, KD, top_k,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_hs, stride_hn, stride_gs, stride_gn,
     STORE_GU: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    tile = pid // num_n
-    pid_n = pid % num_n
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < 0:
+    tile_expert, expert, rows, row_mask, pid_n, cols, col_mask = _row_tile(
+        tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M, BLOCK_N, GROUP_M
+    )
+    if tile_expert < 0:
         return
-    expert = expert.to(tl.int64)
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < row_end
     tok = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0) // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_mask = cols < N
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xh
     wg_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
@@ -94,22 +111,14 @@ def _grouped_gemm_kernel(
     N, KD,
     stride_as, stride_ak, stride_be, stride_bk, stride_bn, stride_cs, stride_cn,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C[rows of e] = A[rows of e] @ B[e] for expert-sorted rows; B[e] is [KD, N] through its strides."""
-    pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    tile = pid // num_n
-    pid_n = pid % num_n
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < 0:
+    tile_expert, expert, rows, row_mask, pid_n, cols, col_mask = _row_tile(
+        tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M, BLOCK_N, GROUP_M
+    )
+    if tile_expert < 0:
         return
-    expert = expert.to(tl.int64)
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_mask = cols < N
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_as + ks[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -149,6 +158,10 @@ def _combine_kernel(
     tl.store(out_ptr + t * stride_ot + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
+# Row tiles that share a pass over the output columns (see _row_tile): 8 is the usual choice for GEMMs.
+GROUP_M = 8
+
+
 def _grid_rows(routing: Routing, cfg: KernelConfig, n: int) -> tuple[int]:
     return (max_tiles(routing.num_rows, routing.num_experts, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
 
@@ -171,7 +184,7 @@ def up_swiglu(
             routing.offsets_E1, F, H, routing.top_k,
             *x_TH.stride(), *w_gate_up_E2FH.stride(), *h_SF.stride(), *gu_S2F.stride(),
             STORE_GU=store_gu, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
@@ -192,7 +205,7 @@ def grouped_gemm(a_SK: torch.Tensor, b_EKN: torch.Tensor, routing: Routing) -> t
             _grouped_gemm_kernel, _grid_rows(routing, cfg, N),
             a_SK, b_EKN, c_SN, tile_expert_M, tile_start_M, routing.offsets_E1, N, KD,
             *a_SK.stride(), *b_EKN.stride(), *c_SN.stride(),
-            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
