@@ -117,6 +117,20 @@ def test_triton_forward_and_grads_match_reference(case: str) -> None:
 
 
 @needs_triton
+def test_tile_order_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped tile order (GROUP_M row tiles per pass over the columns, partial last group) is bit-identical."""
+    inputs = make_inputs(70, 33, 40, 5, 2)  # 140 rows: up to 14 row tiles of 16, 3 column tiles of 16
+    grad_TH = torch.randn(70, 33, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for group in ("1", "3", "8"):
+        monkeypatch.setenv("UPCYCLE_KERNELS_GROUP_M", group)
+        results[group] = run_with_grads(K.moe_swiglu, inputs, grad_TH)
+    for group in ("3", "8"):
+        assert torch.equal(results[group][0], results["1"][0])
+        assert all(torch.equal(a, b) for a, b in zip(results[group][1], results["1"][1], strict=True))
+
+
+@needs_triton
 def test_transposed_weight_views_and_inference_path() -> None:
     """Transposed storage ([E,H,2F] / [E,F,H], as `is_transposed` classes hold it) reaches the kernels as views."""
     x_TH, w_gu, w_d, index_TK, weights_TK = make_inputs(13, 16, 20, 3, 2)

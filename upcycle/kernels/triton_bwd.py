@@ -18,7 +18,7 @@ import triton.language as tl
 from .autotune import KernelConfig, choose_config, tokens_per_expert_bucket
 from .launch import launch_kernel
 from .routing import Routing
-from .triton_fwd import GROUP_M, _add, _grid_rows, _row_tile, _sigmoid, combine, dot_precision, grouped_gemm
+from .triton_fwd import _add, _grid_rows, _row_tile, _sigmoid, combine, dot_precision, group_m, grouped_gemm
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def down_backward(
             tile_expert_M, tile_start_M, routing.offsets_E1, F, H, routing.top_k,
             *dy_TH.stride(), *w_down_EHF.stride(), *gu_S2F.stride(), *weights_TK.stride(),
             *dgu_S2F.stride(), part_SB.stride(0),
-            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
         parts["last"] = part_SB

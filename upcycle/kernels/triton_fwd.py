@@ -9,6 +9,8 @@ results, weighted, in fp32 and in a fixed order (deterministic, no atomics). All
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -158,8 +160,12 @@ def _combine_kernel(
     tl.store(out_ptr + t * stride_ot + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
-# Row tiles that share a pass over the output columns (see _row_tile): 8 is the usual choice for GEMMs.
-GROUP_M = 8
+def group_m() -> int:
+    """Row tiles that share a pass over the output columns (see _row_tile): 8, the usual choice for GEMMs.
+
+    `UPCYCLE_KERNELS_GROUP_M=1` restores plain row-major order (for measuring what the grouping buys).
+    """
+    return max(1, int(os.environ.get("UPCYCLE_KERNELS_GROUP_M", "8")))
 
 
 def _grid_rows(routing: Routing, cfg: KernelConfig, n: int) -> tuple[int]:
@@ -184,7 +190,7 @@ def up_swiglu(
             routing.offsets_E1, F, H, routing.top_k,
             *x_TH.stride(), *w_gate_up_E2FH.stride(), *h_SF.stride(), *gu_S2F.stride(),
             STORE_GU=store_gu, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
@@ -205,7 +211,7 @@ def grouped_gemm(a_SK: torch.Tensor, b_EKN: torch.Tensor, routing: Routing) -> t
             _grouped_gemm_kernel, _grid_rows(routing, cfg, N),
             a_SK, b_EKN, c_SN, tile_expert_M, tile_start_M, routing.offsets_E1, N, KD,
             *a_SK.stride(), *b_EKN.stride(), *c_SN.stride(),
-            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
