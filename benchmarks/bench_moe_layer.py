@@ -25,18 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from upcycle.kernels.cross_compile import DESIGN_SHAPES
+from upcycle.kernels.cross_compile import DESIGN_SHAPES, MoEShape
 
 
 @dataclass(frozen=True)
-class Shape:
-    name: str
-    E: int
-    k: int
-    H: int
-    F: int
-    T: int
-
+class Shape(MoEShape):
     def flops(self, backward: bool) -> float:
         return (18 if backward else 6) * self.T * self.k * self.H * self.F
 
