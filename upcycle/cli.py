@@ -430,6 +430,45 @@ def plot_cmd(
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 
+def show_demo_step(step: str, value: Any) -> None:
+    """Print what one demo step produced (the demo logic lives in upcycle.demo)."""
+    if step == "model":
+        console.print(f"  dense model: {value}")
+    elif step == "convert":
+        console.print(
+            f"  {value.plan.architecture}, {len(value.plan.recipes)} tensors, "
+            f"{value.bytes_written / 1e9:.2f} GB in {value.seconds:.1f} s → {value.out}"
+        )
+    elif step == "verify":
+        print_verify_report(value)
+    elif step == "generate":
+        table = Table("prompt", "dense SmolLM2", "upcycled MoE", "same", title="Greedy continuations")
+        for c in value:
+            table.add_row(c.prompt, c.dense, c.moe, "[green]yes[/]" if c.identical else "[red]no[/]")
+        console.print(table)
+    elif step == "train":
+        table = Table(
+            "model",
+            "held-out loss before",
+            f"after {value.steps} steps",
+            "change",
+            "seconds",
+            title=f"Short training run ({value.tokens_per_step} tokens per step)",
+        )
+        for name, (before, after) in value.losses.items():
+            label = "dense SmolLM2" if name == "dense" else "upcycled MoE"
+            table.add_row(
+                label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}", f"{value.seconds[name]:.0f}"
+            )
+        console.print(table)
+    elif step == "train-skipped":
+        console.print(
+            f"[yellow]Skipped the training run:[/] it needs about {value.needed_bytes / 1e9:.1f} GB of free memory "
+            f"(fp32 AdamW) and {value.available_bytes / 1e9:.1f} GB is available. Close other programs and run "
+            "`upcycle demo` again, or pass --train-steps 0 to leave it out."
+        )
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Where the MoE checkpoint goes (default: the cache).")] = None,
@@ -445,40 +484,9 @@ def demo_cmd(
         status.update(f"[bold]{message}…")
         console.print(f"[bold cyan]›[/] {message}")
 
-    def finished(step: str, value: Any) -> None:
-        if step == "model":
-            console.print(f"  dense model: {value}")
-        elif step == "convert":
-            console.print(
-                f"  {value.plan.architecture}, {len(value.plan.recipes)} tensors, "
-                f"{value.bytes_written / 1e9:.2f} GB in {value.seconds:.1f} s → {value.out}"
-            )
-        elif step == "verify":
-            print_verify_report(value)
-        elif step == "generate":
-            table = Table("prompt", "dense SmolLM2", "upcycled MoE", "same", title="Greedy continuations")
-            for c in value:
-                table.add_row(c.prompt, c.dense, c.moe, "[green]yes[/]" if c.identical else "[red]no[/]")
-            console.print(table)
-        elif step == "train":
-            table = Table(
-                "model",
-                "held-out loss before",
-                f"after {value.steps} steps",
-                "change",
-                "seconds",
-                title=f"Short training run ({value.tokens_per_step} tokens per step)",
-            )
-            for name, (before, after) in value.losses.items():
-                label = "dense SmolLM2" if name == "dense" else "upcycled MoE"
-                table.add_row(
-                    label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}", f"{value.seconds[name]:.0f}"
-                )
-            console.print(table)
-
     try:
         with status:
-            ok = run_demo(DemoSteps(started, finished), out, train_steps=train_steps)
+            ok = run_demo(DemoSteps(started, show_demo_step), out, train_steps=train_steps)
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     console.print(

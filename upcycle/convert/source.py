@@ -153,7 +153,7 @@ class DenseSource:
                 "remote code unless asked.",
                 "pass --trust-remote-code if you trust this model.",
             )
-        return cls(folder, config, _index_weights(folder))
+        return cls(folder, config, index_weights(folder))
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, freshly read into its own memory."""
@@ -181,7 +181,7 @@ class DenseSource:
         return self._pickled[path]
 
 
-def _index_weights(folder: Path) -> dict[str, TensorInfo]:
+def index_weights(folder: Path) -> dict[str, TensorInfo]:
     """Every tensor of the folder, from sharded or single safetensors, else pickles loaded weights-only."""
     st_index = folder / "model.safetensors.index.json"
     safetensor_files = sorted(folder.glob("*.safetensors"))

@@ -1,0 +1,49 @@
+"""`upcycle demo`: the whole story on the real SmolLM2-135M, and its guard against running out of memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from upcycle import demo
+from upcycle.cli import show_demo_step
+from upcycle.convert.source import index_weights
+
+
+def test_training_budget_is_four_fp32_copies_plus_measured_runtime(dense_dir, monkeypatch) -> None:
+    folder = dense_dir("llama")
+    params = sum(math.prod(info.shape) for info in index_weights(folder).values())
+    monkeypatch.setattr(demo, "available_memory", lambda: None)
+    budget = demo.training_budget(folder)
+    assert budget.needed_bytes == 16 * params + demo.TRAINING_RUNTIME_BYTES and budget.fits  # unknown: try
+    monkeypatch.setattr(demo, "available_memory", lambda: budget.needed_bytes - 1)
+    assert not demo.training_budget(folder).fits
+
+
+def test_available_memory_reads_meminfo() -> None:
+    available = demo.available_memory()
+    assert available is None or 0 < available < 1 << 50
+
+
+def test_skipped_training_says_why_and_how(capsys) -> None:
+    show_demo_step("train-skipped", demo.TrainingBudget(12_700_000_000, 9_100_000_000))
+    line = " ".join(capsys.readouterr().out.split())
+    assert "needs about 12.7 GB of free memory" in line and "9.1 GB is available" in line
+    assert "--train-steps 0" in line
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(cli, tmp_path) -> None:
+    """README command 1's job: convert, verify, identical generations, then one training step (if it fits)."""
+    out = tmp_path / "moe"
+    result = cli("demo", "--out", out, "--train-steps", "1")
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 0, result.stdout[-3000:]
+    assert "Greedy continuations" in text and "the MoE model is the dense model, now with experts" in text
+    assert (out / "config.json").is_file() and (out / "upcycle.json").is_file()
+    if demo.training_budget(out).fits:
+        assert "Short training run" in text and "upcycled MoE" in text
+        assert (tmp_path / "train-moe").is_dir() and (tmp_path / "train-dense").is_dir()
+    else:
+        assert "Skipped the training run" in text and not (tmp_path / "train-moe").exists()
