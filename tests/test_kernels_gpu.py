@@ -117,3 +117,26 @@ def test_whole_mixtral_bf16_close_to_grouped_mm() -> None:
         model.set_experts_implementation("upcycle")
         out = model(input_ids=input_ids).logits.float()
     assert rel_err(out, ref) < 3e-2
+
+
+def test_first_call_compiles_every_variant_before_launching(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The shape's whole set (every candidate of every tuned site, the combines) is compiled by the first call."""
+    import upcycle.kernels as K
+    from upcycle.kernels import triton_bwd, triton_fwd
+    from upcycle.kernels.precompile import plan, warmups
+    from upcycle.kernels.routing import build_routing
+
+    monkeypatch.setenv("UPCYCLE_KERNELS_CACHE_DIR", str(tmp_path))  # nothing tuned yet for this shape
+    kernels = (triton_fwd._up_swiglu_kernel, triton_fwd._grouped_gemm_kernel, triton_fwd._combine_kernel,
+               triton_bwd._down_bwd_kernel, triton_bwd._grouped_dw_kernel)  # fmt: skip
+    device = torch.cuda.current_device()
+
+    def compiled() -> int:
+        return sum(len(k.device_caches[device][0]) for k in kernels)
+
+    inputs, grad_TH = make_inputs(1536, 384, 320, 12, 3, dtype=torch.bfloat16)  # a shape no other test uses
+    x, w_gate_up, w_down, index, weights = inputs
+    expected = len(warmups(plan(x, w_gate_up, w_down, build_routing(index, 12), weights, True), torch.bfloat16))
+    before = compiled()
+    outputs_and_grads(K.moe_swiglu, inputs, grad_TH)
+    assert compiled() - before == expected
