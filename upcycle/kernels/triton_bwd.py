@@ -18,7 +18,17 @@ import triton.language as tl
 from .autotune import KernelConfig, choose_config, tokens_per_expert_bucket
 from .launch import launch_kernel
 from .routing import Routing
-from .triton_fwd import _add, _grid_rows, _row_tile, _sigmoid, combine, dot_precision, group_m, grouped_gemm
+from .triton_fwd import (
+    _add,
+    _grid_rows,
+    _row_tile,
+    _rows_times_expert,
+    _sigmoid,
+    combine,
+    dot_precision,
+    group_m,
+    grouped_gemm,
+)
 
 
 @triton.jit
@@ -38,17 +48,10 @@ def _down_bwd_kernel(
         return
     s = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0)
     tok = s // top_k
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    dy_ptrs = dy_ptr + tok[:, None] * stride_dyt + ks[None, :] * stride_dyh
-    w_ptrs = wd_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        k_mask = (k0 + ks) < KD
-        a = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyh
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _rows_times_expert(
+        dy_ptr, tok, stride_dyt, stride_dyh, wd_ptr + expert * stride_we, stride_wk, stride_wn, row_mask, cols,
+        col_mask, KD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     mask = row_mask[:, None] & col_mask[None, :]
     g_ptrs = gu_ptr + rows[:, None] * stride_gs + cols[None, :] * stride_gn
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -67,6 +67,26 @@ def _row_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M: tl.const
 
 
 @triton.jit
+def _rows_times_expert(
+    a_ptr, a_rows, stride_ar, stride_ak, b_ptr, stride_bk, stride_bn, row_mask, cols, col_mask, KD,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 A[a_rows, :KD] @ B[:KD, cols], `b_ptr` already at the expert's matrix; `a_rows` may gather tokens."""
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_ar + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        k_mask = (k0 + ks) < KD
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _up_swiglu_kernel(
     x_ptr, w_ptr, h_ptr, gu_ptr, sorted_s_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     N, KD, top_k,
@@ -121,17 +141,10 @@ def _grouped_gemm_kernel(
     )
     if tile_expert < 0:
         return
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_ptrs = a_ptr + rows[:, None] * stride_as + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        k_mask = (k0 + ks) < KD
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _rows_times_expert(
+        a_ptr, rows, stride_as, stride_ak, b_ptr + expert * stride_be, stride_bk, stride_bn, row_mask, cols,
+        col_mask, KD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     tl.store(c_ptr + rows[:, None] * stride_cs + cols[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
 
