@@ -3,7 +3,8 @@
 For each shape it times the forward (training mode, activations saved) and forward+backward (gradients to
 hidden states, both expert weights and the routing weights) of one experts layer, reports TFLOP/s with
 FLOPs = 6*T*k*H*F (fwd) and 18*T*k*H*F (fwd+bwd), ratios to the dense SwiGLU of equal FLOPs (intermediate
-size k*F) and to grouped_mm, peak extra memory of one fwd+bwd, and the first-call time (compilation and any
+size k*F) and to grouped_mm, the activation memory one forward keeps for the backward (saved tensors,
+measured on any device), peak extra memory of one fwd+bwd (GPU), and the first-call time (compilation and any
 autotuning). On a GPU it runs the four shapes of DESIGN.md in bf16; on the CPU small fp32 shapes (there the
 upcycle op runs its PyTorch reference unless TRITON_INTERPRET=1, and the table says which backend ran).
 
@@ -198,11 +199,33 @@ def measure(
     out = fwd().detach()
     return {
         "first_call_s": first_call_s,
+        "saved_mib": saved_for_backward_bytes(fwd, leaves) / 2**20,
         "fwd_s": timer(lambda: fwd(), iters, warmup),
         "fwd_bwd_s": timer(fwd_bwd, iters, warmup),
         "peak_extra_mib": peak_mib,
         "_out": out,
     }
+
+
+def saved_for_backward_bytes(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> int:
+    """Bytes autograd keeps from one forward for the backward, counting each storage once and not the inputs.
+
+    This is the activation memory a training step holds per layer, measured on any device: the same tensors
+    are saved whatever the hardware (the figure is exact on the CPU for the code path that ran).
+    """
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fwd()
+    del out
+    return sum(saved.values())
 
 
 def run_shape(shape: Shape, impls: list[str], dtype: torch.dtype, device: torch.device, iters: int, warmup: int):
@@ -286,7 +309,7 @@ def print_table(report: dict, header: bool = True) -> None:
         print(f"# torch {env['torch']}  triton {env['triton']}  transformers {env['transformers']}")
     head = (
         f"{'impl':<22}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}"
-        f"{'vs dense':>10}{'vs gmm':>9}{'peak MiB':>10}{'1st call s':>11}{'max|diff|':>11}"
+        f"{'vs dense':>10}{'vs gmm':>9}{'saved MiB':>10}{'peak MiB':>10}{'1st call s':>11}{'max|diff|':>11}"
     )
     for block in report["shapes"]:
         print(f"\n## {block['shape']['name']}")
@@ -305,7 +328,8 @@ def print_table(report: dict, header: bool = True) -> None:
             print(
                 f"{r['impl']:<22}{r['fwd_s'] * 1e3:>10.3f}{r['fwd_tflops']:>10.3f}{r['fwd_bwd_s'] * 1e3:>10.3f}"
                 f"{r['fwd_bwd_tflops']:>10.3f}{fmt(r['fwd_bwd_vs_dense'], '.2f'):>10}"
-                f"{fmt(r['fwd_bwd_vs_grouped_mm'], '.2f'):>9}{fmt(r['peak_extra_mib'], '.0f'):>10}"
+                f"{fmt(r['fwd_bwd_vs_grouped_mm'], '.2f'):>9}{r['saved_mib']:>10.1f}"
+                f"{fmt(r['peak_extra_mib'], '.0f'):>10}"
                 f"{r['first_call_s']:>11.2f}{fmt(r.get('max_abs_diff_vs_first'), '.2e'):>11}"
             )
 
@@ -331,6 +355,30 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+def saved_only(report: dict, shapes: list[Shape], impls: list[str], dtype: torch.dtype, device: torch.device) -> int:
+    """Activation memory per token of each implementation: bytes saved for the backward by one forward / T."""
+    env = report["environment"]
+    print(f"# bytes saved for the backward per token  {env['date']}  {env['device']}  {env['dtype']}")
+    for shape in shapes:
+        p = make_problem(shape, dtype, device)
+        row = {}
+        for name in impls:
+            if name == "dense":
+                fn, inputs = dense_problem(shape, p)
+                label, differentiable = "dense-swiglu", (0, 1, 2)
+            else:
+                made = implementation(name, p)
+                if made is None:
+                    continue
+                (fn, label), differentiable = made, (0, 1, 2, 4)
+                inputs = (p.x_TH, p.w_gate_up_E2FH, p.w_down_EHF, p.top_k_index_TK, p.top_k_weights_TK)
+            leaves = [t.detach().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
+            row[label] = saved_for_backward_bytes(lambda fn=fn, leaves=leaves: fn(*leaves), leaves) / shape.T
+        report["shapes"].append({"shape": asdict(shape), "saved_bytes_per_token": row})
+        print(f"{shape.name} (T={shape.T}): " + ", ".join(f"{k} {v:,.0f} B" for k, v in row.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -344,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="also report each impl's output/gradient error vs the fp32 reference"
     )
+    parser.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="only measure the bytes each impl saves for the backward, per token (no timing); with --tokens",
+    )
+    parser.add_argument("--tokens", type=int, help="override T of every shape (e.g. small, with --saved-only)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -353,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(all_shapes))
         return 0
     shapes = [all_shapes[n] for n in args.shapes] if args.shapes else (GPU_SHAPES if cuda else CPU_SHAPES)
+    if args.tokens:
+        shapes = [Shape(s.name, s.E, s.k, s.H, s.F, args.tokens) for s in shapes]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if cuda else "fp32")
     ]
@@ -361,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
 
     report = {"environment": environment(device, dtype), "shapes": []}
+    if args.saved_only:
+        return saved_only(report, shapes, [i.strip() for i in args.impls.split(",") if i.strip()], dtype, device)
     for shape in shapes:
         block = run_shape(shape, impls, dtype, device, iters, warmup)
         if args.check:
