@@ -130,6 +130,30 @@ def test_tile_order_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         assert all(torch.equal(a, b) for a, b in zip(results[group][1], results["1"][1], strict=True))
 
 
+def saved_bytes(fn, leaves) -> int:
+    """Bytes autograd keeps for the backward (each storage once, inputs excluded)."""
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*leaves)
+    return sum(saved.values())
+
+
+@needs_triton
+def test_activation_memory_is_the_gate_up_preactivations_only() -> None:
+    """One forward keeps k*2F values per token for the backward (routing is rebuilt, x is the input itself)."""
+    T, H, Fi, E, k = 20, 24, 20, 6, 2
+    inputs = make_inputs(T, H, Fi, E, k)
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    assert saved_bytes(K.moe_swiglu, leaves) == T * k * 2 * Fi * 4
+
+
 @needs_triton
 def test_transposed_weight_views_and_inference_path() -> None:
     """Transposed storage ([E,H,2F] / [E,F,H], as `is_transposed` classes hold it) reaches the kernels as views."""
