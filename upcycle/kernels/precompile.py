@@ -3,8 +3,8 @@
 Left alone, the first forward+backward of a new shape compiles about 25 kernel variants one after another
 (each tuned launch site compiles all its candidates, then the next site starts). Planned up front with
 :func:`capture_launches` (the wrappers run without launching), they compile together: triton's compiler
-releases the GIL, and on 2 cores the whole set for one shape took 2.1x less wall time on two threads than one
-(`benchmarks/kernel_report.py --compare-serial`). Sites already tuned (the on-disk cache) compile only their
+releases the GIL: on 2 cores the whole set of one shape compiled 1.6-1.9x faster on two threads than on one
+(`benchmarks/kernel_report.py --compare-serial`, benchmarks/RESULTS.md); the pool grows with the cores. Sites already tuned (the on-disk cache) compile only their
 chosen config. `UPCYCLE_KERNELS_PRECOMPILE=0` turns this off; any failure here is logged and left to the
 ordinary lazy compile, so it can never break a run.
 """
