@@ -228,21 +228,28 @@ def saved_for_backward_bytes(fwd: Callable[[], torch.Tensor], leaves: list[torch
     return sum(saved.values())
 
 
+def contender(name: str, shape: Shape, p: Problem) -> tuple[Callable[..., torch.Tensor], str, tuple, tuple] | None:
+    """(function, label, inputs, indices of the differentiable inputs), or None when it cannot run here."""
+    if name == "dense":
+        fn, inputs = dense_problem(shape, p)
+        return fn, "dense-swiglu", inputs, (0, 1, 2)
+    made = implementation(name, p)
+    if made is None:
+        return None
+    inputs = (p.x_TH, p.w_gate_up_E2FH, p.w_down_EHF, p.top_k_index_TK, p.top_k_weights_TK)
+    return made[0], made[1], inputs, (0, 1, 2, 4)
+
+
 def run_shape(shape: Shape, impls: list[str], dtype: torch.dtype, device: torch.device, iters: int, warmup: int):
     p = make_problem(shape, dtype, device)
     timer = Timer(device)
-    moe_inputs = (p.x_TH, p.w_gate_up_E2FH, p.w_down_EHF, p.top_k_index_TK, p.top_k_weights_TK)
     rows, reference_out = [], None
     for name in impls:
-        if name == "dense":
-            fn, inputs = dense_problem(shape, p)
-            label, differentiable = "dense-swiglu", (0, 1, 2)
-        else:
-            made = implementation(name, p)
-            if made is None:
-                rows.append({"impl": name, "skipped": "not installed or not supported on this device"})
-                continue
-            (fn, label), inputs, differentiable = made, moe_inputs, (0, 1, 2, 4)
+        made = contender(name, shape, p)
+        if made is None:
+            rows.append({"impl": name, "skipped": "not installed or not supported on this device"})
+            continue
+        fn, label, inputs, differentiable = made
         try:
             result = measure(fn, inputs, p.grad_TH, differentiable, timer, iters, warmup)
         except Exception as err:  # one failing implementation must not hide the others
@@ -363,15 +370,10 @@ def saved_only(report: dict, shapes: list[Shape], impls: list[str], dtype: torch
         p = make_problem(shape, dtype, device)
         row = {}
         for name in impls:
-            if name == "dense":
-                fn, inputs = dense_problem(shape, p)
-                label, differentiable = "dense-swiglu", (0, 1, 2)
-            else:
-                made = implementation(name, p)
-                if made is None:
-                    continue
-                (fn, label), differentiable = made, (0, 1, 2, 4)
-                inputs = (p.x_TH, p.w_gate_up_E2FH, p.w_down_EHF, p.top_k_index_TK, p.top_k_weights_TK)
+            made = contender(name, shape, p)
+            if made is None:
+                continue
+            fn, label, inputs, differentiable = made
             leaves = [t.detach().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
             row[label] = saved_for_backward_bytes(lambda fn=fn, leaves=leaves: fn(*leaves), leaves) / shape.T
         report["shapes"].append({"shape": asdict(shape), "saved_bytes_per_token": row})
