@@ -1,12 +1,12 @@
 """Compile every kernel variant a layer shape will need at once, on a thread pool, before its first launch.
 
-Left alone, the first forward+backward of a new shape compiles about 25 kernel variants one after another
+Left alone, the first forward+backward of a new shape compiles about 26 kernel variants one after another
 (each tuned launch site compiles all its candidates, then the next site starts). Planned up front with
-:func:`capture_launches` (the wrappers run without launching), they compile together: triton's compiler
-releases the GIL: on 2 cores the whole set of one shape compiled 1.6-1.9x faster on two threads than on one
-(`benchmarks/kernel_report.py --compare-serial`, benchmarks/RESULTS.md); the pool grows with the cores. Sites already tuned (the on-disk cache) compile only their
-chosen config. `UPCYCLE_KERNELS_PRECOMPILE=0` turns this off; any failure here is logged and left to the
-ordinary lazy compile, so it can never break a run.
+:func:`capture_launches` (the wrappers run without launching), they compile together. Triton's compiler
+releases the GIL: on 2 cores one shape's whole set compiled 1.6-1.9x faster on two threads than on one
+(`benchmarks/kernel_report.py --compare-serial`, benchmarks/RESULTS.md), and the pool grows with the cores.
+Sites already tuned (the on-disk cache) compile only their chosen config. `UPCYCLE_KERNELS_PRECOMPILE=0`
+turns this off; any failure here is logged and left to the ordinary lazy compile, so it never breaks a run.
 """
 
 from __future__ import annotations
