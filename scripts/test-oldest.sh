@@ -14,4 +14,5 @@ if ! $py -c "import torch" >/dev/null 2>&1; then
 fi
 $py -m pip install --quiet --disable-pip-version-check -e ".[test]" "transformers==5.17.0"
 $py -c "import transformers; print('transformers', transformers.__version__)"
-exec $py -m pytest -q tests/test_convert_methods.py tests/test_verify.py tests/test_bad_input.py tests/test_train.py "$@"
+exec $py -m pytest -q tests/test_convert_methods.py tests/test_verify.py tests/test_bad_input.py tests/test_train.py \
+  tests/test_kernels.py "$@"
