@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: set[tuple] = set()
     failed = 0
     for index, shape in enumerate(s for s in DESIGN_SHAPES if s.name in args.shapes):
-        planned = plan_launches(shape, dtype, training=not args.inference)
+        planned = plan_launches(shape, dtype, training=not args.inference, arch=args.arch)
         unique = list({identity(p): p for p in planned}.values())
         block: dict = {"shape": asdict(shape), "launches": len(unique)}
         reports, parallel_s = timed_compile(unique, args.arch, parallel=True)

@@ -150,21 +150,37 @@ def _pow2_at_least_16(x: int) -> int:
     return max(16, 1 << (max(x, 1) - 1).bit_length())
 
 
-def candidates(kernel: str, n: int, k: int, bucket: int) -> list[KernelConfig]:
+# Candidates that spill registers before Hopper, where tl.dot has no warp-group MMA (benchmarks/kernel_report.py
+# --arch 80: `up` at 128x128 made 1325 spill stores, `gemm` at 128x256 up to 18); left out below sm_90.
+_HOPPER_ONLY = {("up", KernelConfig(128, 128, 64, 8, 3)), ("gemm", KernelConfig(128, 256, 64, 8, 3))}
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as major*10 + minor (90 for Hopper); 90 where there is no GPU (the tools' target)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def candidates(kernel: str, n: int, k: int, bucket: int, arch: int = 90) -> list[KernelConfig]:
     """What the tuner times for one key: the heuristic first, then the fixed list (one source for tuner and tools)."""
-    return list(dict.fromkeys([_heuristic(kernel, n, k, bucket), *_CANDIDATES[kernel]]))
+    listed = [c for c in _CANDIDATES[kernel] if arch >= 90 or (kernel, c) not in _HOPPER_ONLY]
+    return list(dict.fromkeys([_heuristic(kernel, n, k, bucket), *listed]))
 
 
 def tuning_key(kernel: str, n: int, k: int, bucket: int, dtype: torch.dtype) -> str:
     return f"{kernel}|N={n}|K={k}|tpe={bucket}|{str(dtype).removeprefix('torch.')}"
 
 
-def configs_to_compile(kernel: str, n: int, k: int, bucket: int, dtype: torch.dtype) -> list[KernelConfig]:
+def configs_to_compile(
+    kernel: str, n: int, k: int, bucket: int, dtype: torch.dtype, arch: int = 90
+) -> list[KernelConfig]:
     """The configs a GPU launch of this key will need: the cached or heuristic one, else every candidate."""
     if not autotune_enabled():
         return [_heuristic(kernel, n, k, bucket)]
     cached = _CACHE.get(tuning_key(kernel, n, k, bucket, dtype))
-    return [cached] if cached is not None else candidates(kernel, n, k, bucket)
+    return [cached] if cached is not None else candidates(kernel, n, k, bucket, arch)
 
 
 def choose_config(
@@ -194,7 +210,7 @@ def choose_config(
         return cached
     from triton.testing import do_bench
 
-    configs = candidates(kernel, n, k, bucket)
+    configs = candidates(kernel, n, k, bucket, device_arch(device))
     compile_in_parallel([lambda cfg=cfg: launch(cfg, warmup=True) for cfg in configs])
     timings: dict[KernelConfig, float] = {}
     for cfg in configs:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .autotune import KernelConfig, compile_in_parallel
+from .autotune import KernelConfig, candidates, compile_in_parallel
 from .launch import Launch, capture_launches
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum) on sm_90 / sm_80
@@ -81,9 +81,13 @@ class CompileReport:
 
 
 def plan_launches(
-    shape: MoEShape, dtype: torch.dtype = torch.bfloat16, training: bool = True, all_candidates: bool = True
+    shape: MoEShape,
+    dtype: torch.dtype = torch.bfloat16,
+    training: bool = True,
+    all_candidates: bool = True,
+    arch: int = 90,
 ) -> list[PlannedLaunch]:
-    """Every launch of one layer's forward (and backward), per candidate config, without running any."""
+    """Every launch of one layer's forward (and backward), per candidate config for `sm_<arch>`, none run."""
     from .routing import build_routing
     from .triton_bwd import moe_swiglu_backward
     from .triton_fwd import moe_swiglu_forward
@@ -103,7 +107,8 @@ def plan_launches(
     planned: list[PlannedLaunch] = []
     tuned_kernels = set()
     for site in captured.tuned:
-        for cfg in site.candidates if all_candidates else site.candidates[:1]:
+        configs = candidates(site.kernel, site.n, site.k, site.bucket, arch)
+        for cfg in configs if all_candidates else configs[:1]:
             with capture_launches() as one:
                 site.launch(cfg)
             (launch,) = one.launches

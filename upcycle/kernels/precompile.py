@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .autotune import compile_in_parallel, configs_to_compile, tokens_per_expert_bucket
+from .autotune import compile_in_parallel, configs_to_compile, device_arch, tokens_per_expert_bucket
 from .launch import Capture, capture_launches
 from .routing import Routing
 
@@ -53,11 +53,11 @@ def plan(
     return captured
 
 
-def warmups(captured: Capture, dtype: torch.dtype) -> list[Callable[[], None]]:
+def warmups(captured: Capture, dtype: torch.dtype, arch: int = 90) -> list[Callable[[], None]]:
     """One compile-only call per kernel variant the real launches will use (all candidates of untuned sites)."""
     calls: list[Callable[[], None]] = []
     for site in captured.tuned:
-        for cfg in configs_to_compile(site.kernel, site.n, site.k, site.bucket, dtype):
+        for cfg in configs_to_compile(site.kernel, site.n, site.k, site.bucket, dtype, arch):
             calls.append(functools.partial(site.launch, cfg, warmup=True))
     # Launches made by tuned sites were recorded too (with the heuristic config); the rest are fixed kernels.
     tuned = _kernels_of_tuned_sites(captured)
@@ -97,7 +97,8 @@ def precompile(
             return
         _done.add(key)
     try:
-        calls = warmups(plan(x_TH, w_gate_up_E2FH, w_down_EHF, routing, top_k_weights_TK, training), x_TH.dtype)
+        captured = plan(x_TH, w_gate_up_E2FH, w_down_EHF, routing, top_k_weights_TK, training)
+        calls = warmups(captured, x_TH.dtype, device_arch(x_TH.device))
         compile_in_parallel(calls)
     except Exception as err:  # never fatal: the launches compile lazily instead
         logger.warning("upcycle.kernels: ahead-of-time compile failed (%r); compiling lazily", err)
