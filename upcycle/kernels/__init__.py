@@ -8,6 +8,7 @@ instead and a warning says so once.
 Environment: UPCYCLE_KERNELS_BACKEND=auto|triton|reference, UPCYCLE_KERNELS_AUTOTUNE=0 (heuristic tiles only),
 UPCYCLE_KERNELS_CACHE_DIR (tuned-config cache, default ~/.cache/upcycle/kernels), UPCYCLE_KERNELS_PRECOMPILE=0
 (compile lazily, one kernel at a time, instead of a shape's whole set in parallel before its first launch),
+UPCYCLE_KERNELS_GROUP_M=1 (plain row-major tile order instead of groups of 8 row tiles, for measuring),
 TRITON_INTERPRET=1 (run the Triton kernels on the CPU, for tests).
 """
 
