@@ -75,7 +75,7 @@ def kernel_goals(main: dict | None, cached: dict | None, peers: dict | None) -> 
             f"grouped_mm {gmm.get('peak_extra_mib') if gmm else '-'} ({verdict(memory_ok)}); first call "
             f"{up['first_call_s']:.1f} s (goal < 10 s: {verdict(up['first_call_s'] < 10)})"
         )
-        errors = next((v for k, v in (main_block(main, shape) or {}).items() if k.startswith("upcycle")), None)
+        errors = next((v for k, v in (reference_errors(main, shape) or {}).items() if k.startswith("upcycle")), None)
         if errors:
             worst = max(v for v in errors.values() if isinstance(v, float))
             dtype = main["environment"]["dtype"] if main else "?"
@@ -87,7 +87,8 @@ def kernel_goals(main: dict | None, cached: dict | None, peers: dict | None) -> 
     return lines or ["- no experts-layer results came back"]
 
 
-def main_block(report: dict | None, shape: str) -> dict | None:
+def reference_errors(report: dict | None, shape: str) -> dict | None:
+    """Each impl's relative errors against the fp32 reference for one shape (`--check`), if measured."""
     for block in (report or {}).get("shapes", []):
         if block["shape"]["name"] == shape:
             return block.get("rel_err_vs_fp32_reference")

@@ -198,7 +198,8 @@ def choose_config(
     """
     capture = active_capture()
     if capture is not None:
-        capture.tuned.append(TunedSite(kernel, n, k, bucket, candidates(kernel, n, k, bucket), launch))
+        site = TunedSite(kernel, n, k, bucket, candidates(kernel, n, k, bucket), launch, len(capture.launches))
+        capture.tuned.append(site)
         return _heuristic(kernel, n, k, bucket)
     if device.type != "cuda":
         return INTERPRETER_CONFIG

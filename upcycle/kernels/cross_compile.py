@@ -105,18 +105,15 @@ def plan_launches(
         if training:
             moe_swiglu_backward(torch.empty_like(x_TH), x_TH, w_gate_up_E2FH, w_down_EHF, routing, weights_TK, gu_S2F)
     planned: list[PlannedLaunch] = []
-    tuned_kernels = set()
     for site in captured.tuned:
         configs = candidates(site.kernel, site.n, site.k, site.bucket, arch)
         for cfg in configs if all_candidates else configs[:1]:
             with capture_launches() as one:
                 site.launch(cfg)
             (launch,) = one.launches
-            tuned_kernels.add(launch.kernel)
             planned.append(PlannedLaunch(site.kernel, site.n, site.k, cfg, launch))
-    for launch in captured.launches:
-        if launch.kernel not in tuned_kernels:
-            planned.append(PlannedLaunch(launch.name.strip("_").removesuffix("_kernel"), None, None, None, launch))
+    for launch in captured.untuned_launches():
+        planned.append(PlannedLaunch(launch.name.strip("_").removesuffix("_kernel"), None, None, None, launch))
     return planned
 
 

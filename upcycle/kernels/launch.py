@@ -38,12 +38,18 @@ class TunedSite:
     bucket: int
     candidates: list[Any]  # KernelConfig
     launch: Callable[..., None]
+    launch_index: int  # where the launch this site then makes lands in Capture.launches
 
 
 @dataclass
 class Capture:
     launches: list[Launch] = field(default_factory=list)
     tuned: list[TunedSite] = field(default_factory=list)
+
+    def untuned_launches(self) -> list[Launch]:
+        """The launches no autotuner site made (fixed-config kernels such as the combine)."""
+        made_by_sites = {site.launch_index for site in self.tuned}
+        return [launch for i, launch in enumerate(self.launches) if i not in made_by_sites]
 
 
 _active: Capture | None = None

@@ -59,21 +59,9 @@ def warmups(captured: Capture, dtype: torch.dtype, arch: int = 90) -> list[Calla
     for site in captured.tuned:
         for cfg in configs_to_compile(site.kernel, site.n, site.k, site.bucket, dtype, arch):
             calls.append(functools.partial(site.launch, cfg, warmup=True))
-    # Launches made by tuned sites were recorded too (with the heuristic config); the rest are fixed kernels.
-    tuned = _kernels_of_tuned_sites(captured)
-    for launch in captured.launches:
-        if launch.kernel not in tuned:
-            calls.append(functools.partial(launch.kernel.warmup, *launch.args, grid=launch.grid, **launch.kwargs))
+    for launch in captured.untuned_launches():
+        calls.append(functools.partial(launch.kernel.warmup, *launch.args, grid=launch.grid, **launch.kwargs))
     return calls
-
-
-def _kernels_of_tuned_sites(captured: Capture) -> set:
-    kernels = set()
-    for site in captured.tuned:
-        with capture_launches() as one:
-            site.launch(site.candidates[0])
-        kernels.update(launch.kernel for launch in one.launches)
-    return kernels
 
 
 def precompile(
