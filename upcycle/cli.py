@@ -203,19 +203,23 @@ def _ranges(layers: tuple[int, ...]) -> str:
 
 @app.command("verify")
 def verify_cmd(
-    dense: Annotated[Path, typer.Argument(help="The dense source folder.")],
+    dense: Annotated[Path, typer.Argument(help="The dense source: the folder or .gguf file it was converted from.")],
     moe: Annotated[Path, typer.Argument(help="The folder written by `upcycle convert`.")],
     dtype: Annotated[str, typer.Option(help="Compute dtype for the function check.")] = "float32",
     tol: Annotated[
         float | None, typer.Option(help="Relative logits tolerance (required for approximate methods).")
     ] = None,
     text: Annotated[Path | None, typer.Option(help="A text file to run both models on.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens of text per sequence.")] = 256,
-    weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the function check.")] = False,
+    max_tokens: Annotated[
+        int, typer.Option(help="Tokens of text (at least 2x the smallest attention window up to 4096).")
+    ] = 256,
+    weights_only: Annotated[
+        bool, typer.Option("--weights-only", help="Skip the function check (the config check always runs).")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a dense model with custom code.")] = False,
 ) -> None:
-    """Prove that MOE equals DENSE (weights and logits), or measure how far an approximate method is."""
+    """Prove that MOE equals DENSE (config, weights and logits), or measure how far an approximate method is."""
     from upcycle.verify import verify
 
     try:
@@ -251,9 +255,20 @@ def print_verify_report(report: Any) -> None:
     table.add_column("value", justify="right")
     table.add_column("status")
     ok, bad = "[green]ok[/]", "[red]FAIL[/]"
+    c = report.config
+    if c.error:
+        table.add_row("config: what transformers computes", "", f"[red]{c.error}[/]")
+    else:
+        windows = "full attention" if c.smallest_window is None else f"smallest window {c.smallest_window}"
+        table.add_row(f"config: {len(c.layers)} layers compute the same", windows, ok if c.equivalent else bad)
+        for d in c.differences[:4]:
+            table.add_row(f"  {d.where}", "", f"[red]{d.line()}[/]")
+    if report.config_matches_plan is not None:
+        table.add_row("config.json as recorded in upcycle.json", "", ok if report.config_matches_plan else bad)
     w = report.weights
     if w is not None:
-        table.add_row("source sha256 matches upcycle.json", "", ok if w.source_matches_provenance else bad)
+        provenance = {True: ok, False: bad, None: "[yellow]not comparable (pass the source .gguf)[/]"}
+        table.add_row("source sha256 matches upcycle.json", "", provenance[w.source_matches_provenance])
         table.add_row("tensors re-made from the plan", f"{w.tensors_checked}", ok if not w.mismatches else bad)
         for m in w.mismatches[:8]:
             diff = f"{m.max_abs_diff:.3g}" if m.max_abs_diff == m.max_abs_diff else ""
@@ -261,7 +276,7 @@ def print_verify_report(report: Any) -> None:
     f = report.function
     if f is not None:
         within = f.logits_rel_diff <= report.tolerance
-        table.add_row("text", f"{f.tokens} tokens", f.text_source)
+        table.add_row("text", f"{f.tokens} tokens", f"{f.text_source}; {f.window_coverage}")
         table.add_row("loads with no missing/unexpected keys", "", ok if not f.loading_problems else bad)
         table.add_row("logits max |Δ|", f"{f.logits_max_abs_diff:.3g}", "")
         table.add_row(

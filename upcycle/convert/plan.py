@@ -13,8 +13,8 @@ from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
-from upcycle.convert.targets import TARGETS, Layout, Target, choose_target
-from upcycle.errors import SourceError
+from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets
+from upcycle.errors import SourceError, UnsupportedModelError
 
 PLAN_FORMAT = 1
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -41,6 +41,7 @@ class UpcyclePlan:
     config: dict  # the target's config.json
     shards: list[list[TensorRecipe]]  # one list per output safetensors file, in write order
     exactness: Exactness
+    config_check: dict = field(default_factory=dict)  # the config-equivalence check convert ran (summary)
     source: dict = field(default_factory=dict)  # path and file hashes, filled in by the writer
 
     @property
@@ -66,6 +67,8 @@ class UpcyclePlan:
             "dtype": self.dtype,
             "options": self.options.to_json(),
             "moe_layers": list(self.moe_layers),
+            "config": self.config,
+            "config_check": self.config_check,
             "exactness": {
                 "exact": self.exactness.exact,
                 "method": self.exactness.method,
@@ -94,6 +97,7 @@ class UpcyclePlan:
             config=config,
             shards=[[TensorRecipe.from_json(r) for r in shard] for shard in data["shards"].values()],
             exactness=Exactness(exact["exact"], exact["method"], list(exact["notes"])),
+            config_check=data.get("config_check", {}),
             source=data.get("source", {}),
         )
 
@@ -145,11 +149,12 @@ def expert_scales(opts: UpcycleOptions) -> tuple[tuple[float, float, float], Exa
 def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:
     """Decide every output tensor; reads headers and config only, never weights."""
     opts.validate()
-    dense = describe_dense(source.config, set(source.tensors))
+    dense = describe_dense(source.config, source.tensors)
     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
-    target = choose_target(dense, opts, layout)
-    _check_mlp_shapes(source, dense, opts)
+    candidates = candidate_targets(dense, opts, layout)
+    _check_granularity(dense, opts)
     dtype = _output_dtype(source, dense, opts)
+    target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
     if opts.drop_upcycling:
         exactness.exact = False
@@ -165,33 +170,64 @@ def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:
         architecture=target.architecture,
         dtype=dtype,
         moe_layers=layout.moe_layers,
-        config=target.config(dense, opts, layout, dtype),
+        config=config,
         shards=_shard(recipes, opts.shard_size),
         exactness=exactness,
+        config_check=config_check,
     )
+
+
+def _proven_target(
+    source_config: dict,
+    dense: DenseModel,
+    opts: UpcycleOptions,
+    layout: Layout,
+    candidates: list[Target],
+    dtype: str,
+) -> tuple[Target, dict, dict]:
+    """The first candidate whose config makes transformers compute what the dense config does, checked
+    independently of this module's mapping; refuse when none does (nothing is written)."""
+    from upcycle.verify.config_check import check_config_equivalence
+
+    failures = []
+    for target in candidates:
+        config = target.config(dense, opts, layout, dtype)
+        report = check_config_equivalence(source_config, config)
+        if report.equivalent:
+            return target, config, _config_check_record(report)
+        failures.append((target, report.first_problem))
+    target, problem = failures[0]
+    raise UnsupportedModelError(
+        f"the {target.architecture} config upcycle would write does not compute what this {dense.family} model "
+        f"computes ({problem}).",
+        "nothing was written; choose another --target or other options. upcycle refuses rather than write an "
+        "inexact model.",
+    )
+
+
+def _config_check_record(report) -> dict:
+    import transformers
+
+    return {
+        "equivalent": report.equivalent,
+        "transformers": transformers.__version__,
+        "smallest_window": report.smallest_window,
+        "moe_layers": report.moe_layers,
+    }
 
 
 def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) -> str:
     if opts.dtype != "auto":
         return opts.dtype
-    declared = dense.config.get("dtype") or dense.config.get("torch_dtype")
+    declared = dense.config.get("dtype") or dense.config.get("torch_dtype")  # as written: absent means unknown
     if declared in DTYPE_NAMES:
         return declared
     code = DTYPE_CODES.get(source.tensors[dense.mlp_key(0, "gate")].dtype, "F32")
     return CODE_NAMES.get(code, "float32")
 
 
-def _check_mlp_shapes(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) -> None:
-    hidden, inter = dense.hidden_size, dense.intermediate_size
-    expected = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    for layer in range(dense.num_layers):
-        for projection, shape in expected.items():
-            info = source.tensors[dense.mlp_key(layer, projection)]
-            if info.shape != shape:
-                raise SourceError(
-                    f"{info.name} has shape {list(info.shape)} but config.json implies {list(shape)}.",
-                    "check that config.json matches the weights.",
-                )
+def _check_granularity(dense: DenseModel, opts: UpcycleOptions) -> None:
+    inter = dense.intermediate_size
     if inter % opts.granularity:
         raise SourceError(
             f"the intermediate size {inter} does not split into {opts.granularity} equal shards.",
@@ -248,7 +284,7 @@ def _moe_block(
 ) -> list[TensorRecipe]:
     hidden, inter, groups = dense.hidden_size, dense.intermediate_size, opts.granularity
     shard = inter // groups
-    std = opts.router_std if opts.router_std is not None else float(dense.config.get("initializer_range", 0.02))
+    std = opts.router_std if opts.router_std is not None else float(dense.resolved.get("initializer_range") or 0.02)
     recipes = [
         TensorRecipe(
             target.router_key(layer),

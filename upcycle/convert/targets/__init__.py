@@ -26,15 +26,21 @@ def preferred_target(dense: DenseModel, opts: UpcycleOptions, layout: Layout) ->
     return "mixtral"
 
 
-def choose_target(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> Target:
+def candidate_targets(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> list[Target]:
+    """The classes that declare they can hold this model, the preferred one first (only the asked one if any).
+
+    A declaration is not a proof: the plan keeps the first candidate whose config passes the config-equivalence
+    check.
+    """
     name = preferred_target(dense, opts, layout) if opts.target == "auto" else opts.target
-    target = TARGETS[name]
-    reason = target.why_not(dense, opts, layout)
-    if reason:
-        fits = [n for n, t in TARGETS.items() if t.why_not(dense, opts, layout) is None]
+    reason = TARGETS[name].why_not(dense, opts, layout)
+    fits = [n for n, t in TARGETS.items() if t.why_not(dense, opts, layout) is None]
+    if reason and (opts.target != "auto" or not fits):
         fix = f"use --target {' or '.join(fits)}." if fits else "change the options (see upcycle convert --help)."
         raise UnsupportedModelError(f"target {name} cannot hold this {dense.family} model exactly: {reason}.", fix)
-    return target
+    if opts.target != "auto":
+        return [TARGETS[name]]
+    return [TARGETS[n] for n in sorted(fits, key=lambda n: n != name)]
 
 
-__all__ = ["TARGETS", "Layout", "Target", "choose_target", "preferred_target"]
+__all__ = ["TARGETS", "Layout", "Target", "candidate_targets", "preferred_target"]

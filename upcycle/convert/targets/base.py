@@ -8,10 +8,11 @@ from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.recipe import TensorRecipe
 
-# Copied unchanged from the dense config when present; they shape attention, norms and embeddings.
+# Copied from the dense config as transformers resolves it (absent fields take the *source* class's default, and
+# are written out, so the target class's defaults never apply): they shape attention, norms and embeddings.
 PASSTHROUGH_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "hidden_act", "max_position_embeddings", "rms_norm_eps", "initializer_range", "attention_dropout",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+    "max_position_embeddings", "rms_norm_eps", "initializer_range", "attention_dropout",
     "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
 )  # fmt: skip
 
@@ -32,6 +33,53 @@ class Layout:
         return [i for i in range(self.num_layers) if i not in set(self.moe_layers)]
 
 
+def rope_fields(parameters: dict) -> dict:
+    """rope_parameters for transformers 5, and the same settings in the legacy fields older readers use.
+
+    transformers 4.x reads only rope_theta / rope_scaling; transformers 5 prefers a legacy rope_scaling over
+    rope_parameters when both exist, so the two blocks are written from one dict and can never disagree.
+    """
+    fields: dict = {"rope_parameters": dict(parameters), "rope_theta": parameters["rope_theta"]}
+    if parameters.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    if "partial_rotary_factor" in parameters:
+        fields["partial_rotary_factor"] = parameters["partial_rotary_factor"]
+    return fields
+
+
+def window_fields(dense: DenseModel) -> dict:
+    """Per-layer windows for classes that read layer_types, plus the older fields when they mean the same."""
+    windowed = dense.windowed_layers()
+    first = windowed[0] if windowed else dense.num_layers
+    is_suffix = windowed == list(range(first, dense.num_layers))
+    return {
+        "use_sliding_window": bool(windowed),
+        "sliding_window": next((w for w in dense.layer_windows if w is not None), None),
+        "max_window_layers": first if is_suffix else dense.resolved.get("max_window_layers", dense.num_layers),
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in dense.layer_windows],
+    }
+
+
+def uniform_window_problem(dense: DenseModel, architecture: str) -> str | None:
+    """Why a class with one window for every layer cannot hold this model, or None when it can."""
+    if dense.windows_uniform:
+        return None
+    return (
+        f"{architecture} applies one attention window to every layer, but this model slides only on layers "
+        f"{_spans(dense.windowed_layers())}"
+    )
+
+
+def _spans(layers: list[int]) -> str:
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 class Target:
     """A native transformers MoE class; subclasses say which dense configs they hold exactly, and why not."""
 
@@ -50,7 +98,7 @@ class Target:
         raise NotImplementedError
 
     def config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout, dtype: str) -> dict:
-        cfg = {key: dense.config[key] for key in PASSTHROUGH_FIELDS if key in dense.config}
+        cfg = {key: dense.resolved.get(key) for key in PASSTHROUGH_FIELDS}
         cfg.update(
             architectures=[self.architecture],
             model_type=self.model_type,
@@ -60,9 +108,13 @@ class Target:
             dtype=dtype,
             output_router_logits=False,
         )
-        cfg.update(dense.rope_fields())
+        cfg.update(rope_fields(self.rope_parameters(dense)))
         cfg.update(self.moe_config(dense, opts, layout))
         return cfg
+
+    def rope_parameters(self, dense: DenseModel) -> dict:
+        """The rotary settings this class needs to rotate exactly as the dense model does."""
+        return dense.rope_parameters()
 
     def expert_key(self, layer: int, expert: int, projection: str) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{self.expert_names[projection]}.weight"

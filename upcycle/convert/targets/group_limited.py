@@ -9,12 +9,13 @@ from __future__ import annotations
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.recipe import TensorRecipe
-from upcycle.convert.targets.base import Layout, Target
+from upcycle.convert.targets.base import Layout, Target, window_fields
 
 
 class GroupLimitedTarget(Target):
     router_fp32 = True
     needs_qk_norm = False
+    per_layer_windows = False  # whether the class reads layer_types (one window for some layers, full for others)
 
     def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if dense.qk_norm != self.needs_qk_norm:
@@ -23,7 +24,7 @@ class GroupLimitedTarget(Target):
                 f"{self.architecture} attention {'needs' if self.needs_qk_norm else 'has no'} q/k norms "
                 f"(use {other} for this {dense.family} model)"
             )
-        if dense.sliding_window is not None:
+        if dense.has_windows and not self.per_layer_windows:
             return f"{self.architecture} has no sliding-window attention, which this model uses"
         if opts.router != "renorm":
             return f"{self.architecture} scores experts with a sigmoid, so only the renormalised router is exact"
@@ -74,16 +75,14 @@ class Glm4MoeTarget(GroupLimitedTarget):
     architecture = "Glm4MoeForCausalLM"
     model_type = "glm4_moe"
 
+    def rope_parameters(self, dense: DenseModel) -> dict:
+        parameters = dense.rope_parameters()
+        parameters["partial_rotary_factor"] = 1.0  # Glm4-MoE defaults to half-width rotary; the source rotates all
+        return parameters
+
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         cfg = super().moe_config(dense, opts, layout)
-        rope = dense.rope_fields()
-        parameters = dict(rope.get("rope_parameters") or {"rope_type": "default", "rope_theta": rope["rope_theta"]})
-        if "rope_scaling" in rope:
-            parameters.update(rope["rope_scaling"])
-            parameters["rope_type"] = rope["rope_scaling"].get("rope_type", rope["rope_scaling"].get("type"))
-        parameters["partial_rotary_factor"] = 1.0  # Glm4-MoE defaults to half-width rotary; Llama rotates all
         cfg.update(
-            rope_parameters=parameters,
             attention_bias=dense.qkv_bias,
             use_qk_norm=False,
             num_nextn_predict_layers=0,
@@ -96,13 +95,9 @@ class Dots1Target(GroupLimitedTarget):
     architecture = "Dots1ForCausalLM"
     model_type = "dots1"
     needs_qk_norm = True
+    per_layer_windows = True
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         cfg = super().moe_config(dense, opts, layout)
-        cfg.update(
-            attention_bias=False,
-            sliding_window=None,
-            use_sliding_window=False,
-            layer_types=["full_attention"] * dense.num_layers,
-        )
+        cfg.update(attention_bias=False, **window_fields(dense))
         return cfg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.targets.base import Layout, Target
+from upcycle.convert.targets.base import Layout, Target, uniform_window_problem
 
 
 class MixtralTarget(Target):
@@ -24,7 +24,7 @@ class MixtralTarget(Target):
             return "Mixtral has no group-limited routing for virtual groups (use glm4_moe)"
         if not layout.all_moe:
             return "every Mixtral layer is sparse, so no layer can stay dense (use qwen2_moe)"
-        return None
+        return uniform_window_problem(dense, "Mixtral")
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         return {

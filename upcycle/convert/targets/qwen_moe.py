@@ -5,7 +5,7 @@ from __future__ import annotations
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.recipe import TensorRecipe
-from upcycle.convert.targets.base import Layout, Target
+from upcycle.convert.targets.base import Layout, Target, uniform_window_problem, window_fields
 
 
 def _routing(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
@@ -31,18 +31,19 @@ class Qwen2MoeTarget(Target):
             return "Qwen2-MoE attention has no q/k norms, which this qwen3 model needs (use qwen3_moe)"
         if opts.granularity > 1:
             return "Qwen2-MoE has no group-limited routing, so virtual groups could split (use glm4_moe)"
+        if dense.has_windows:
+            return (
+                "Qwen2-MoE's attention windows only through its mask and does not pass the window to the attention "
+                "kernel, so under flash-attention it would attend to every key where this model slides"
+            )
         return None
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
-        window = dense.sliding_window
         cfg = _routing(dense, opts, layout)
         cfg.update(
             qkv_bias=dense.qkv_bias,
             shared_expert_intermediate_size=0,  # a zero-width shared expert adds nothing to the output
-            use_sliding_window=window is not None,
-            sliding_window=window,
-            max_window_layers=dense.num_layers,
-            layer_types=["sliding_attention" if window else "full_attention"] * dense.num_layers,
+            **window_fields(dense),
         )
         return cfg
 
@@ -65,13 +66,12 @@ class Qwen3MoeTarget(Target):
     def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if not dense.qk_norm:
             return f"Qwen3-MoE attention applies q/k norms that this {dense.family} model lacks"
-        if dense.sliding_window is not None:
-            return "Qwen3-MoE has no per-layer sliding-window attention for this model"
         if opts.granularity > 1:
             return "Qwen3-MoE has no group-limited routing, so virtual groups could split (use dots1)"
-        return None
+        return uniform_window_problem(dense, "Qwen3-MoE")
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         cfg = _routing(dense, opts, layout)
-        cfg.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+        window = dense.sliding_window
+        cfg.update(attention_bias=False, use_sliding_window=window is not None, sliding_window=window)
         return cfg

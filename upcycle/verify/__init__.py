@@ -1,0 +1,182 @@
+"""Proving that an upcycled checkpoint equals its dense source, or measuring how far an approximate one is.
+
+Three parts, each independent of the others: the config (what transformers computes per layer from both
+config.json files, `config_check`), the weights (each MoE tensor re-made from the dense model with the recipe
+recorded in upcycle.json, bit for bit, `weights`), and the function (both models through plain transformers on
+real text long enough to see every attention window, `function`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from upcycle.convert.plan import UpcyclePlan
+from upcycle.convert.source import DenseSource, hash_files, open_source
+from upcycle.errors import SourceError
+from upcycle.verify.config_check import ConfigReport, check_config_equivalence
+from upcycle.verify.function import TOLERANCE, TORCH_DTYPES, FunctionReport, check_function, function_length
+from upcycle.verify.weights import WeightReport, check_weights
+
+
+@dataclass
+class VerifyReport:
+    dense: str
+    moe: str
+    method: str
+    exact_by_design: bool
+    notes: list[str]
+    tolerance: float
+    tolerance_explicit: bool
+    config: ConfigReport
+    config_matches_plan: bool | None  # config.json equals the one upcycle.json records (None: not recorded)
+    weights: WeightReport | None
+    function: FunctionReport | None
+    equivalent: bool
+    verdict: str
+
+    @property
+    def proof(self) -> list[str]:
+        """Which parts of the proof ran and held."""
+        parts = []
+        if self.config.equivalent:
+            parts.append("config")
+        if self.weights is not None and self.weights.ok:
+            parts.append("weights")
+        if self.function is not None and self.function.logits_rel_diff <= self.tolerance:
+            parts.append("function")
+        return parts
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["config"] = self.config.to_json()
+        data["proof"] = self.proof
+        return data
+
+
+def read_plan(moe_folder: Path) -> UpcyclePlan:
+    plan_path, config_path = moe_folder / "upcycle.json", moe_folder / "config.json"
+    if not plan_path.is_file() or not config_path.is_file():
+        raise SourceError(
+            f"{moe_folder} has no upcycle.json/config.json, so it was not written by upcycle convert.",
+            "pass the OUT folder of `upcycle convert`.",
+        )
+    try:
+        return UpcyclePlan.from_json(json.loads(plan_path.read_text()), json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SourceError(f"{plan_path} is damaged ({error}).", "convert the model again.") from None
+
+
+def verify(
+    dense_path: Path,
+    moe_folder: Path,
+    dtype: str = "float32",
+    tol: float | None = None,
+    text: str | None = None,
+    max_tokens: int = 256,
+    weights: bool = True,
+    function: bool = True,
+    trust_remote_code: bool = False,
+) -> VerifyReport:
+    """All three checks and a verdict; approximate methods pass only against an explicit tolerance.
+
+    DENSE is the folder or .gguf file the checkpoint was converted from; the config check always runs.
+    """
+    dense_path, moe_folder = Path(dense_path), Path(moe_folder)
+    if dtype not in TORCH_DTYPES:
+        raise SourceError(f"unknown --dtype {dtype!r}.", f"choose one of {', '.join(TORCH_DTYPES)}.")
+    plan = read_plan(moe_folder)
+    moe = DenseSource.open(moe_folder)
+    tolerance = tol if tol is not None else TOLERANCE[dtype]
+    with _dense_source(dense_path, moe_folder, trust_remote_code) as (dense, hashes):
+        config_report = check_config_equivalence(dense.config, moe.config)
+        recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
+        config_matches_plan = None if recorded is None else recorded == moe.config
+        weight_report = check_weights(dense, moe, plan, hashes) if weights else None
+        function_report = None
+        if function:
+            tokens, coverage = function_length(config_report.smallest_window, max_tokens)
+            function_report = check_function(
+                dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code, plan.dtype
+            )
+    equivalent, verdict = _verdict(
+        plan, config_report, config_matches_plan, weight_report, function_report, tolerance, tol is not None
+    )
+    return VerifyReport(
+        str(dense_path),
+        str(moe_folder),
+        plan.exactness.method,
+        plan.exactness.exact,
+        plan.exactness.notes,
+        tolerance,
+        tol is not None,
+        config_report,
+        config_matches_plan,
+        weight_report,
+        function_report,
+        equivalent,
+        verdict,
+    )
+
+
+@contextmanager
+def _dense_source(path: Path, moe_folder: Path, trust_remote_code: bool) -> Iterator[tuple[DenseSource, dict | None]]:
+    """The dense model (a .gguf de-quantised as convert does) and its files' sha256 in upcycle.json's form.
+
+    The hashes are None when they cannot be compared with the record: a folder given for a checkpoint that was
+    converted from a .gguf file.
+    """
+    plan_source = json.loads((moe_folder / "upcycle.json").read_text()).get("source") or {}
+    recorded = plan_source.get("sha256") or {}
+    is_gguf = path.suffix.lower() == ".gguf"
+    with open_source(path, trust_remote_code, scratch=None) as dense:
+        if is_gguf:  # compared by content: the file may have been renamed since
+            digest = next(iter(hash_files([path]).values()))
+            hashes = {name: digest for name in recorded} if plan_source.get("kind") == "gguf" else {path.name: digest}
+        elif plan_source.get("kind", "folder") == "folder":
+            files = [dense.folder / name for name in recorded]
+            hashes = hash_files(files) if all(f.is_file() for f in files) else {}
+        else:
+            hashes = None
+        yield dense, hashes
+
+
+def _verdict(
+    plan: UpcyclePlan,
+    config: ConfigReport,
+    config_matches_plan: bool | None,
+    weights: WeightReport | None,
+    function: FunctionReport | None,
+    tol: float,
+    explicit: bool,
+) -> tuple[bool, str]:
+    if not config.equivalent:
+        return False, f"the configs do not compute the same function: {config.first_problem}"
+    if config_matches_plan is False:
+        return False, "config.json differs from the config recorded in upcycle.json (edited after conversion)"
+    if weights is not None and weights.source_matches_provenance is False:
+        return False, "the dense model is not the one this checkpoint was converted from (sha256 differs)"
+    if weights is not None and weights.mismatches:
+        first = weights.mismatches[0]
+        return False, f"{len(weights.mismatches)} tensor(s) differ from the plan; first: {first.tensor} {first.problem}"
+    if function is not None and function.loading_problems:
+        return False, "transformers did not load the checkpoint cleanly: " + "; ".join(function.loading_problems)
+    deviation = f" (logits deviate {function.logits_rel_diff:.3g} relative)" if function is not None else ""
+    if not plan.exactness.exact and not explicit:
+        return False, f"approximate by design{deviation}: {plan.exactness.method}; pass --tol to accept a deviation"
+    if function is not None and function.logits_rel_diff > tol:
+        layer = function.first_divergent_layer(tol)
+        where = "" if layer is None else " in the embeddings" if layer == 0 else f" after decoder layer {layer - 1}"
+        return False, (
+            f"logits differ by {function.logits_rel_diff:.3g} relative, above the tolerance {tol:g}; "
+            f"hidden states first diverge{where}"
+        )
+    if not plan.exactness.exact:
+        return True, f"within the explicit tolerance {tol:g}{deviation} (approximate method)"
+    return True, f"equivalent within {tol:g} relative"
+
+
+__all__ = ["TOLERANCE", "VerifyReport", "read_plan", "verify"]

@@ -1,0 +1,141 @@
+"""The function check: both models through plain transformers on real text; logits, KL, top-1 and every layer.
+
+The text is long enough to see every attention window: at least twice the smallest window when that is at most
+WINDOW_CHECK_LIMIT tokens (longer windows are carried by the config check, which samples masks at any position).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Relative logits tolerance an exact method must meet in each compute dtype. bf16 and fp16 are what a correct
+# upcycle measures when both models compute in that precision (benchmarks/RESULTS.md), with a margin; an fp32
+# compute (the default, whatever the storage dtype) is the sharp check.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+WINDOW_CHECK_LIMIT = 4096
+
+
+@dataclass
+class LayerDiff:
+    layer: int  # 0 = embeddings, i = after decoder layer i
+    max_abs_diff: float
+    rel_diff: float
+
+
+@dataclass
+class FunctionReport:
+    dtype: str
+    tokens: int
+    text_source: str
+    window_coverage: str  # how the length relates to the attention windows
+    logits_max_abs_diff: float
+    logits_rel_diff: float
+    mean_kl: float
+    top1_agreement: float
+    layers: list[LayerDiff]
+    loading_problems: list[str]
+
+    def first_divergent_layer(self, tol: float) -> int | None:
+        return next((d.layer for d in self.layers if d.rel_diff > tol), None)
+
+
+def function_length(smallest_window: int | None, max_tokens: int) -> tuple[int, str]:
+    """Tokens the function check runs, and what that length covers."""
+    if smallest_window is None:
+        return max_tokens, "no attention window"
+    if smallest_window <= WINDOW_CHECK_LIMIT:
+        tokens = max(max_tokens, 2 * smallest_window + 1)
+        return tokens, f"{tokens} tokens cover 2 x the smallest attention window ({smallest_window})"
+    return max_tokens, (
+        f"the smallest attention window ({smallest_window}) is longer than {WINDOW_CHECK_LIMIT} tokens: the config "
+        "check carries it (masks sampled at every position that matters)"
+    )
+
+
+def load_text_tokens(moe_folder: Path, text: str | None, tokens: int, vocab_size: int) -> tuple[torch.Tensor, str]:
+    """One sequence of exactly `tokens` ids of real text (repeated when short): the checkpoint's tokenizer when it
+    has one, else the text's UTF-8 bytes."""
+    from upcycle import assets
+
+    if text is not None:
+        origin = "--text"
+    else:
+        try:
+            text, origin = assets.sample_text(max(2000, 8 * tokens)), "held-out Shakespeare"
+        except Exception:  # offline or not cached: the built-in prompts still exercise the model
+            text, origin = "\n".join(assets.SAMPLE_PROMPTS), "built-in prompts"
+    tokenizer = None
+    if (moe_folder / "tokenizer.json").is_file() or (moe_folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(moe_folder)
+    if tokenizer is not None:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    else:
+        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long) % vocab_size
+        origin += " (UTF-8 bytes; no tokenizer)"
+    if len(ids) == 0:
+        raise ValueError("the text has no tokens")
+    if len(ids) < tokens:
+        origin += f" (repeated {math.ceil(tokens / len(ids))}x)"
+        ids = ids.repeat(math.ceil(tokens / len(ids)))
+    return ids[:tokens], origin
+
+
+def check_function(
+    dense_folder: Path,
+    moe_folder: Path,
+    dtype: str = "float32",
+    text: str | None = None,
+    tokens: int = 256,
+    window_coverage: str = "",
+    trust_remote_code: bool = False,
+    storage_dtype: str | None = None,
+) -> FunctionReport:
+    """Run both models with plain transformers and compare logits and every layer's hidden state."""
+    from upcycle.loading import load_causal_lm, load_causal_lm_strict
+
+    torch_dtype = TORCH_DTYPES[dtype]
+    # Both models load at the checkpoint's storage precision, then compute in `dtype`: a bf16 MoE is compared with
+    # the dense model rounded to bf16, so what is measured is the upcycling, not the change of precision.
+    stored = TORCH_DTYPES.get(storage_dtype or dtype, torch_dtype)
+    dense = load_causal_lm_strict(dense_folder, stored, trust_remote_code)
+    moe, problems = load_causal_lm(moe_folder, stored)
+    dense, moe = dense.to(torch_dtype).eval(), moe.to(torch_dtype).eval()
+    ids, origin = load_text_tokens(moe_folder, text, tokens, dense.config.vocab_size)
+    with torch.no_grad():
+        a = dense(ids[None], output_hidden_states=True)
+        b = moe(ids[None], output_hidden_states=True)
+    la, lb = a.logits[0].double(), b.logits[0].double()
+    max_abs = (la - lb).abs().max().item()
+    scale = la.abs().max().item()
+    logp, logq = la.log_softmax(-1), lb.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean().item()
+    agree = (la.argmax(-1) == lb.argmax(-1)).double().mean().item()
+    layers = []
+    for i, (ha, hb) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+        diff = (ha.double() - hb.double()).abs().max().item()
+        size = ha.double().abs().max().item()
+        layers.append(LayerDiff(i, diff, diff / size if size else 0.0))
+    return FunctionReport(
+        dtype,
+        len(ids),
+        origin,
+        window_coverage,
+        max_abs,
+        max_abs / scale if scale else 0.0,
+        kl,
+        agree,
+        layers,
+        problems,
+    )
