@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, settings
 from tiny_models import make_dense
 from typer.testing import CliRunner
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+# Hypothesis profiles: `ci` (the default, a few hundred cases per fuzzer) and `long` (--hypothesis-profile=long).
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -379,17 +379,15 @@ class RichTrainReporter:
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder of `upcycle train` (or one checkpoint folder in it).")],
-    out: Annotated[Path, typer.Argument(help="Where the HF-native checkpoint goes.")],
+    out: Annotated[Path, typer.Argument(help="Where the HF-native checkpoint goes (must not exist unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (atomically).")] = False,
 ) -> None:
     """Export a training checkpoint (the latest in RUN_DIR, or the one given) as an HF-native MoE folder."""
-    from upcycle.train.checkpoint import latest_checkpoint
-    from upcycle.train.export import export_checkpoint
+    from upcycle.train.export import export_checkpoint, find_checkpoint
 
     try:
-        checkpoint = run_dir if (run_dir / "manifest.json").is_file() else latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UpcycleError(f"{run_dir} holds no checkpoint.", "pass a run folder of `upcycle train`.")
-        path = export_checkpoint(checkpoint, out)
+        checkpoint = find_checkpoint(run_dir)
+        path = export_checkpoint(checkpoint, out, force=force)
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     console.print(f"[green]exported[/] {checkpoint.name} → {path}")
@@ -411,6 +409,9 @@ def compare_cmd(
         typer.Option("--variant", help="Repeatable: dense, e8g1t2-renorm, e8g1t2-softmax, e8g8t8, drop-upcycling."),
     ] = None,
     keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted MoE folders.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
+    ] = False,
 ) -> None:
     """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON."""
     from upcycle.compare import compare_main
@@ -423,6 +424,7 @@ def compare_cmd(
             seeds=seeds,
             variants=variant,
             keep_models=keep_models,
+            force=force,
             echo=lambda text: console.print(text, markup=False, highlight=False),
         )
     except (UpcycleError, KeyboardInterrupt) as error:
@@ -434,12 +436,13 @@ def plot_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders written by upcycle train or upcycle compare.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG file to write.")] = Path("compare.png"),
     title: Annotated[str | None, typer.Option(help="A title over the plot.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (atomically).")] = False,
 ) -> None:
     """Plot held-out loss against training tokens and training FLOPs for any set of runs."""
     from upcycle.compare import plot_main
 
     try:
-        path = plot_main(run_dirs, out, title)
+        path = plot_main(run_dirs, out, title, force=force)
     except UpcycleError as error:
         raise fail(error) from None
     console.print(f"wrote {path}", markup=False, highlight=False)

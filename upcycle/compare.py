@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upcycle.errors import OptionError, UpcycleError
+from upcycle.errors import OptionError, OutputError, UpcycleError
+from upcycle.output_safety import exists, refuse_existing, refuse_overlap, staged
 
 FLOPS_FORMULA = (
     "FLOPs/token = 6 x N_active + 12 x layers x (heads x head_dim) x seq_len  "
@@ -267,14 +268,11 @@ def truncated_model(src: Path, out: Path, layers: int) -> Path:
     model.config.num_hidden_layers = layers
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = list(model.config.layer_types)[:layers]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for path in Path(src).iterdir():
-        if path.is_file() and (path.name.startswith("tokenizer") or path.suffix == ".jinja"):
-            shutil.copy2(path, tmp / path.name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with staged(out, force=True) as tmp:  # OUT is compare's own models/base-first*: an earlier copy goes
+        model.save_pretrained(tmp)
+        for path in Path(src).iterdir():
+            if path.is_file() and (path.name.startswith("tokenizer") or path.suffix == ".jinja"):
+                shutil.copy2(path, tmp / path.name)
     return out
 
 
@@ -738,8 +736,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------ plot
 
 
-def plot_runs(runs: Sequence[RunData], out: Path | str, title: str | None = None) -> Path:
-    """Held-out loss against training tokens and against training FLOPs, one line per run, as a PNG."""
+def plot_runs(runs: Sequence[RunData], out: Path | str, title: str | None = None, force: bool = False) -> Path:
+    """Held-out loss against training tokens and against training FLOPs, one line per run, as a PNG.
+
+    Drawn into a temporary file beside OUT and renamed over it, so OUT is never half written; an existing OUT is
+    replaced only with ``force``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -775,21 +777,32 @@ def plot_runs(runs: Sequence[RunData], out: Path | str, title: str | None = None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    try:
+        with staged(out, force, kind="file") as tmp:
+            fig.savefig(tmp, dpi=90, format=out.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
-def plot_main(run_dirs: Sequence[Path | str], out: Path | str = "compare.png", title: str | None = None) -> Path:
-    """``upcycle plot RUN_DIR... --out PNG``: draw any set of runs (compare runs or plain ``upcycle train`` runs)."""
+def plot_main(
+    run_dirs: Sequence[Path | str], out: Path | str = "compare.png", title: str | None = None, force: bool = False
+) -> Path:
+    """``upcycle plot RUN_DIR... --out PNG``: draw any set of runs (compare runs or plain ``upcycle train`` runs).
+
+    OUT may not lie in (or be, or contain) a run folder it reads: a run folder holds what its run wrote. An
+    existing OUT is replaced only with ``force``, atomically.
+    """
     if not run_dirs:
         raise OptionError("no run folders given.", "pass one or more folders written by upcycle train or compare.")
-    runs = []
     for d in run_dirs:
         if not Path(d).is_dir():
             raise OptionError(f"{d} is not a folder.", "pass run folders (they hold metrics.jsonl).")
-        runs.append(load_run(d))
-    return plot_runs(runs, out, title)
+    out = Path(out)
+    refuse_overlap(out, [("the run folder", d) for d in run_dirs], option="--out")
+    refuse_existing(out, force, kind="file", option="--out")
+    runs = [load_run(d) for d in run_dirs]
+    return plot_runs(runs, out, title, force)
 
 
 # ---------------------------------------------------------------------------------------------------- compare
@@ -823,6 +836,69 @@ def _environment() -> dict[str, Any]:
     }
 
 
+COMPARE_FOLDERS = ("runs", "models")
+COMPARE_FILES = ("compare.md", "compare.png", "compare.json")
+
+
+def _is_compare_entry(path: Path) -> bool:
+    """A name compare writes into OUT (or the temporary sibling of one left by a killed run)."""
+    names = (*COMPARE_FOLDERS, *COMPARE_FILES)
+    return path.name in names or any(path.name.startswith(f".{n}.upcycle-") for n in names)
+
+
+def check_compare_out(out: Path, force: bool = False) -> None:
+    """Refuse an OUT that holds files compare did not write, unless ``force``.
+
+    Compare owns what it writes into OUT (``runs/``, ``models/``, ``compare.md/.png/.json``): it resumes
+    finished runs there and replaces the rest, so a folder holding only those is continued without asking. A
+    folder holding anything else is someone else's: with ``force`` compare writes its own names beside those
+    files and never touches them.
+    """
+    if not exists(out):
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder.", "choose another --out folder.")
+    wrong_kind = [
+        p.name
+        for p in out.iterdir()
+        if (p.name in COMPARE_FOLDERS and not p.is_dir()) or (p.name in COMPARE_FILES and not p.is_file())
+    ]
+    if wrong_kind:
+        raise OutputError(
+            f"--out {out} holds {', '.join(wrong_kind)} of a kind compare does not write there.",
+            "move it away or choose another --out folder.",
+        )
+    foreign = sorted(p.name for p in out.iterdir() if not _is_compare_entry(p))
+    if foreign and not force:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"--out {out} holds files compare did not write ({shown}); compare only continues its own folders.",
+            "choose a new or empty --out folder, or pass --force to write beside them (they are left untouched).",
+        )
+
+
+def _local_paths(value: Any) -> list[Path]:
+    """The local files among data entries (a string or a list of them); ``asset:`` names are not paths yet."""
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    return [Path(e) for e in entries if isinstance(e, (str, Path)) and not str(e).startswith("asset:")]
+
+
+def _compare_inputs(
+    recipes: Sequence[Path | str], arms: Sequence[Variant], base: Path | None, train: Any, heldout: Any
+) -> list[tuple[str, Path]]:
+    """Everything compare reads, which OUT must keep clear of: recipe files, model folders and data files."""
+    inputs: list[tuple[str, Path]] = [("the recipe", Path(r)) for r in recipes]
+    for arm in arms:
+        if arm.recipe is not None:
+            inputs.append((f"the model folder of {arm.name}", Path(arm.recipe["model"]["path"])))
+            data = arm.recipe["data"]
+            inputs += [(f"a data file of {arm.name}", f) for f in _local_paths([*data["train"], *data["eval"]])]
+    if base is not None:
+        inputs.append(("the dense model", base))
+        inputs += [("a data file", f) for f in _local_paths(train) + _local_paths(heldout)]
+    return inputs
+
+
 def compare_main(
     recipes: Sequence[Path | str] = (),
     size: str | Size = "cpu",
@@ -835,6 +911,7 @@ def compare_main(
     heldout: Any = "asset:shakespeare/heldout",
     isolate: bool = True,
     keep_models: bool = False,
+    force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> CompareResult:
     """``upcycle compare [RECIPE...] --size cpu|gpu --out DIR --seeds N``.
@@ -845,6 +922,10 @@ def compare_main(
     evaluation so every arm sees the same tokens); the dense control is the arm whose model has no experts.
     The dense control and the best MoE (lowest held-out loss at seed 0) run with ``seeds`` seeds, the others
     with seed 0. Writes ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare.png``.
+
+    OUT is compare's own folder (see :func:`check_compare_out`): it resumes the finished runs there, refuses a
+    folder holding other files unless ``force``, and never lies over or inside what it reads (recipes, model
+    folders, data files).
     """
     started = time.perf_counter()
     size_obj = SIZES.get(size) if isinstance(size, str) else size
@@ -853,7 +934,6 @@ def compare_main(
     if seeds < 1:
         raise OptionError(f"--seeds must be at least 1, got {seeds}.", "use 2 to measure seed noise.")
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     if recipes:
         arms = [recipe_variant(Path(r)) for r in recipes]
         if variants:
@@ -876,6 +956,10 @@ def compare_main(
             base_path = smollm2_folder()
         else:
             base_path = Path(base).absolute()
+    refuse_overlap(out, _compare_inputs(recipes, arms, base_path, train, heldout), option="--out")
+    check_compare_out(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    if base_path is not None:
         if size_obj.layers is not None:
             echo(f"NOTE: the model is cut down to its first {size_obj.layers} decoder layers (+ final norm and head).")
             base_path = truncated_model(base_path, out / "models" / f"base-first{size_obj.layers}", size_obj.layers)
@@ -932,7 +1016,7 @@ def compare_main(
     runs = [load_run(d) for d in run_dirs]
     summary = summarise(runs, dense_name)
     markdown = markdown_table(summary)
-    plot_path = plot_runs(runs, out / "compare.png", f"upcycle compare, {size_obj.name} size")
+    plot_path = plot_runs(runs, out / "compare.png", f"upcycle compare, {size_obj.name} size", force=True)
     seconds = time.perf_counter() - started
     payload = {
         "size": dataclasses.asdict(size_obj),

@@ -10,6 +10,7 @@ from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.plan import UpcyclePlan, build_plan
 from upcycle.convert.source import open_source
 from upcycle.convert.writer import Progress, check_output, write_plan
+from upcycle.output_safety import refuse_overlap
 
 
 @dataclass
@@ -30,11 +31,17 @@ def convert(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
 ) -> ConvertResult:
-    """Upcycle SRC (HF folder or .gguf) into OUT; a dry run plans and checks everything but writes nothing."""
+    """Upcycle SRC (HF folder or .gguf) into OUT; a dry run plans and checks everything but writes nothing.
+
+    OUT may not be SRC, lie inside it or contain it (for a .gguf SRC: the file), symlinks resolved; no flag
+    overrides that, and a dry run refuses it too, since no real run could use that OUT. An existing OUT is
+    replaced only with ``force``, atomically; a dry run does not check that (``--force`` can still fix it).
+    """
     start = time.perf_counter()
     options = options or UpcycleOptions()
     options.validate()
     src, out = Path(src), Path(out).absolute()
+    refuse_overlap(out, [("the source", src)])
     if not dry_run:
         check_output(out, force)
     with open_source(src, trust_remote_code, scratch=out.parent if out.parent.is_dir() else None) as source:

@@ -156,7 +156,14 @@ def _layer_windows(family: str, resolved: dict, num_layers: int) -> tuple[int | 
 
 
 def _refuse_inexact_configs(model: DenseModel) -> None:
-    cfg = model.config
+    if model.num_heads % model.num_kv_heads:
+        raise SourceError(
+            f"num_attention_heads {model.num_heads} is not a multiple of num_key_value_heads {model.num_kv_heads} "
+            "(as transformers reads config.json; an absent field takes the class default), so transformers cannot "
+            "run this model.",
+            "fix config.json so the key/value heads divide the attention heads.",
+        )
+    cfg = model.resolved
     if model.family in ("llama", "qwen3") and cfg.get("attention_bias"):
         raise UnsupportedModelError(
             f"this {model.family} model has attention biases (attention_bias=true), which "
@@ -168,7 +175,14 @@ def _refuse_inexact_configs(model: DenseModel) -> None:
             "this model has MLP biases (mlp_bias=true); native MoE experts have none.",
             "only bias-free MLPs can be upcycled exactly.",
         )
-    unknown = set(model.resolved.get("layer_types") or []) - {"full_attention", "sliding_attention"}
+    types = model.resolved.get("layer_types") or []
+    if "sliding_attention" in types and not model.resolved.get("sliding_window"):
+        raise SourceError(
+            "layer_types names sliding-window layers but the config sets no sliding_window (use_sliding_window is "
+            "off or the window is null), so transformers cannot run this model.",
+            "set use_sliding_window and sliding_window, or make every layer full_attention.",
+        )
+    unknown = set(types) - {"full_attention", "sliding_attention"}
     if unknown:
         raise UnsupportedModelError(
             f"this {model.family} model has layer types {sorted(unknown)} that upcycle does not know.",

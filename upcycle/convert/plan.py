@@ -107,18 +107,21 @@ def _nbytes(recipe: TensorRecipe) -> int:
 
 
 def expert_scales(opts: UpcycleOptions) -> tuple[tuple[float, float, float], Exactness]:
-    """(gate, up, down) weight factors and the exactness they leave, per the paper and DESIGN.md."""
+    """(gate, up, down) weight factors and the exactness they leave.
+
+    A factor s on an expert's output goes on the linear path of the gated MLP only: sqrt(s) on up and on down
+    multiplies the output by exactly s, because the gate sits inside the nonlinearity (SiLU(s^a x) != s^a SiLU(x)).
+    The paper's s^(1/3) on every matrix is its rule for a two-matrix squared-ReLU MLP, not for SwiGLU.
+    """
     override = opts.weight_scale_factor_override()
-    paper_factor = opts.experts * opts.granularity**2 / opts.top_k
     if opts.router == "renorm":
         if override is None:
             method = "renormalised router, copies" + (" in virtual groups" if opts.granularity > 1 else "")
             return (1.0, 1.0, 1.0), Exactness(True, method)
-        cube = override ** (1 / 3)
-        return (cube, cube, cube), Exactness(
+        return _linear_path(override), Exactness(
             False,
             f"renormalised router with weight scale {override:g}",
-            [f"every expert weight scaled by {override:g}^(1/3)"],
+            [f"up and down scaled by sqrt({override:g}): every expert's output is {override:g} x the dense MLP's"],
         )
     if opts.weight_scale == "none":
         return (1.0, 1.0, 1.0), Exactness(
@@ -126,24 +129,46 @@ def expert_scales(opts: UpcycleOptions) -> tuple[tuple[float, float, float], Exa
             "softmax-topk router without weight scaling",
             ["the selected router probabilities sum to less than 1, so the MLP output shrinks"],
         )
+    uniform = opts.experts / opts.top_k  # G = 1 here: k selected weights of 1/E each sum to k/E
     if opts.router_init == "zero" and override is None:
-        factor = opts.experts / opts.top_k
-        notes = (
-            []
-            if factor.is_integer() and int(factor) & (int(factor) - 1) == 0
-            else [f"E/k = {factor:g} is not a power of two: equal up to rounding"]
+        method = f"softmax-topk, zero router, down_proj x E/k = {uniform:g}"
+        return (1.0, 1.0, uniform), Exactness(True, method, _rounding_notes(opts.num_experts, opts.top_k))
+    factor = override if override is not None else opts.experts * opts.granularity**2 / opts.top_k
+    scales = _linear_path(factor)
+    linear = f"up and down scaled by sqrt(s) = {math.sqrt(factor):.4f}: every expert's output is s x the dense MLP's"
+    if opts.router_init == "zero":
+        if math.isclose(factor, uniform, rel_tol=1e-12):
+            return scales, Exactness(True, f"softmax-topk, zero router, weight scale s = E/k = {factor:g}", [linear])
+        return scales, Exactness(
+            False,
+            f"softmax-topk, zero router, weight scale s = {factor:g}",
+            [linear, f"the uniform router's k weights sum to k/E, so the output is {factor / uniform:g} x the dense"],
         )
-        return (1.0, 1.0, factor), Exactness(True, f"softmax-topk, zero router, down_proj x E/k = {factor:g}", notes)
-    factor = override if override is not None else paper_factor
-    cube = factor ** (1 / 3)
-    return (cube, cube, cube), Exactness(
+    return scales, Exactness(
         False,
         f"softmax-topk with the paper's weight scaling s = {factor:g}",
-        [
-            f"gate, up and down scaled by s^(1/3) = {cube:.4f}: exact for squared-ReLU, approximate for SwiGLU",
-            "the router is not uniform, so the selected probabilities do not sum to k/E exactly",
-        ],
+        [linear, "the router is not uniform, so the selected probabilities do not sum to k/E exactly"],
     )
+
+
+def _linear_path(factor: float) -> tuple[float, float, float]:
+    root = math.sqrt(factor)
+    return (1.0, root, root)
+
+
+def _rounding_notes(num_experts: int, top_k: int) -> list[str]:
+    """Measured with transformers' eager and grouped_mm experts (E up to 64): the k weighted copies sum back to the
+    dense output bit for bit only when every term and partial sum is a power-of-two multiple of it."""
+    if _power_of_two(num_experts) and _power_of_two(top_k) and top_k <= 4:
+        return ["bit-exact: E and k are powers of two and k <= 4"]
+    return [
+        "equal up to float rounding (about 1e-6 relative in fp32); bit-exact only when E and k are powers of two "
+        "and k <= 4"
+    ]
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:

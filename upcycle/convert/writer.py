@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import shutil
 import signal
 import threading
@@ -23,6 +22,14 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
 from upcycle.errors import OutputError
+from upcycle.output_safety import (
+    publish_atomically,
+    refuse_existing,
+    refuse_overlap,
+    remove,
+    sweep_stale,
+    temporary_sibling,
+)
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 COPIED_FILES = (
@@ -37,23 +44,17 @@ COPIED_FILES = (
     "LICENSE*",
     "NOTICE*",
 )
-TMP_MARK = ".upcycle-tmp-"
 
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM/SIGHUP turned into an exception so cleanup runs as for Ctrl-C."""
 
 
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputError(
-            f"output {out} already exists; upcycle never overwrites a folder unasked.",
-            "choose a new OUT or pass --force to replace it.",
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder.", "choose another OUT.")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise OutputError(f"the parent of {out} is a file, not a folder.", "choose another OUT.")
+def check_output(out: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse before anything is written: OUT over or inside its SOURCE, or an existing OUT without --force."""
+    if source is not None:
+        refuse_overlap(out, [("the source", source)])
+    refuse_existing(out, force)
 
 
 def write_plan(
@@ -65,9 +66,9 @@ def write_plan(
     origin: Path | None = None,
 ) -> int:
     """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written."""
-    check_output(out, force)
+    check_output(out, force, origin or source.folder)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(out)
+    sweep_stale(out)
     free = shutil.disk_usage(out.parent).free
     if free < plan.total_bytes * 1.01 + 64 * 1024**2:
         raise OutputError(
@@ -75,7 +76,7 @@ def write_plan(
             f"{out.parent} has {free / 1e9:.2f} GB free.",
             "free some space or choose another OUT.",
         )
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    tmp = temporary_sibling(out)
     hashes: dict[str, str] = {}
     hashed = [origin] if origin is not None else [*source.weight_files, source.folder / "config.json"]
     hasher = threading.Thread(target=lambda: hashes.update(hash_files(hashed)), daemon=True)
@@ -92,9 +93,9 @@ def write_plan(
                 "sha256": hashes,
             }
             _write_json(tmp / "upcycle.json", plan.to_json())
-            _publish(tmp, out)
+            publish_atomically(tmp, out, force)
     except OSError as error:
-        _remove(tmp)
+        remove(tmp)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
                 f"the disk filled up while writing {out}; nothing was left behind.",
@@ -104,7 +105,7 @@ def write_plan(
             f"cannot write {out}: {error.strerror or error}.", "check the path and permissions."
         ) from None
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
     return written
 
@@ -140,43 +141,6 @@ def _write_metadata(plan: UpcyclePlan, source: DenseSource, folder: Path) -> Non
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename into place; an existing OUT (with --force) is moved aside first and removed only afterwards."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.upcycle-old-{os.getpid()}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _sweep_stale(out: Path) -> None:
-    """Remove temporary folders left by killed runs for this OUT (their process no longer exists)."""
-    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            _remove(stale)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -1,9 +1,14 @@
-"""The end of training: an HF-native checkpoint (per-expert layout on disk) that loads in plain transformers."""
+"""The end of training: an HF-native checkpoint (per-expert layout on disk) that loads in plain transformers.
+
+An export is published atomically (see :mod:`upcycle.output_safety`): OUT is the old export or the complete new
+one, never a mix. It replaces an existing OUT only when told (``force``); the training loop tells it so only for
+a folder that holds nothing but what an export writes (:func:`check_replaceable_export`), i.e. its own earlier
+export.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
@@ -13,7 +18,11 @@ import torch
 from torch import nn
 
 from upcycle.convert.writer import COPIED_FILES
+from upcycle.errors import OutputError, UpcycleError
+from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
 from upcycle.train.distributed import Dist, barrier
+
+EXPORT_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "upcycle.json", *COPIED_FILES)
 
 
 def full_state_dict(model: nn.Module, info: Dist) -> dict[str, torch.Tensor]:
@@ -25,16 +34,45 @@ def full_state_dict(model: nn.Module, info: Dist) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_model(model: nn.Module, info: Dist, source: Path, out: Path, summary: dict[str, Any]) -> Path | None:
-    """Write OUT atomically: weights in the source checkpoint's dtype, tokenizer, upcycle.json + training summary."""
+def foreign_files(folder: Path) -> list[str]:
+    """What in FOLDER an upcycle export would not have written (subfolders included): the user's, not ours."""
+    return sorted(
+        p.name for p in folder.iterdir() if not (p.is_file() and any(fnmatch(p.name, pat) for pat in EXPORT_FILES))
+    )
+
+
+def check_replaceable_export(out: Path) -> None:
+    """Refuse unless OUT is absent or holds only an export's files, so replacing it loses nothing of the user's."""
+    if not exists(out):
+        return
+    if not out.is_dir():
+        raise OutputError(
+            f"{out} exists and is not a folder; training writes its export there.",
+            "move it away, or set run.output_dir to a new folder (or run.export: false).",
+        )
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{out} holds files an upcycle export does not write ({shown}); the run's export would replace them.",
+            "move them elsewhere, or set run.output_dir to a new folder (or run.export: false).",
+        )
+
+
+def export_model(
+    model: nn.Module, info: Dist, source: Path, out: Path, summary: dict[str, Any], force: bool = False
+) -> Path | None:
+    """Write OUT atomically: weights in the source checkpoint's dtype, tokenizer, upcycle.json + training summary.
+
+    An existing OUT is replaced only with ``force`` (moved aside, removed once the new export is in place).
+    """
     state = full_state_dict(model, info)
     if info.is_main:
         declared = getattr(model.config, "dtype", None)
         dtype = declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared or "float32"))
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staged(out, force) as tmp:
             model.save_pretrained(tmp, state_dict=state)
             for path in source.iterdir():
                 if path.is_file() and any(fnmatch(path.name, p) for p in COPIED_FILES):
@@ -44,24 +82,51 @@ def export_model(model: nn.Module, info: Dist, source: Path, out: Path, summary:
             )
             provenance["training"] = summary
             (tmp / "upcycle.json").write_text(json.dumps(provenance, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     barrier(info)
     return out if info.is_main else None
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> Path:
-    """Export on demand: any saved training checkpoint, as an HF-native folder (single process)."""
+def find_checkpoint(run_dir: Path) -> Path:
+    """RUN_DIR itself when it is one checkpoint folder, else the latest checkpoint of the run in it."""
+    from upcycle.train.checkpoint import MANIFEST, latest_checkpoint
+
+    checkpoint = run_dir if (run_dir / MANIFEST).is_file() else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UpcycleError(f"{run_dir} holds no checkpoint.", "pass a run folder of `upcycle train`.")
+    return checkpoint
+
+
+def refuse_export_overlap(out: Path, checkpoint: Path, model_dir: Path) -> None:
+    """OUT must keep clear of what the export reads: the checkpoint, the model folder the run trained, the run.
+
+    ``RUN/export`` is the one place inside the run folder that is allowed: it is where ``upcycle train`` writes
+    the run's own export, so ``upcycle export RUN RUN/export --force`` redoes it (existing OUT rules still apply).
+    """
+    from upcycle.train.checkpoint import CHECKPOINTS
+
+    inputs: list[tuple[str, Path]] = [("the checkpoint", checkpoint), ("the model folder the run trained", model_dir)]
+    where = resolved(checkpoint)
+    run = where.parent.parent if where.parent.name == CHECKPOINTS else None
+    if run is not None and resolved(out) != resolved(run / "export"):
+        inputs.append(("the run folder", run))
+    refuse_overlap(out, inputs)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
+    """Export on demand: any saved training checkpoint, as an HF-native folder (single process).
+
+    Everything is checked before the model is loaded: OUT apart from its inputs (:func:`refuse_export_overlap`),
+    and an existing OUT replaced only with ``force``, atomically.
+    """
     from upcycle.loading import load_causal_lm_strict
     from upcycle.train.checkpoint import load_checkpoint, read_trainer_state
     from upcycle.train.distributed import Dist
 
     state = read_trainer_state(checkpoint)
     source = Path(state["recipe"]["model"]["path"])
+    out = Path(out).absolute()
+    refuse_export_overlap(out, Path(checkpoint), source)
+    refuse_existing(out, force)
     model = load_causal_lm_strict(source, torch.float32)
     load_checkpoint(checkpoint, model, None)
     summary = {
@@ -71,6 +136,6 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         "recipe": state["recipe"],
         "from_checkpoint": str(checkpoint),
     }
-    exported = export_model(model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary)
+    exported = export_model(model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary, force=force)
     assert exported is not None
     return exported

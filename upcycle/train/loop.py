@@ -20,11 +20,12 @@ from torch import nn
 
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.loading import load_causal_lm_strict
+from upcycle.output_safety import refuse_overlap
 from upcycle.train import moe_losses
 from upcycle.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from upcycle.train.data import BatchOrder, PackedDataset, eval_batches, make_batch, packed_dataset
 from upcycle.train.distributed import Dist, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
-from upcycle.train.export import export_model
+from upcycle.train.export import check_replaceable_export, export_model
 from upcycle.train.metrics import MetricsLog
 from upcycle.train.recipe import TrainRecipe, resolve_batch
 from upcycle.train.schedule import lr_at
@@ -227,8 +228,29 @@ def train(recipe: TrainRecipe, reporter: Reporter | None = None, resume: bool = 
         shutdown(info)
 
 
+def check_output_dir(recipe: TrainRecipe, resume: bool) -> None:
+    """Refuse, before any data is tokenised or any step runs, a run folder whose writes would damage something.
+
+    The run folder must keep clear of the model it trains (not it, not inside it, not containing it); its
+    ``export`` folder may only hold an earlier upcycle export (replaced at the end, atomically); its checkpoints
+    are continued only with ``--resume``.
+    """
+    run_dir = Path(recipe.run.output_dir)
+    model_dir = [("model.path", recipe.model.path)]
+    refuse_overlap(run_dir, model_dir, option="run.output_dir")
+    if recipe.run.export:
+        refuse_overlap(run_dir / "export", model_dir, option="run.output_dir/export")
+        check_replaceable_export(run_dir / "export")
+    if not resume and list_checkpoints(run_dir):
+        raise OptionError(
+            f"{run_dir} already holds checkpoints of an earlier run.",
+            "pass --resume to continue it, or set run.output_dir to a new folder.",
+        )
+
+
 def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, started: float) -> TrainSummary:
     run_dir = Path(recipe.run.output_dir)
+    check_output_dir(recipe, resume)
     torch.manual_seed(recipe.run.seed)
     precision = recipe.run.precision
     if precision == "auto":
@@ -248,11 +270,6 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
     order = BatchOrder(len(train_set), recipe.run.seed)
 
     start_step, resumed_from, history = 0, None, []
-    if not resume and list_checkpoints(run_dir):
-        raise OptionError(
-            f"{run_dir} already holds checkpoints of an earlier run.",
-            "pass --resume to continue it, or set run.output_dir to a new folder.",
-        )
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
@@ -380,6 +397,7 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
         seconds=time.perf_counter() - started,
     )
     if recipe.run.export:
+        check_replaceable_export(run_dir / "export")  # again: files may have been put there while it trained
         out = export_model(
             model,
             info,
@@ -392,6 +410,7 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
                 "eval_history": history,
                 "recipe": recipe.to_dict(),
             },
+            force=True,
         )
         summary.export_dir = str(out) if out else None
     taps.remove()

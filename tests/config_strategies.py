@@ -1,0 +1,175 @@
+"""Hypothesis strategies for hub-style dense configs: legacy and v5 rope formats, windows, absent fields.
+
+One strategy per family (`FAMILIES`); each draws a config.json as it appears on the hub (fields missing, the
+pre-v5 `rope_theta`/`rope_scaling` form or the v5 `rope_parameters` form) that transformers accepts for the
+family's dense class. Sizes stay tiny so a case converts and runs in well under a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import strategies as st
+
+ABSENT = object()  # a field left out of config.json
+
+
+@st.composite
+def dims(draw: st.DrawFn) -> dict[str, Any]:
+    heads = draw(st.sampled_from([2, 4]))
+    kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    hidden = draw(st.sampled_from([32, 48, 64]))
+    return {
+        "vocab_size": draw(st.sampled_from([64, 96])),
+        "hidden_size": hidden,
+        "intermediate_size": draw(st.sampled_from([24, 48, 72])),
+        "num_hidden_layers": draw(st.integers(1, 3)),
+        "num_attention_heads": heads,
+        # absent: Llama's default equals the heads; Mistral's (8) and Qwen's (32) rarely divide tiny head counts
+        "num_key_value_heads": draw(st.sampled_from([kv_heads] * 7 + [ABSENT])),
+        "head_dim": draw(st.sampled_from([ABSENT, hidden // heads, 8, 24])),
+    }
+
+
+@st.composite
+def rope(draw: st.DrawFn, head_dim: int) -> dict[str, Any]:
+    """Rotary settings in the legacy (rope_theta + rope_scaling) or the v5 (rope_parameters) form."""
+    theta = draw(st.sampled_from([ABSENT, 10000.0, 100000.0, 500000.0]))
+    kind = draw(st.sampled_from(["default", "linear", "dynamic", "yarn", "llama3", "longrope"]))
+    original = draw(st.sampled_from([8, 16]))
+    scaling: dict[str, Any] = {}
+    if kind in ("linear", "dynamic"):
+        scaling = {"factor": draw(st.sampled_from([2.0, 4.0]))}
+    elif kind == "yarn":
+        scaling = {"factor": 4.0, "original_max_position_embeddings": original}
+        if draw(st.booleans()):
+            scaling |= {"beta_fast": 16.0, "beta_slow": 2.0}
+    elif kind == "llama3":
+        scaling = {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original,
+        }
+    elif kind == "longrope":
+        half = head_dim // 2
+        scaling = {
+            "short_factor": [1.0 + 0.01 * i for i in range(half)],
+            "long_factor": [1.0 + 0.5 * i for i in range(half)],
+            "original_max_position_embeddings": original,
+            "factor": 4.0,
+        }
+    legacy = draw(st.booleans())
+    if legacy:
+        out: dict[str, Any] = {} if theta is ABSENT else {"rope_theta": theta}
+        if kind != "default":
+            key = draw(st.sampled_from(["rope_type", "type"]))
+            out["rope_scaling"] = {key: kind, **scaling}
+        return out
+    parameters = {"rope_type": kind, **scaling}
+    if theta is not ABSENT:
+        parameters["rope_theta"] = theta
+    return {"rope_parameters": parameters}
+
+
+def _common(draw: st.DrawFn) -> dict[str, Any]:
+    config = draw(dims())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    config["rms_norm_eps"] = draw(st.sampled_from([ABSENT, 1e-6, 1e-5]))
+    config["tie_word_embeddings"] = draw(st.sampled_from([ABSENT, True, False]))
+    config["max_position_embeddings"] = draw(st.sampled_from([ABSENT, 64, 256]))
+    config["bos_token_id"] = draw(st.sampled_from([ABSENT, 1, None]))
+    config["eos_token_id"] = draw(st.sampled_from([ABSENT, 2, [2, 3]]))
+    config["hidden_act"] = draw(st.sampled_from([ABSENT, "silu", "gelu"]))
+    return config | {"_head_dim_hint": config["head_dim"] if config["head_dim"] is not ABSENT else hidden // heads}
+
+
+@st.composite
+def llama(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+    config["mlp_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+    return _finish("llama", config, draw)
+
+
+@st.composite
+def mistral(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["sliding_window"] = draw(st.sampled_from([ABSENT, None, 4, 4, 7, 7, 12, 12]))  # absent: 4096
+    return _finish("mistral", config, draw)
+
+
+def _qwen_windows(draw: st.DrawFn, config: dict[str, Any]) -> None:
+    layers = config["num_hidden_layers"]
+    config["use_sliding_window"] = draw(st.sampled_from([ABSENT, False, True]))
+    config["sliding_window"] = draw(st.sampled_from([ABSENT, None, 5, 9]))
+    config["max_window_layers"] = draw(st.sampled_from([ABSENT, 0, layers // 2, layers]))
+    if draw(st.integers(0, 3)) == 0:  # hub configs rarely carry layer_types; v5 ones may
+        config["layer_types"] = draw(
+            st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=layers, max_size=layers)
+        )
+
+
+@st.composite
+def qwen2(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _qwen_windows(draw, config)
+    return _finish("qwen2", config, draw)
+
+
+@st.composite
+def qwen3(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _qwen_windows(draw, config)
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, False]))
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128  # Qwen3Config's default, whatever hidden / heads is
+    return _finish("qwen3", config, draw)
+
+
+def _finish(model_type: str, config: dict[str, Any], draw: st.DrawFn) -> dict[str, Any]:
+    head_dim = config.pop("_head_dim_hint")
+    config.update(draw(rope(head_dim)))
+    return {"model_type": model_type, **{k: v for k, v in config.items() if v is not ABSENT}}
+
+
+FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
+    "llama": llama,
+    "mistral": mistral,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+}
+
+
+@st.composite
+def dense_configs(draw: st.DrawFn) -> dict[str, Any]:
+    return draw(FAMILIES[draw(st.sampled_from(sorted(FAMILIES)))]())
+
+
+@st.composite
+def upcycle_options(draw: st.DrawFn, num_layers: int, intermediate: int) -> dict[str, Any]:
+    """Conversion options, mostly valid and exact; some invalid or approximate ones, which must be refused or
+    labelled approximate."""
+    granularity = draw(st.sampled_from([1, 1, 2, 3]))
+    experts = draw(st.integers(1, 6))
+    top_k = draw(st.integers(1, max(1, experts * granularity)))
+    if granularity > 1 and draw(st.integers(0, 4)):
+        top_k = granularity * draw(st.integers(1, experts))  # a valid multiple, most of the time
+    options: dict[str, Any] = {"experts": experts, "top_k": top_k, "granularity": granularity}
+    routers = ["renorm", "renorm", "softmax-topk"] if granularity == 1 else ["renorm"] * 7 + ["softmax-topk"]
+    options["router"] = draw(st.sampled_from(routers))
+    options["router_init"] = draw(
+        st.sampled_from(["random", "zero", "zero"] if options["router"] != "renorm" else ["random", "random", "zero"])
+    )
+    if num_layers > 1 and draw(st.booleans()):
+        first = draw(st.integers(0, num_layers - 1))
+        options["layers"] = f"{first}-{num_layers - 1}" if draw(st.booleans()) else str(first)
+    extra = draw(st.sampled_from(["none"] * 8 + ["drop", "noise", "scale"]))
+    if extra == "drop":
+        options["drop_upcycling"] = 0.5
+    elif extra == "noise":
+        options["noise"] = 0.01
+    elif extra == "scale":
+        options["weight_scale"] = draw(st.sampled_from(["none", "2", "4"]))
+    return options

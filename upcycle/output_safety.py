@@ -1,0 +1,168 @@
+"""Where a command may write: never into or over its own input, never over what it did not write unless told.
+
+Every command that writes a folder or file (convert, export, train, compare, plot) goes through these helpers:
+
+* :func:`refuse_overlap`: OUT must not be, lie inside, or contain anything the command reads (compared with
+  symlinks resolved, so two spellings of one place are one place). No flag overrides it: no user means it.
+* :func:`refuse_existing`: an existing OUT is replaced only with ``--force``, and only by the same kind of thing.
+* :func:`staged` / :func:`publish_atomically`: the new content is written completely into a temporary sibling,
+  the old OUT is moved aside, the new one renamed in, and the old one removed only then; a failure puts the old
+  one back. A process killed in between leaves hidden siblings that :func:`sweep_stale` tidies (or restores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from upcycle.errors import OutputError
+
+TMP_MARK = ".upcycle-tmp-"
+OLD_MARK = ".upcycle-old-"
+Kind = Literal["folder", "file"]
+
+
+def resolved(path: Path | str) -> Path:
+    """Absolute, with ``~``, ``..`` and symlinks resolved as far as the path exists: one place, one spelling."""
+    return Path(path).expanduser().resolve()
+
+
+def relation(out: Path | str, source: Path | str) -> str | None:
+    """How OUT sits relative to SOURCE: "is", "is inside", "contains", or None when they are apart."""
+    o, s = resolved(out), resolved(source)
+    if o == s:
+        return "is"
+    if o.is_relative_to(s):
+        return "is inside"
+    if s.is_relative_to(o):
+        return "contains"
+    return None
+
+
+def refuse_overlap(out: Path | str, inputs: Iterable[tuple[str, Path | str]], option: str = "OUT") -> None:
+    """Refuse an OUT that is, lies inside or contains an input (named by ``what``): writing it would damage it.
+
+    ``inputs`` are (what, path) pairs such as ("the source", SRC). Nothing has been written when this raises.
+    """
+    for what, source in inputs:
+        found = relation(out, source)
+        if found is not None:
+            where = resolved(source)
+            link = "" if resolved(out) == Path(out).absolute() else f" (it resolves to {resolved(out)})"
+            raise OutputError(
+                f"{option} {out}{link} {found} {what} {where}; upcycle never writes into or over what it reads.",
+                f"choose another {option}: not {where}, not inside it, not a folder containing it.",
+            )
+
+
+def exists(path: Path) -> bool:
+    """True for anything at PATH, a dangling symlink included (it would be replaced too)."""
+    return path.exists() or path.is_symlink()
+
+
+def refuse_existing(
+    out: Path, force: bool, *, kind: Kind = "folder", option: str = "OUT", flag: str = "--force"
+) -> None:
+    """An existing OUT is replaced only when the user said so (``flag``), and only by the same kind of thing.
+
+    What killed runs left beside OUT is tidied first, so an OUT set aside by a kill counts as existing again.
+    """
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"the parent of {out} is a file, not a folder.", f"choose another {option}.")
+    sweep_stale(out)
+    if not exists(out):
+        return
+    if not force:
+        raise OutputError(
+            f"{option} {out} already exists; upcycle never replaces what it did not write unasked.",
+            f"choose a new {option} or pass {flag} to replace it.",
+        )
+    if not (out.is_dir() if kind == "folder" else out.is_file()):
+        raise OutputError(f"{option} {out} exists and is not a {kind}.", f"choose another {option}.")
+
+
+def temporary_sibling(out: Path) -> Path:
+    """The hidden folder or file beside OUT that a run of this process writes before publishing it."""
+    return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+
+
+def remove(path: Path) -> None:
+    """Delete a folder, file or symlink (never a symlink's target); missing is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_atomically(tmp: Path, out: Path, force: bool = False) -> None:
+    """Rename the fully written TMP to OUT, so OUT is always either the old content or the complete new one.
+
+    An existing OUT (only with ``force``) is moved aside first, put back if the new one cannot be renamed in,
+    and removed only once the new one is in place. A file replaces a file in one ``os.replace``.
+    """
+    if not exists(out):
+        os.replace(tmp, out)
+        return
+    if not force:
+        raise OutputError(
+            f"{out} appeared while it was being written; upcycle never replaces what it did not write unasked.",
+            "choose a new output or pass --force to replace it.",
+        )
+    if tmp.is_file() and out.is_file() and not out.is_symlink():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
+    remove(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    remove(old)
+
+
+def sweep_stale(out: Path) -> None:
+    """Tidy what killed runs left beside OUT: their temporary copies go; an old OUT set aside comes back if OUT
+    is missing (the kill fell between the two renames), else goes (the new OUT made it in)."""
+    if not out.parent.is_dir():
+        return
+    for mark in (TMP_MARK, OLD_MARK):
+        for stale in out.parent.glob(f".{out.name}{mark}*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if mark == OLD_MARK and not exists(out):
+                os.replace(stale, out)
+            else:
+                remove(stale)
+
+
+@contextlib.contextmanager
+def staged(out: Path, force: bool = False, kind: Kind = "folder") -> Iterator[Path]:
+    """Yield a temporary sibling to write OUT's new content into; publish it on success, remove it on failure."""
+    sweep_stale(out)
+    tmp = temporary_sibling(out)
+    remove(tmp)
+    try:
+        if kind == "folder":
+            tmp.mkdir(parents=True)
+        yield tmp
+        publish_atomically(tmp, out, force)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
