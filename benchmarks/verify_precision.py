@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--tiny-only", action="store_true", help="Skip the real SmolLM2 cases.")
     parser.add_argument("--json", type=Path, help="Write the measurements here.")
     args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

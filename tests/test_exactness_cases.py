@@ -263,3 +263,34 @@ def test_bit_exactness_holds_where_the_plan_says_it_does(dense_dir, tmp_path, ex
         assert torch.equal(a, b)
     else:
         assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+
+
+# ---- case 5, continued: the bf16 tolerance is what correct bf16 upcycles measure ----------------------------------
+
+
+@pytest.mark.parametrize(("family", "tolerance"), [("llama", 4e-3), ("qwen3", 2e-2)], ids=["mixtral", "qwen3_moe"])
+def test_bf16_verify_passes_correct_upcycles_at_the_measured_tolerance(cli, dense_dir, tmp_path, family, tolerance):
+    src = dense_dir(family)
+    convert(src, tmp_path / "moe", UpcycleOptions(dtype="bfloat16"))
+    report = json.loads(cli("verify", src, tmp_path / "moe", "--dtype", "bfloat16", "--json").stdout)
+    assert report["equivalent"] and report["tolerance"] == tolerance
+    assert report["function"]["logits_rel_diff"] <= tolerance
+
+
+def test_bf16_verify_sees_a_small_real_error(dense_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from upcycle.verify.function import TOLERANCE, check_function
+
+    src = dense_dir("llama")
+    out = tmp_path / "moe"
+    convert(src, out, UpcycleOptions())
+    shard = out / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    for name in tensors:
+        if name.endswith("w2.weight"):
+            tensors[name] = tensors[name] * 1.003  # every expert's output 0.3 % too large
+    save_file(tensors, shard, metadata={"format": "pt"})
+    fp32 = check_function(src, out, "float32", tokens=64).logits_rel_diff
+    bf16 = check_function(src, out, "bfloat16", tokens=64).logits_rel_diff
+    assert 1e-4 < fp32 < 1e-2 and bf16 > TOLERANCE["bfloat16"]

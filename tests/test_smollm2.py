@@ -76,3 +76,11 @@ def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):
         logits = load_clean(out)(ids).logits
     assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
     assert not list(tmp_path.glob(".upcycle-gguf-*"))
+    # verify takes the .gguf too (de-quantised as convert does) and checks its sha256 against the record
+    report = verify(assets.smollm2_gguf(), out, max_tokens=64)
+    assert report.equivalent, report.verdict
+    assert report.config.equivalent and report.weights.source_matches_provenance is True
+    assert report.weights.tensors_checked > 0 and not report.weights.mismatches
+    # the de-quantised folder holds the same weights, but it is not the recorded source file: not comparable
+    report = verify(smollm2, out, weights=True, function=False)
+    assert report.equivalent and report.weights.source_matches_provenance is None

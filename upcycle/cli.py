@@ -171,6 +171,7 @@ def _print_plan(plan: Any, show_tensors: bool) -> None:
         ("MoE layers", _ranges(plan.moe_layers)),
         ("dtype", plan.dtype),
         ("method", f"{plan.exactness.method}: {exact}"),
+        ("config check", _config_check_text(plan.config_check)),
         *[("note", note) for note in plan.exactness.notes],
         ("tensors / files", f"{len(plan.recipes)} in {len(plan.shards)} safetensors file(s)"),
         ("size", f"{plan.total_bytes / 1e9:.3f} GB"),
@@ -189,6 +190,16 @@ def _print_plan(plan: Any, show_tensors: bool) -> None:
                 how += f" drop {r.drop_ratio:g}" if r.drop_ratio else ""
                 detail.add_row(name, r.name, str(list(r.shape)), r.dtype, how)
         console.print(detail)
+
+
+def _config_check_text(record: dict) -> str:
+    if not record:
+        return "not run"
+    windows = "full attention" if record.get("smallest_window") is None else f"windows from {record['smallest_window']}"
+    return (
+        f"[green]passed[/]: transformers {record.get('transformers')} computes every layer of the MoE config as the "
+        f"dense one ({windows})"
+    )
 
 
 def _ranges(layers: tuple[int, ...]) -> str:

@@ -16,9 +16,17 @@ from pathlib import Path
 
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource, hash_files, open_source
+from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
 from upcycle.verify.config_check import ConfigReport, check_config_equivalence
-from upcycle.verify.function import TOLERANCE, TORCH_DTYPES, FunctionReport, check_function, function_length
+from upcycle.verify.function import (
+    TOLERANCE,
+    TORCH_DTYPES,
+    FunctionReport,
+    check_function,
+    function_length,
+    tolerance_for,
+)
 from upcycle.verify.weights import WeightReport, check_weights
 
 
@@ -90,7 +98,9 @@ def verify(
         raise SourceError(f"unknown --dtype {dtype!r}.", f"choose one of {', '.join(TORCH_DTYPES)}.")
     plan = read_plan(moe_folder)
     moe = DenseSource.open(moe_folder)
-    tolerance = tol if tol is not None else TOLERANCE[dtype]
+    target = TARGETS.get(plan.target)
+    rounds = target.rounds_routing_weights if target is not None else True
+    tolerance = tol if tol is not None else tolerance_for(dtype, rounds)
     with _dense_source(dense_path, moe_folder, trust_remote_code) as (dense, hashes):
         config_report = check_config_equivalence(dense.config, moe.config)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")

@@ -152,8 +152,8 @@ def _compare_rotary(dense: ComputeSpec, moe: ComputeSpec) -> list[ConfigDifferen
                     ConfigDifference(
                         "rotary",
                         f"the number of rotated dimensions per head ({name})",
-                        2 * a[0].shape[-1] // 2,
-                        2 * b[0].shape[-1] // 2,
+                        a[0].shape[-1],
+                        b[0].shape[-1],
                     )
                 ]
             error = max(_relative(a[0], b[0]), _relative(a[1], b[1]))

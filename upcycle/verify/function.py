@@ -12,10 +12,23 @@ from pathlib import Path
 
 import torch
 
-# Relative logits tolerance an exact method must meet in each compute dtype. bf16 and fp16 are what a correct
-# upcycle measures when both models compute in that precision (benchmarks/RESULTS.md), with a margin; an fp32
-# compute (the default, whatever the storage dtype) is the sharp check.
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
+# Relative logits tolerance an exact method must meet in each compute dtype; fp32 (the default, whatever the
+# storage dtype) is the sharp check. In bf16/fp16, what correct upcycles measure (benchmarks/verify_precision.py,
+# benchmarks/RESULTS.md) depends on the class: Mixtral combines the experts with fp32 routing weights and measures
+# 0, so one unit in the last place is allowed; classes that round the routing weights to the compute dtype
+# measure up to 8.9e-3 (bf16) and 1.3e-3 (fp16) on correct upcycles, so errors below ~2 % cannot be told apart
+# there: use fp32 for those.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 4e-3, "float16": 5e-4}
+ROUNDED_ROUTING_TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3}
+
+
+def tolerance_for(dtype: str, rounds_routing_weights: bool) -> float:
+    """The default tolerance for a compute dtype and a target class."""
+    if rounds_routing_weights and dtype in ROUNDED_ROUTING_TOLERANCE:
+        return ROUNDED_ROUTING_TOLERANCE[dtype]
+    return TOLERANCE[dtype]
+
+
 TORCH_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,

@@ -24,7 +24,7 @@ from upcycle.hf_config import UnknownConfigError
 from upcycle.hf_config import load_config as _load_config
 
 PROBE_IMPLEMENTATION = "upcycle_probe"
-PROBE_TOKENS = 32  # the functional probe's sequence; longer windows are checked on the mask functions
+PROBE_TOKENS = 16  # the functional probe's sequence; longer windows are checked on the mask functions
 MASK_HORIZON = 1 << 21  # query positions sampled up to here (2M tokens), and every window of either config
 # Arguments that reach the attention call but do not change what it computes at inference.
 IGNORED_ATTENTION_KWARGS = {
@@ -155,13 +155,16 @@ def compute_spec(
     positions = _mask_positions(all_windows, horizon)
     rope_lengths = sorted(set(rope_lengths or []) | set(rope_probe_lengths(cfg, horizon)))
     specs = []
+    rows_by_mask: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}  # layers of one type share one mask
     for index, (parts, call) in enumerate(zip(layer_parts, recorder.calls, strict=True)):
         mask_function = call.pop("mask_function")
+        if id(mask_function) not in rows_by_mask:
+            rows_by_mask[id(mask_function)] = _mask_rows(mask_function, positions)
         specs.append(
             LayerSpec(
                 index=index,
                 attention=call,
-                mask_rows=_mask_rows(mask_function, positions),
+                mask_rows=rows_by_mask[id(mask_function)],
                 norms={name: _norm_spec(module) for name, module in parts["norms"].items()},
                 mlp=parts["mlp_kind"],
                 activations=parts["activations"],

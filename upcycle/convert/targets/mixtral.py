@@ -13,6 +13,7 @@ class MixtralTarget(Target):
     model_type = "mixtral"
     moe_prefix = "block_sparse_moe"
     expert_names = {"gate": "w1", "up": "w3", "down": "w2"}
+    rounds_routing_weights = False  # Mixtral combines with fp32 routing weights
 
     def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if dense.family not in ("llama", "mistral"):
