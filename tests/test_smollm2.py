@@ -84,3 +84,17 @@ def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):
     # the de-quantised folder holds the same weights, but it is not the recorded source file: not comparable
     report = verify(smollm2, out, weights=True, function=False)
     assert report.equivalent and report.weights.source_matches_provenance is None
+
+
+def test_streaming_and_whole_model_verify_agree_on_smollm2(smollm2, tmp_path):
+    out = tmp_path / "moe"
+    convert(smollm2, out, UpcycleOptions(layers="20-29"))
+    full = verify(smollm2, out, max_tokens=64, mode="full", weights=False)
+    streamed = verify(smollm2, out, max_tokens=64, mode="streaming", weights=False)
+    assert full.equivalent and streamed.equivalent, (full.verdict, streamed.verdict)
+    layers = streamed.streaming.layers
+    assert len(layers) == 30 and [layer.mlp for layer in layers] == ["dense"] * 20 + ["moe"] * 10
+    assert all(layer.rel_diff <= 1e-5 for layer in layers) and all(d.rel_diff <= 1e-5 for d in full.function.layers)
+    assert all(layer.rel_diff == 0.0 for layer in layers[:20])  # dense layers copied verbatim: identical outputs
+    assert layers[20].rel_diff == pytest.approx(full.function.layers[21].rel_diff, rel=1e-3, abs=1e-9)
+    assert not streamed.streaming.shared_differing and all(streamed.streaming.outer_tensors.values())

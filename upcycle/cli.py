@@ -229,13 +229,23 @@ def verify_cmd(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a dense model with custom code.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Whole-model function check (both models in memory).")] = False,
+    streaming: Annotated[
+        bool, typer.Option("--streaming", help="Layer-by-layer function check (memory of about one layer).")
+    ] = False,
 ) -> None:
-    """Prove that MOE equals DENSE (config, weights and logits), or measure how far an approximate method is."""
+    """Prove that MOE equals DENSE (config, weights and function), or measure how far an approximate method is.
+
+    The function check runs both whole models when they fit in memory, else streams them layer by layer
+    (--full / --streaming choose).
+    """
     from upcycle.verify import verify
 
     try:
         if text is not None and not text.is_file():
             raise UpcycleError(f"--text {text} does not exist.", "pass an existing UTF-8 text file.")
+        if full and streaming:
+            raise UpcycleError("--full and --streaming exclude each other.", "pass one of them, or neither.")
         content = text.read_text(errors="replace") if text is not None else None
         report = verify(
             dense,
@@ -246,6 +256,7 @@ def verify_cmd(
             max_tokens=max_tokens,
             function=not weights_only,
             trust_remote_code=trust_remote_code,
+            mode="full" if full else "streaming" if streaming else "auto",
         )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
@@ -284,6 +295,9 @@ def print_verify_report(report: Any) -> None:
         for m in w.mismatches[:8]:
             diff = f"{m.max_abs_diff:.3g}" if m.max_abs_diff == m.max_abs_diff else ""
             table.add_row(f"  {m.tensor}", diff, f"[red]{m.problem}[/]")
+    if report.function_mode != "none":
+        table.add_row("function check", report.function_mode, report.function_mode_reason)
+    _streaming_rows(table, report, ok, bad)
     f = report.function
     if f is not None:
         within = f.logits_rel_diff <= report.tolerance
@@ -311,6 +325,28 @@ def print_verify_report(report: Any) -> None:
     console.print(
         Panel(f"[bold {style}]{'EQUIVALENT' if report.equivalent else 'NOT EQUIVALENT'}[/]: {report.verdict}")
     )
+
+
+def _streaming_rows(table: Table, report: Any, ok: str, bad: str) -> None:
+    s = report.streaming
+    if s is None:
+        return
+    table.add_row("text", f"{s.tokens} tokens", f"{s.text_source}; {s.window_coverage}")
+    worst = max(s.layers, key=lambda layer: layer.rel_diff)
+    status = ok if s.rel_diff <= report.tolerance else ("[yellow]deviation[/]" if not report.exact_by_design else bad)
+    table.add_row(
+        f"{len(s.layers)} layers streamed ({s.dtype}, {s.device}, tol {report.tolerance:g}): worst output Δ",
+        f"{worst.rel_diff:.3g}",
+        f"{status} (layer {worst.layer})",
+    )
+    for layer in [layer for layer in s.layers if layer.rel_diff > report.tolerance][:6]:
+        table.add_row(f"  layer {layer.layer} ({layer.mlp})", f"{layer.rel_diff:.3g}", "[yellow]above tolerance[/]")
+    shared = sum(layer.shared_identical for layer in s.layers) + sum(s.outer_tensors.values())
+    table.add_row("shared tensors byte-identical", f"{shared}", ok if not s.shared_differing else bad)
+    for name in s.shared_differing[:4]:
+        table.add_row(f"  {name}", "", "[red]differs[/]")
+    table.add_row("final norm output Δ", f"{s.final_norm_rel_diff:.3g}", "")
+    table.add_row("streaming time", f"{s.seconds:.1f} s", "")
 
 
 @app.command("train")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from upcycle import assets
 from upcycle.convert import ConvertResult, UpcycleOptions, convert
+from upcycle.memory import available_memory
 from upcycle.verify import VerifyReport, verify
 
 DEMO_PROMPTS = (
@@ -131,18 +132,6 @@ class TrainingBudget:
     @property
     def fits(self) -> bool:
         return self.available_bytes is None or self.available_bytes >= self.needed_bytes
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux): what can be allocated without swapping."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def training_budget(model_folder: Path) -> TrainingBudget:

@@ -160,20 +160,34 @@ class DenseSource:
         info = self.tensors[name]
         if info.offset < 0:
             return self._pickle_dict(info.file)[name].clone()
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (its first dimension), reading only their bytes."""
+        info = self.tensors[name]
+        if info.offset < 0:
+            return self._pickle_dict(info.file)[name][start:stop].clone()
+        rows = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(rows, stop)
+        row_bytes = info.nbytes // rows if rows else 0
+        data = self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes)
+        return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
+    def _read_bytes(self, info: TensorInfo, offset: int, size: int) -> torch.Tensor:
+        buffer = torch.empty(size, dtype=torch.uint8)
         with info.file.open("rb", buffering=0) as handle:
-            handle.seek(info.offset)
+            handle.seek(offset)
             view = memoryview(buffer.numpy())
             done = 0
-            while done < info.nbytes:
+            while done < size:
                 got = handle.readinto(view[done:])
                 if not got:
                     raise SourceError(
-                        f"{info.file} ended early while reading {name!r}.",
+                        f"{info.file} ended early while reading {info.name!r}.",
                         "re-download or re-save the checkpoint.",
                     )
                 done += got
-        return buffer.view(info.dtype).reshape(info.shape)
+        return buffer
 
     def _pickle_dict(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._pickled:

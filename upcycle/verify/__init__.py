@@ -9,15 +9,19 @@ real text long enough to see every attention window, `function`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
+from upcycle.memory import available_memory
 from upcycle.verify.config_check import ConfigReport, check_config_equivalence
 from upcycle.verify.function import (
     TOLERANCE,
@@ -27,6 +31,8 @@ from upcycle.verify.function import (
     function_length,
     tolerance_for,
 )
+from upcycle.verify.skeleton import SkeletonError
+from upcycle.verify.streaming import StreamingError, StreamingReport, check_streaming
 from upcycle.verify.weights import WeightReport, check_weights
 
 
@@ -42,7 +48,10 @@ class VerifyReport:
     config: ConfigReport
     config_matches_plan: bool | None  # config.json equals the one upcycle.json records (None: not recorded)
     weights: WeightReport | None
+    function_mode: str  # "full" (whole models, logits), "streaming" (layer by layer) or "none"
+    function_mode_reason: str
     function: FunctionReport | None
+    streaming: StreamingReport | None
     equivalent: bool
     verdict: str
 
@@ -55,7 +64,11 @@ class VerifyReport:
         if self.weights is not None and self.weights.ok:
             parts.append("weights")
         if self.function is not None and self.function.logits_rel_diff <= self.tolerance:
-            parts.append("function")
+            parts.append("function (whole model)")
+        if self.streaming is not None and self.streaming.rel_diff <= self.tolerance:
+            parts.append("function (every layer, streamed)")
+        if self.streaming is not None and not self.streaming.shared_differing:
+            parts.append("shared tensors identical")
         return parts
 
     def to_json(self) -> dict:
@@ -88,11 +101,16 @@ def verify(
     weights: bool = True,
     function: bool = True,
     trust_remote_code: bool = False,
+    mode: str = "auto",
 ) -> VerifyReport:
     """All three checks and a verdict; approximate methods pass only against an explicit tolerance.
 
-    DENSE is the folder or .gguf file the checkpoint was converted from; the config check always runs.
+    DENSE is the folder or .gguf file the checkpoint was converted from; the config check always runs. The
+    function check loads both whole models (`mode="full"`) or streams them layer by layer (`"streaming"`, memory
+    of about one layer); `"auto"` picks the whole-model check when it fits in memory.
     """
+    if mode not in MODES:
+        raise SourceError(f"unknown function-check mode {mode!r}.", f"choose one of {', '.join(MODES)}.")
     dense_path, moe_folder = Path(dense_path), Path(moe_folder)
     if dtype not in TORCH_DTYPES:
         raise SourceError(f"unknown --dtype {dtype!r}.", f"choose one of {', '.join(TORCH_DTYPES)}.")
@@ -106,14 +124,29 @@ def verify(
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
         weight_report = check_weights(dense, moe, plan, hashes) if weights else None
-        function_report = None
-        if function:
+        function_report = streaming_report = streaming_problem = None
+        chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
+        if chosen != "none":
             tokens, coverage = function_length(config_report.smallest_window, max_tokens)
+        if chosen == "full":
             function_report = check_function(
                 dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code, plan.dtype
             )
+        elif chosen == "streaming":
+            try:
+                streaming_report = check_streaming(dense, moe, plan, dtype, text, tokens, coverage)
+            except SkeletonError as error:
+                raise SourceError(f"the models cannot be streamed layer by layer: {error}.", "use --full.") from None
+            except StreamingError as error:  # a tensor the MoE model needs is missing: not equivalent
+                streaming_problem = str(error)
     equivalent, verdict = _verdict(
-        plan, config_report, config_matches_plan, weight_report, function_report, tolerance, tol is not None
+        plan,
+        config_report,
+        config_matches_plan,
+        weight_report,
+        _function_outcome(function_report, streaming_report, streaming_problem),
+        tolerance,
+        tol is not None,
     )
     return VerifyReport(
         str(dense_path),
@@ -126,10 +159,47 @@ def verify(
         config_report,
         config_matches_plan,
         weight_report,
+        chosen,
+        reason,
         function_report,
+        streaming_report,
         equivalent,
         verdict,
     )
+
+
+MODES = ("auto", "full", "streaming")
+FULL_CHECK_OVERHEAD = 1_000_000_000  # bytes beyond the weights: torch, transformers, activations (SmolLM2: 7.3 GB)
+
+
+def choose_mode(mode: str, dense: DenseSource, moe: DenseSource, dtype: str) -> tuple[str, str]:
+    """Whole models when both fit in memory (loaded at their storage dtype, then cast), else layer by layer."""
+    if mode != "auto":
+        return mode, f"--{mode}"
+    compute = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    needed = FULL_CHECK_OVERHEAD + sum(
+        info.nbytes + info.nbytes // info.dtype.itemsize * compute
+        for source in (dense, moe)
+        for info in source.tensors.values()
+    )
+    available = available_memory()
+    if available is not None and needed <= available // 2:
+        return "full", f"both models fit: about {needed / 1e9:.1f} GB of {available / 1e9:.1f} GB available"
+    if available is None and needed <= 8 * 1e9:
+        return "full", f"both models need about {needed / 1e9:.1f} GB"
+    have = f"{available / 1e9:.1f} GB available" if available is not None else "free memory unknown"
+    return "streaming", f"both models would need about {needed / 1e9:.1f} GB ({have}): streamed layer by layer"
+
+
+@dataclass
+class _FunctionOutcome:
+    """What the verdict needs from either function check."""
+
+    rel_diff: float
+    first_divergent: Callable[[float], int | None]
+    problems: list[str]  # the checkpoint does not load (or stream) cleanly
+    shared_differing: list[str]
+    what: str  # "logits" or "layer outputs"
 
 
 @contextmanager
@@ -159,7 +229,7 @@ def _verdict(
     config: ConfigReport,
     config_matches_plan: bool | None,
     weights: WeightReport | None,
-    function: FunctionReport | None,
+    function: _FunctionOutcome | None,
     tol: float,
     explicit: bool,
 ) -> tuple[bool, str]:
@@ -172,21 +242,45 @@ def _verdict(
     if weights is not None and weights.mismatches:
         first = weights.mismatches[0]
         return False, f"{len(weights.mismatches)} tensor(s) differ from the plan; first: {first.tensor} {first.problem}"
-    if function is not None and function.loading_problems:
-        return False, "transformers did not load the checkpoint cleanly: " + "; ".join(function.loading_problems)
-    deviation = f" (logits deviate {function.logits_rel_diff:.3g} relative)" if function is not None else ""
+    if function is not None and function.problems:
+        return False, "the checkpoint does not load cleanly: " + "; ".join(function.problems)
+    if function is not None and function.shared_differing:
+        return False, f"a tensor both models share differs: {function.shared_differing[0]}"
+    deviation = f" ({function.what} deviate {function.rel_diff:.3g} relative)" if function is not None else ""
     if not plan.exactness.exact and not explicit:
         return False, f"approximate by design{deviation}: {plan.exactness.method}; pass --tol to accept a deviation"
-    if function is not None and function.logits_rel_diff > tol:
-        layer = function.first_divergent_layer(tol)
-        where = "" if layer is None else " in the embeddings" if layer == 0 else f" after decoder layer {layer - 1}"
+    if function is not None and function.rel_diff > tol:
         return False, (
-            f"logits differ by {function.logits_rel_diff:.3g} relative, above the tolerance {tol:g}; "
-            f"hidden states first diverge{where}"
+            f"{function.what} differ by {function.rel_diff:.3g} relative, above the tolerance {tol:g}"
+            f"{_where(function.first_divergent(tol), function.what)}"
         )
     if not plan.exactness.exact:
         return True, f"within the explicit tolerance {tol:g}{deviation} (approximate method)"
     return True, f"equivalent within {tol:g} relative"
 
 
-__all__ = ["TOLERANCE", "VerifyReport", "read_plan", "verify"]
+def _function_outcome(
+    full: FunctionReport | None, streamed: StreamingReport | None, streaming_problem: str | None
+) -> _FunctionOutcome | None:
+    if full is not None:
+        return _FunctionOutcome(full.logits_rel_diff, full.first_divergent_layer, full.loading_problems, [], "logits")
+    if streaming_problem is not None:
+        return _FunctionOutcome(math.inf, lambda tol: None, [streaming_problem], [], "layer outputs")
+    if streamed is not None:
+        return _FunctionOutcome(
+            streamed.rel_diff, streamed.first_divergent_layer, [], streamed.shared_differing, "layer outputs"
+        )
+    return None
+
+
+def _where(layer: int | None, what: str) -> str:
+    if layer is None:
+        return ""
+    if what == "logits":  # whole-model hidden states: 0 = embeddings, i = after decoder layer i - 1
+        return "; hidden states first diverge " + (
+            "in the embeddings" if layer == 0 else f"after decoder layer {layer - 1}"
+        )
+    return f"; first at decoder layer {layer} (same input to both)"
+
+
+__all__ = ["MODES", "TOLERANCE", "VerifyReport", "choose_mode", "read_plan", "verify"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from upcycle.hf_config import UnknownConfigError
 from upcycle.hf_config import load_config as _load_config
+from upcycle.verify.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
 
 PROBE_IMPLEMENTATION = "upcycle_probe"
 PROBE_TOKENS = 16  # the functional probe's sequence; longer windows are checked on the mask functions
@@ -104,22 +105,14 @@ def compute_spec(
     rope_lengths: list[int] | None = None,
 ) -> ComputeSpec:
     """Probe one config; the optional lengths add another config's windows and contexts to the sampled ones."""
-    from transformers import AutoModelForCausalLM
-
     _register_probe()
     cfg = load_config(config)
     try:
-        with torch.device("meta"), _quiet():
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=PROBE_IMPLEMENTATION)
-    except Exception as error:
-        raise ProbeError(
-            f"transformers cannot build a model from this config ({type(error).__name__}: {error})"
-        ) from None
-    model.eval()
+        model = meta_model(cfg, PROBE_IMPLEMENTATION)
+        layers = decoder_layers(model)
+    except SkeletonError as error:
+        raise ProbeError(str(error)) from None
     base = model.base_model
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ProbeError(f"{type(model).__name__} keeps no list of decoder layers where upcycle can probe it")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     vocab, hidden = embedding.weight.shape
     tied = head is not None and head.weight is embedding.weight
@@ -130,7 +123,10 @@ def compute_spec(
     model.set_input_embeddings(_ProbeEmbedding(hidden))
     if head is not None:
         model.set_output_embeddings(_ProbeHead(hidden))
-    rotary_names = _rebuild_rotary(model)
+    try:
+        rotary_names = rebuild_rotary(model)
+    except SkeletonError as error:
+        raise ProbeError(str(error)) from None
     _materialize(model)
 
     recorder = _Recorder()
@@ -351,22 +347,6 @@ def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
     return {"norms": norms, "mlp_kind": kind, "activations": activations}
 
 
-def _rebuild_rotary(model: nn.Module) -> list[str]:
-    """Rotary modules rebuilt on the CPU from their config: their tables are computed, not loaded."""
-    names = []
-    for name, module in list(model.named_modules()):
-        if not type(module).__name__.endswith("RotaryEmbedding"):
-            continue
-        try:
-            fresh = type(module)(getattr(module, "config", None) or model.config)
-        except Exception as error:
-            raise ProbeError(f"cannot rebuild {type(module).__name__} ({error})") from None
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
-        names.append(name)
-    return names
-
-
 def _materialize(model: nn.Module) -> None:
     """Every parameter left on the meta device gets its stand-in; layers share them by their name in the layer."""
     cache: dict[tuple[str, tuple[int, ...]], nn.Parameter] = {}
@@ -472,12 +452,3 @@ def _rotary_tables(model: nn.Module, names: list[str], lengths: list[int]) -> di
             rows.append((cos[0].clone(), sin[0].clone()))
         tables[name] = rows
     return tables
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
