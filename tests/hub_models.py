@@ -8,23 +8,28 @@ from pathlib import Path
 
 import torch
 import transformers
+from tiny_models import randomize
 
 from upcycle.hf_config import load_config
+
+# The rotary settings of every Llama 3.x config on the hub (pre-v5 form), with a tiny original context.
+LLAMA3_ROPE = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
 
 
 def save_hub_style(config_json: dict, folder: Path, seed: int = 0) -> Path:
     """Build the model transformers builds from `config_json`, save its weights, keep config.json verbatim."""
     config = load_config(config_json)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(std=0.1)
-            else:
-                param.normal_(std=0.08)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config))
     model.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config_json, indent=2))
     return folder

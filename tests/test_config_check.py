@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hub_models import LLAMA3_ROPE
 
 from upcycle.verify.config_check import check_config_equivalence
 
@@ -72,17 +73,7 @@ def test_qwen2_and_qwen2_moe_read_max_window_layers_differently():
 def test_rope_types_that_switch_with_length_are_compared_beyond_the_context():
     scaled = {**LLAMA, "max_position_embeddings": 64, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
     assert "rotary table at sequence length" in first_problem(scaled, {**scaled, "rope_scaling": None})
-    llama3 = {
-        **LLAMA,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-    }
+    llama3 = {**LLAMA, **LLAMA3_ROPE}
     glm = {**MIXTRAL, "model_type": "glm4_moe", "head_dim": 16, "rope_theta": 500000.0, "bos_token_id": 1}
     glm |= {"eos_token_id": 2, "rope_scaling": llama3["rope_scaling"]}
     assert "rotated dimensions per head" in first_problem(llama3, glm)  # Glm4-MoE's default half-width rotary

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hub_models import relative_difference, save_hub_style
+from hub_models import LLAMA3_ROPE, relative_difference, save_hub_style
 
 from upcycle.convert import UpcycleOptions, convert
 from upcycle.convert import plan as plan_module
@@ -26,16 +26,6 @@ DIMS = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-LLAMA3_ROPE = {
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    },
-}
 LINEAR_ROPE = {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from config_strategies import dense_configs, upcycle_options
-from hub_models import save_hub_style
+from hub_models import logits, save_hub_style
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -42,16 +41,6 @@ def probe_length(*configs: dict) -> int:
             if ("window" in key or "chunk" in key) and isinstance(value, int) and not isinstance(value, bool):
                 lengths.append(2 * value + 2)
     return max(lengths)
-
-
-def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, output_loading_info=True
-    )
-    problems = {k: v for k, v in info.items() if v}
-    assert not problems, f"{folder.name} does not load cleanly: {problems}"
-    with torch.no_grad():
-        return model.eval()(ids).logits
 
 
 @st.composite

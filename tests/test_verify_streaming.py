@@ -141,3 +141,12 @@ def test_streaming_peak_memory_does_not_grow_with_the_layer_count(tmp_path):
     full_growth = peaks[4]["full"] - peaks[2]["full"]
     assert full_growth > 2 * layer_bytes, peaks  # the measurement sees two more layers when they are loaded ...
     assert streaming_growth < layer_bytes / 2, peaks  # ... and the streaming check does not load them
+
+
+def test_streaming_feeds_the_weight_check_every_tensor(dense_dir, tmp_path):
+    src = dense_dir("qwen3")
+    result = convert(src, tmp_path / "moe", UpcycleOptions(experts=16, top_k=1))  # some experts see no token
+    full = verify(src, tmp_path / "moe", mode="full", max_tokens=8)
+    streamed = verify(src, tmp_path / "moe", mode="streaming", max_tokens=8)
+    assert streamed.weights.tensors_checked == full.weights.tensors_checked == len(result.plan.recipes)
+    assert streamed.weights.ok and streamed.weights.source_matches_provenance is True

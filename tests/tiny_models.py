@@ -31,7 +31,13 @@ def make_dense(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = to
     config_cls, model_cls, extra = FAMILIES[family]
     config = config_cls(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
-    model = model_cls(config).to(dtype)
+    model = randomize(model_cls(config).to(dtype))
+    model.save_pretrained(folder)
+    return folder
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Norms and biases random too (not ones and zeros), so that copying the wrong one shows."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -40,5 +46,4 @@ def make_dense(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = to
                 param.normal_(std=0.1)
             else:
                 param.normal_(std=0.08)
-    model.save_pretrained(folder)
-    return folder
+    return model

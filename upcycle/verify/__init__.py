@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from upcycle.verify.function import (
 )
 from upcycle.verify.skeleton import SkeletonError
 from upcycle.verify.streaming import StreamingError, StreamingReport, check_streaming
-from upcycle.verify.weights import WeightReport, check_weights
+from upcycle.verify.weights import WeightChecker, WeightReport
 
 
 @dataclass
@@ -123,22 +124,23 @@ def verify(
         config_report = check_config_equivalence(dense.config, moe.config)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
-        weight_report = check_weights(dense, moe, plan, hashes) if weights else None
         function_report = streaming_report = streaming_problem = None
         chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
+        checker = WeightChecker(dense, moe, plan) if weights else None
         if chosen != "none":
             tokens, coverage = function_length(config_report.smallest_window, max_tokens)
         if chosen == "full":
             function_report = check_function(
                 dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code, plan.dtype
             )
-        elif chosen == "streaming":
+        elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads
             try:
-                streaming_report = check_streaming(dense, moe, plan, dtype, text, tokens, coverage)
+                streaming_report = check_streaming(dense, moe, plan, dtype, text, tokens, coverage, checker=checker)
             except SkeletonError as error:
                 raise SourceError(f"the models cannot be streamed layer by layer: {error}.", "use --full.") from None
             except StreamingError as error:  # a tensor the MoE model needs is missing: not equivalent
                 streaming_problem = str(error)
+        weight_report = checker.finish(hashes()) if checker is not None else None
     equivalent, verdict = _verdict(
         plan,
         config_report,
@@ -203,8 +205,11 @@ class _FunctionOutcome:
 
 
 @contextmanager
-def _dense_source(path: Path, moe_folder: Path, trust_remote_code: bool) -> Iterator[tuple[DenseSource, dict | None]]:
-    """The dense model (a .gguf de-quantised as convert does) and its files' sha256 in upcycle.json's form.
+def _dense_source(
+    path: Path, moe_folder: Path, trust_remote_code: bool
+) -> Iterator[tuple[DenseSource, Callable[[], dict | None]]]:
+    """The dense model (a .gguf de-quantised as convert does) and a function returning its files' sha256 in
+    upcycle.json's form, hashed in a background thread meanwhile (hashlib releases the GIL).
 
     The hashes are None when they cannot be compared with the record: a folder given for a checkpoint that was
     converted from a .gguf file.
@@ -212,16 +217,19 @@ def _dense_source(path: Path, moe_folder: Path, trust_remote_code: bool) -> Iter
     plan_source = json.loads((moe_folder / "upcycle.json").read_text()).get("source") or {}
     recorded = plan_source.get("sha256") or {}
     is_gguf = path.suffix.lower() == ".gguf"
-    with open_source(path, trust_remote_code, scratch=None) as dense:
-        if is_gguf:  # compared by content: the file may have been renamed since
-            digest = next(iter(hash_files([path]).values()))
-            hashes = {name: digest for name in recorded} if plan_source.get("kind") == "gguf" else {path.name: digest}
-        elif plan_source.get("kind", "folder") == "folder":
-            files = [dense.folder / name for name in recorded]
-            hashes = hash_files(files) if all(f.is_file() for f in files) else {}
-        else:
-            hashes = None
-        yield dense, hashes
+    with open_source(path, trust_remote_code, scratch=None) as dense, ThreadPoolExecutor(1) as pool:
+
+        def digests() -> dict | None:
+            if is_gguf:  # compared by content: the file may have been renamed since
+                digest = next(iter(hash_files([path]).values()))
+                return {name: digest for name in recorded} if plan_source.get("kind") == "gguf" else {path.name: digest}
+            if plan_source.get("kind", "folder") == "folder":
+                files = [dense.folder / name for name in recorded]
+                return hash_files(files) if all(f.is_file() for f in files) else {}
+            return None
+
+        future = pool.submit(digests)
+        yield dense, future.result
 
 
 def _verdict(

@@ -33,7 +33,7 @@ from upcycle.convert.targets import TARGETS, Target
 from upcycle.hf_config import load_config
 from upcycle.verify.function import TORCH_DTYPES, load_text_tokens
 from upcycle.verify.skeleton import assigned, decoder_layers, meta_buffers, meta_model, rebuild_rotary
-from upcycle.verify.weights import tensor_difference
+from upcycle.verify.weights import WeightChecker, tensor_difference
 
 
 class StreamingError(Exception):
@@ -84,8 +84,13 @@ def check_streaming(
     tokens: int = 256,
     window_coverage: str = "",
     device: str | None = None,
+    checker: WeightChecker | None = None,
 ) -> StreamingReport:
-    """Run the dense model's forward layer by layer, each MoE layer beside it on the same input."""
+    """Run the dense model's forward layer by layer, each MoE layer beside it on the same input.
+
+    With a `checker`, every MoE tensor read here is also checked against its recipe as it is read (and the dense
+    tensors already in memory are lent to it), so the weight check reads nothing twice.
+    """
     start = time.perf_counter()
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute = TORCH_DTYPES[dtype]
@@ -96,7 +101,7 @@ def check_streaming(
     ids, origin = load_text_tokens(moe.folder, text, tokens, vocab)
     ids = ids[None].to(where)
     moe_calls = _layer_calls(moe_model, ids, where, compute)
-    pairs = _Pairs(dense, moe, dense_model, moe_model, target, moe_calls, where, compute)
+    pairs = _Pairs(dense, moe, dense_model, moe_model, target, moe_calls, where, compute, checker)
     layers = decoder_layers(dense_model)
     for index, layer in enumerate(list(layers)):
         layers[index] = _PairedLayer(index, layer, pairs)
@@ -123,9 +128,7 @@ def check_streaming(
         with torch.no_grad(), _tensors_for(moe_norm, moe, norm_key, where, compute) as _:
             final_diff = _relative(dense_out, moe_norm(norm_inputs[0]))[1]
     outer = {
-        name: name in dense.tensors
-        and name in moe.tensors
-        and tensor_difference(dense, name, moe, name, moe.tensors[name].dtype) is None
+        name: _same_outer(dense, moe, name, checker)
         for name in (f"{_prefix(dense_model, base)}embed_tokens.weight", f"{norm_key}.weight", "lm_head.weight")
         if name in dense.tensors or name in moe.tensors
     }
@@ -140,6 +143,15 @@ def check_streaming(
         outer_tensors=outer,
         seconds=time.perf_counter() - start,
     )
+
+
+def _same_outer(dense: DenseSource, moe: DenseSource, name: str, checker: WeightChecker | None) -> bool:
+    """A tensor outside the layers (embedding, final norm, LM head) is identical in both checkpoints."""
+    if name not in dense.tensors or name not in moe.tensors:
+        return False
+    if checker is not None and name in checker.planned:  # the weight check compares the same bytes: once is enough
+        return checker.check(name)
+    return tensor_difference(dense, name, moe, name, moe.tensors[name].dtype) is None
 
 
 # ---- running the two models side by side ---------------------------------------------------------------------
@@ -158,8 +170,11 @@ class _Pairs:
         moe_calls: list[tuple[tuple, dict]],
         device: torch.device,
         compute: torch.dtype,
+        checker: WeightChecker | None,
     ) -> None:
         self.dense, self.moe, self.target = dense, moe, target
+        self.checker = checker
+        self.read_moe = checker.read_checked if checker is not None else moe.read
         self.moe_layers = decoder_layers(moe_model)
         self.dense_prefix = _layers_prefix(dense_model)
         self.moe_prefix = _layers_prefix(moe_model)
@@ -168,14 +183,17 @@ class _Pairs:
         self.results: list[StreamedLayer] = []
 
     def run(self, index: int, dense_layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        dense_raw = self._read(self.dense, dense_layer, f"{self.dense_prefix}{index}.", {})
+        dense_prefix = f"{self.dense_prefix}{index}."
+        dense_raw = self._read(self.dense.read, dense_layer, dense_prefix, {})
+        if self.checker is not None:  # the experts are re-made from these, not from a second read
+            self.checker.lend_dense({dense_prefix + name: tensor for name, tensor in dense_raw.items()})
         with assigned(dense_layer, self._cast(dense_raw)):
             output = dense_layer(hidden, *args, **kwargs)
         dense_out = output[0] if isinstance(output, tuple) else output
         moe_layer = self.moe_layers[index]
         block = _moe_block_name(moe_layer)
         renames = {block: self.target.moe_prefix} if block is not None else {}
-        moe_raw = self._read(self.moe, moe_layer, f"{self.moe_prefix}{index}.", renames)
+        moe_raw = self._read(self.read_moe, moe_layer, f"{self.moe_prefix}{index}.", renames)
         shared = [n for n in moe_raw if n in dense_raw and not n.startswith(f"{block}.")]
         differing = [
             f"layer {index} {n}"
@@ -186,13 +204,17 @@ class _Pairs:
         recorded_args, recorded_kwargs = self.moe_calls[index]
         with assigned(moe_layer, self._cast(moe_raw)), self._experts(moe_layer, index):
             moe_output = moe_layer(hidden, *recorded_args[1:], **recorded_kwargs)
+        if self.checker is not None:  # the layer's tensors no token used (idle experts), while its dense ones are lent
+            for name in self.checker.layer_names(index):
+                self.checker.check(name)
+            self.checker.lend_dense({})
         moe_out = moe_output[0] if isinstance(moe_output, tuple) else moe_output
         max_abs, rel = _relative(dense_out, moe_out)
         kind = "moe" if block is not None else "dense"
         self.results.append(StreamedLayer(index, kind, max_abs, rel, len(shared) - len(differing), differing))
         return output
 
-    def _read(self, source: DenseSource, module: nn.Module, prefix: str, renames: dict[str, str]) -> dict:
+    def _read(self, read: Callable[[str], torch.Tensor], module: nn.Module, prefix: str, renames: dict) -> dict:
         """The module's parameters (experts excluded) as stored, keyed by their name in the module."""
         tensors = {}
         for name in [n for n, _ in module.named_parameters()] + meta_buffers(module):
@@ -200,9 +222,12 @@ class _Pairs:
                 continue
             head, _, tail = name.partition(".")
             key = prefix + (f"{renames[head]}.{tail}" if head in renames else name)
-            if key not in source.tensors:
-                raise StreamingError(f"{source.folder} has no tensor {key!r} for {type(module).__name__}.{name}")
-            tensors[name] = source.read(key)
+            try:
+                tensors[name] = read(key)
+            except KeyError:
+                raise StreamingError(
+                    f"the checkpoint has no tensor {key!r} for {type(module).__name__}.{name}"
+                ) from None
         return tensors
 
     def _cast(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,9 +241,9 @@ class _Pairs:
             key = self.target.expert_key(index, expert, projection)
             if key not in self.moe.tensors:
                 raise StreamingError(f"{self.moe.folder} has no tensor {key!r} for expert {expert} of layer {index}")
-            return self.moe.read(key).to(self.device, self.compute)
+            return self.read_moe(key)
 
-        with _streamed_experts(layer, read):
+        with _streamed_experts(layer, read, self.device, self.compute):
             yield
 
 
@@ -304,8 +329,18 @@ def _layer_calls(model: nn.Module, ids: torch.Tensor, device: torch.device, dtyp
 
 
 @contextmanager
-def _streamed_experts(layer: nn.Module, read: Callable[[int, str], torch.Tensor]) -> Iterator[None]:
+def _streamed_experts(
+    layer: nn.Module, read: Callable[[int, str], torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> Iterator[None]:
     """Swap each experts module's stacked weights for views that read expert e when indexed with e."""
+
+    def gate_up(expert: int) -> torch.Tensor:  # [gate; up] rows, converted straight into one buffer
+        gate, up = read(expert, "gate"), read(expert, "up")
+        out = torch.empty(gate.shape[0] + up.shape[0], *gate.shape[1:], device=device, dtype=dtype)
+        out[: gate.shape[0]].copy_(gate)
+        out[gate.shape[0] :].copy_(up)
+        return out
+
     swapped = []
     for module in layer.modules():
         if not _has_stacked_experts(module):
@@ -313,8 +348,8 @@ def _streamed_experts(layer: nn.Module, read: Callable[[int, str], torch.Tensor]
         if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
             raise StreamingError(f"{type(module).__name__} stores its experts in a layout upcycle does not stream")
         saved = (module._parameters.pop("gate_up_proj"), module._parameters.pop("down_proj"))
-        module.__dict__["gate_up_proj"] = _ExpertReader(lambda e: torch.cat([read(e, "gate"), read(e, "up")]))
-        module.__dict__["down_proj"] = _ExpertReader(lambda e: read(e, "down"))
+        module.__dict__["gate_up_proj"] = _ExpertReader(gate_up)
+        module.__dict__["down_proj"] = _ExpertReader(lambda e: read(e, "down").to(device, dtype))
         swapped.append((module, saved))
     try:
         yield

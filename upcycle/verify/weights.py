@@ -39,39 +39,79 @@ def check_weights(dense: DenseSource, moe: DenseSource, plan: UpcyclePlan, sourc
     `source_hashes` are the dense files' sha256 as found now (None: not computed); they must equal the ones
     recorded at conversion.
     """
-    report = WeightReport()
-    recorded = plan.source.get("sha256") or {}
-    if source_hashes is None:
-        report.source_matches_provenance = None
-    elif recorded:
-        report.source_matches_provenance = source_hashes == recorded
-    planned = {recipe.name: recipe for recipe in plan.recipes}
-    for name in sorted(set(moe.tensors) - set(planned)):
-        report.mismatches.append(WeightMismatch(name, "not in the plan (unexpected tensor)"))
-    read = CachedReader(dense.read)
-    for name, recipe in planned.items():
-        if name not in moe.tensors:
-            report.mismatches.append(WeightMismatch(name, "missing from the checkpoint"))
-            continue
-        if recipe.op == "copy" and recipe.rows is None and recipe.cols is None:  # compared in chunks: any size
-            report.tensors_checked += 1
-            problem = _copy_problem(dense, moe, recipe)
+    return WeightChecker(dense, moe, plan).finish(source_hashes)
+
+
+class WeightChecker:
+    """The weight check, tensor by tensor, so a pass that already reads tensors (streaming) can feed it.
+
+    `read_checked(name)` reads an MoE tensor, checks it against its recipe and returns it; dense tensors already in
+    memory can be lent with `lend_dense`, so nothing is read twice. `finish()` checks whatever was not fed.
+    """
+
+    def __init__(self, dense: DenseSource, moe: DenseSource, plan: UpcyclePlan) -> None:
+        self.dense, self.moe = dense, moe
+        self.report = WeightReport()
+        self.recorded_hashes = plan.source.get("sha256") or {}
+        self.planned = {recipe.name: recipe for recipe in plan.recipes}
+        self.done: set[str] = set()
+        self.lent: dict[str, torch.Tensor] = {}
+        self.read_dense = CachedReader(lambda name: self.lent[name] if name in self.lent else dense.read(name))
+        for name in sorted(set(moe.tensors) - set(self.planned)):
+            self.report.mismatches.append(WeightMismatch(name, "not in the plan (unexpected tensor)"))
+
+    def layer_names(self, layer: int) -> list[str]:
+        return [name for name, recipe in self.planned.items() if recipe.layer == layer]
+
+    def lend_dense(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Dense tensors (by checkpoint name, as stored) to use instead of reading them; replaces the last loan."""
+        self.lent = tensors
+
+    def read_checked(self, name: str) -> torch.Tensor:
+        actual = self.moe.read(name)
+        self.check(name, actual)
+        return actual
+
+    def check(self, name: str, actual: torch.Tensor | None = None) -> bool:
+        """Check one planned tensor (read from the MoE file unless given); True when it matches its recipe."""
+        if name in self.done or name not in self.planned:
+            return name in self.done and not any(m.tensor == name for m in self.report.mismatches)
+        self.done.add(name)
+        self.report.tensors_checked += 1
+        recipe = self.planned[name]
+        if name not in self.moe.tensors:
+            self.report.mismatches.append(WeightMismatch(name, "missing from the checkpoint"))
+            return False
+        if actual is None and recipe.op == "copy" and recipe.rows is None and recipe.cols is None:
+            problem = _copy_problem(self.dense, self.moe, recipe)  # in chunks: an embedding never sits whole in memory
             if problem is not None:
-                report.mismatches.append(WeightMismatch(name, *problem))
-            continue
-        actual = moe.read(name)
-        expected = materialize(recipe, read)
-        report.tensors_checked += 1
+                self.report.mismatches.append(WeightMismatch(name, *problem))
+            return problem is None
+        actual = self.moe.read(name) if actual is None else actual
+        expected = materialize(recipe, self.read_dense)
         if actual.shape != expected.shape or actual.dtype != expected.dtype:
-            report.mismatches.append(
-                WeightMismatch(
-                    name, f"is {list(actual.shape)} {actual.dtype}, planned {list(expected.shape)} {expected.dtype}"
-                )
-            )
-        elif not torch.equal(actual, expected):
+            problem = f"is {list(actual.shape)} {actual.dtype}, planned {list(expected.shape)} {expected.dtype}"
+            self.report.mismatches.append(WeightMismatch(name, problem))
+            return False
+        if not torch.equal(actual, expected):
             diff = (actual.float() - expected.float()).abs().max().item()
-            report.mismatches.append(WeightMismatch(name, _describe(recipe, actual), diff))
-    return report
+            self.report.mismatches.append(WeightMismatch(name, _describe(recipe, actual), diff))
+            return False
+        return True
+
+    def finish(self, source_hashes: dict | None) -> WeightReport:
+        """Check every planned tensor not checked yet, and the dense files' sha256 (`source_hashes`, as found now;
+        None: not comparable) against the record; the mismatches in plan order."""
+        if source_hashes is None:
+            self.report.source_matches_provenance = None
+        elif self.recorded_hashes:
+            self.report.source_matches_provenance = source_hashes == self.recorded_hashes
+        self.lent = {}
+        for name in self.planned:
+            self.check(name)
+        order = {name: i for i, name in enumerate(self.planned)}
+        self.report.mismatches.sort(key=lambda m: order.get(m.tensor, -1))
+        return self.report
 
 
 def tensor_difference(a: DenseSource, a_name: str, b: DenseSource, b_name: str, dtype: torch.dtype) -> float | None:
