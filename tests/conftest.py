@@ -57,3 +57,18 @@ def load_clean(folder: Path, dtype: torch.dtype = torch.float32):
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"loading {folder} reported {problems}"
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, and its exact E4 top-2 upcycle."""
+    from train_helpers import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("train-models"))
+
+
+@pytest.fixture(scope="session")
+def texts():
+    from train_helpers import shakespeare_texts
+
+    return shakespeare_texts()

@@ -258,7 +258,7 @@ def test_bit_exactness_holds_where_the_plan_says_it_does(dense_dir, tmp_path, ex
 # ---- case 5, continued: the bf16 tolerance is what correct bf16 upcycles measure ----------------------------------
 
 
-@pytest.mark.parametrize(("family", "tolerance"), [("llama", 4e-3), ("qwen3", 2e-2)], ids=["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize(("family", "tolerance"), [("llama", 4e-3), ("qwen3", 3e-2)], ids=["mixtral", "qwen3_moe"])
 def test_bf16_verify_passes_correct_upcycles_at_the_measured_tolerance(cli, dense_dir, tmp_path, family, tolerance):
     src = dense_dir(family)
     convert(src, tmp_path / "moe", UpcycleOptions(dtype="bfloat16"))

@@ -420,3 +420,17 @@ def test_resolve_batch_rejects_a_bad_world_size(folder: Path) -> None:
 def test_run_section_requires_output_dir() -> None:
     with pytest.raises(TypeError):
         RunSection()  # type: ignore[call-arg]
+
+
+def test_shipped_moe_recipes_use_the_papers_per_layer_aux_coefficient():
+    """The paper's best load-balancing weight is 1e-2 applied to every MoE layer (Megatron-Core); z-loss off."""
+    from pathlib import Path
+
+    from upcycle.train.recipe import load_recipe
+
+    shipped = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    moe = [path for path in shipped if path.stem != "dense-control"]
+    assert len(moe) == 4
+    for path in moe:
+        recipe = load_recipe(path, [])
+        assert recipe.moe.aux_loss_coef == 1e-2 and recipe.moe.z_loss_coef == 0.0, path.name

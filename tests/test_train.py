@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,70 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import load_clean
-from tiny_models import make_dense
+from train_helpers import VOCAB, losses, recipe_dict, run_cli, run_ranks, write_recipe
 
-from upcycle import assets
-from upcycle.convert import UpcycleOptions, convert
-from upcycle.convert.writer import COPIED_FILES
 from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist
 from upcycle.train.loop import TrainingDiverged, load_model, train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import load_recipe, recipe_from_dict
-
-VOCAB = 49152  # SmolLM2's tokenizer, so the text is real tokens
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny random Llama with SmolLM2's tokenizer, and its exact E4 top-2 upcycle."""
-    root = tmp_path_factory.mktemp("train-models")
-    dense = make_dense("llama", root / "dense", vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=True)
-    tokenizer_source = assets.smollm2_folder()
-    for path in tokenizer_source.iterdir():
-        if any(path.match(pattern) for pattern in COPIED_FILES):
-            shutil.copy2(path, dense / path.name)
-    convert(dense, root / "moe", UpcycleOptions(experts=4, top_k=2))
-    return dense, root / "moe"
-
-
-@pytest.fixture(scope="session")
-def texts() -> tuple[list[str], list[str]]:
-    train_files, heldout = assets.shakespeare_split()
-    return [str(p) for p in train_files[:2]], [str(heldout[0])]
-
-
-def recipe_dict(model_path: Path, out: Path, texts, **sections) -> dict:
-    train_files, eval_files = texts
-    data = {
-        "model": {"path": str(model_path), "experts_implementation": "grouped_mm"},
-        "data": {"train": train_files, "eval": eval_files, "seq_len": 32, "eval_sequences": 6},
-        "batch": {"micro_batch_size": 2, "grad_accum": 2, "steps": 6},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "moe": {"aux_loss_coef": 0.01},
-        "run": {
-            "output_dir": str(out),
-            "precision": "fp32",
-            "eval_interval": 3,
-            "checkpoint_interval": 2,
-            "keep_checkpoints": 2,
-            "tensorboard": False,
-        },
-    }
-    for section, values in sections.items():
-        data[section].update(values)
-    return data
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
 
 
 def test_train_end_to_end(tiny_pair, texts, tmp_path):
@@ -106,7 +48,8 @@ def test_train_end_to_end(tiny_pair, texts, tmp_path):
     keys = set(index) if index else set(_safetensors_keys(export / "model.safetensors"))
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys
     provenance = json.loads((export / "upcycle.json").read_text())
-    assert provenance["training"]["steps"] == 6 and provenance["exactness"]["exact"] is True
+    assert provenance["training"]["steps"] == 6 and provenance["kind"] == "trained"
+    assert provenance["exactness"]["exact"] is False and provenance["conversion"]["exactness"]["exact"] is True
     assert (export / "tokenizer.json").is_file()
 
 
@@ -182,16 +125,6 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_pair, texts, tmp_
     assert len(skipped) == 2
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "upcycle", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_resume_after_sigkill_reaches_the_same_losses(tiny_pair, texts, tmp_path):
     _, moe = tiny_pair
     reference = write_recipe(
@@ -230,23 +163,7 @@ def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
     one = write_recipe(tmp_path / "one.yaml", recipe_dict(moe, tmp_path / "one", texts, **common))
     two = write_recipe(tmp_path / "two.yaml", recipe_dict(moe, tmp_path / "two", texts, **common))
     assert run_cli("train", str(one)).returncode == 0
-    torchrun = Path(sys.executable).parent / "torchrun"
-    launched = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "upcycle",
-            "train",
-            str(two),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    launched = run_ranks(2, "train", str(two))
     assert launched.returncode == 0, launched.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
@@ -262,14 +179,6 @@ def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
         if value.numel()
     }
     assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_bad_recipe_is_refused_with_the_key(tmp_path, tiny_pair, texts):

@@ -356,6 +356,13 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in run.output_dir.")
     ] = False,
+    allow_changes: Annotated[
+        str,
+        typer.Option(
+            help="With --resume: accept these changes to what is trained (comma-separated: model, data, seq_len, "
+            "seed, global_batch)."
+        ),
+    ] = "",
 ) -> None:
     """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs under torchrun)."""
     from upcycle.train.loop import train
@@ -363,8 +370,9 @@ def train_cmd(
 
     try:
         loaded = load_recipe(recipe, list(set_ or []))
+        allowed = {name.strip() for name in allow_changes.split(",") if name.strip()}
         with RichTrainReporter() as reporter:
-            summary = train(loaded, reporter, resume=resume)
+            summary = train(loaded, reporter, resume=resume, allow_changes=allowed)
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     if summary.export_dir:
@@ -413,8 +421,12 @@ class RichTrainReporter:
     def evaluated(self, record: dict[str, Any]) -> None:
         line = f"step {record['step']}: held-out loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})"
         if "dense_eval_loss" in record:
-            same = "[green]equal[/]" if record["step0_matches_dense"] else "[red]differs[/]"
-            line += f", dense model {record['dense_eval_loss']:.4f} ({same})"
+            matches = record["step0_matches_dense"]
+            same = {True: "[green]equal[/]", False: "[red]differs[/]", None: "[yellow]approximate[/]"}[matches]
+            line += (
+                f", dense model {record['dense_eval_loss']:.4f}; logits {same} "
+                f"(Δ {record['step0_rel_diff']:.2g}, {record['step0_precision']})"
+            )
         if "load_imbalance_max_over_mean" in record:
             line += f", expert load max/mean up to {max(record['load_imbalance_max_over_mean']):.2f}"
         self.progress.console.print(line)

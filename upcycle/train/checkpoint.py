@@ -448,11 +448,14 @@ def save_checkpoint(
     run_dir: Path | str,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     keep: int = 3,
 ) -> Path:
     """Write ``RUN_DIR/checkpoints/step-{step:08d}`` atomically and keep the newest `keep`; return its path.
+
+    `optimizer=None` saves the model only: an optimizer that has not stepped yet has no state, and asking DCP for
+    it would make one up (a zero-learning-rate step) and change every later update.
 
     Collective when a process group is initialised: every rank calls it with its shard of the model. The
     trainer state (rank 0's is written) must be JSON-serialisable; JSON turns tuples into lists and keys into
@@ -495,9 +498,13 @@ def save_checkpoint(
     try:
         tmp = Path(_on_rank0(prepare, f"create a temporary checkpoint folder in {root}"))
         _at("tmp-created")
-        model_state, optim_state = get_state_dict(model, optimizer)
+        if optimizer is None:
+            saved = {"model": get_model_state_dict(model)}
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            saved = {"model": model_state, "optim": optim_state}
         with _quiet_dcp():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+            dcp.save(saved, checkpoint_id=tmp)
         _at("dcp-saved")
         _on_all_ranks(lambda: _write_rank_files(tmp, rank, trainer_json), "write its checkpoint files")
         _at("files-written")

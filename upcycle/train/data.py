@@ -624,12 +624,20 @@ class BatchOrder:
         return step * global_batch_sequences / self.num_sequences
 
     def global_batch(self, step: int, global_batch_sequences: int) -> list[int]:
-        """Sequence ids of step ``step``'s global batch, in stream order."""
+        """Sequence ids of step ``step``'s global batch, in stream order (a run that never changed its batch)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise OptionError(f"step must be a non-negative integer, got {step!r}.", None)
         b = _positive_int("global batch (sequences)", global_batch_sequences)
+        return self.batch_at(int(step) * b, b)
+
+    def batch_at(self, position: int, global_batch_sequences: int) -> list[int]:
+        """Sequence ids at stream positions ``[position, position + B)``: where a run stands is its position, so a
+        resumed run continues exactly where it stopped even if its batch size changed."""
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or position < 0:
+            raise OptionError(f"position must be a non-negative integer, got {position!r}.", None)
+        b = _positive_int("global batch (sequences)", global_batch_sequences)
         n = self.num_sequences
-        start, stop = int(step) * b, (int(step) + 1) * b
+        start, stop = int(position), int(position) + b
         ids: list[int] = []
         pos = start
         while pos < stop:
@@ -640,19 +648,31 @@ class BatchOrder:
         return ids
 
     def local_micro_batches(
-        self, step: int, global_batch_sequences: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        step: int,
+        global_batch_sequences: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        position: int | None = None,
     ) -> list[list[int]]:
         """Rank ``rank``'s micro-batches of step ``step``: ``grad_accum_steps`` lists of ``micro_batch_size`` ids.
 
-        The global batch is cut into ``world_size`` contiguous equal shares (rank r takes share r) and each share
-        into micro-batches, so the union over ranks and micro-batches is the global batch and a run on any number
-        of ranks trains on the same sequences per step.
+        The global batch is the one at stream ``position`` (default: ``step`` x the global batch). It is cut into
+        ``world_size`` contiguous equal shares (rank r takes share r) and each share into micro-batches, so the
+        union over ranks and micro-batches is the global batch and a run on any number of ranks trains on the same
+        sequences per step.
         """
         accum = grad_accum_steps(global_batch_sequences, micro_batch_size, world_size)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise OptionError(f"rank must be in [0, {world_size}), got {rank!r}.", None)
         share = global_batch_sequences // world_size
-        mine = self.global_batch(step, global_batch_sequences)[rank * share : (rank + 1) * share]
+        batch = (
+            self.global_batch(step, global_batch_sequences)
+            if position is None
+            else self.batch_at(position, global_batch_sequences)
+        )
+        mine = batch[rank * share : (rank + 1) * share]
         return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(accum)]
 
 

@@ -73,6 +73,15 @@ def all_reduce_sum(values: torch.Tensor, info: Dist) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor, info: Dist) -> torch.Tensor:
+    """Element-wise maximum over ranks, back on the CPU."""
+    if info.enabled:
+        values = values.to(info.device, copy=True)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        values = values.cpu()
+    return values
+
+
 def barrier(info: Dist) -> None:
     if info.enabled:
         dist.barrier()

@@ -59,31 +59,75 @@ def check_replaceable_export(out: Path) -> None:
         )
 
 
+def export_settings(folder: Path, export_dtype: str = "auto") -> tuple[torch.dtype, bool]:
+    """The export's dtype (`export_dtype`, or for "auto" the dtype the model in `folder` was stored in) and the
+    model's own use_cache: read from its folder, since training loads it in fp32 and turns its cache off."""
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    name = export_dtype
+    if name == "auto":
+        name = config.get("dtype") or config.get("torch_dtype") or _stored_dtype(folder)
+    return getattr(torch, str(name)), bool(config.get("use_cache", True))
+
+
+def _stored_dtype(folder: Path) -> str:
+    """The dtype of the first floating-point tensor on disk, for a config that does not declare one."""
+    from upcycle.convert.source import index_weights
+
+    for info in index_weights(folder).values():
+        if info.dtype.is_floating_point:
+            return str(info.dtype).removeprefix("torch.")
+    return "float32"
+
+
 def export_model(
-    model: nn.Module, info: Dist, source: Path, out: Path, summary: dict[str, Any], force: bool = False
+    model: nn.Module,
+    info: Dist,
+    source: Path,
+    out: Path,
+    summary: dict[str, Any],
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+    use_cache: bool = True,
 ) -> Path | None:
-    """Write OUT atomically: weights in the source checkpoint's dtype, tokenizer, upcycle.json + training summary.
+    """Write OUT atomically: weights in `dtype`, `use_cache` as the source had it, tokenizer, and an upcycle.json that
+    records the training (the conversion's record, with its exactness claim, moves under "conversion").
 
     An existing OUT is replaced only with ``force`` (moved aside, removed once the new export is in place).
     """
     state = full_state_dict(model, info)
     if info.is_main:
-        declared = getattr(model.config, "dtype", None)
-        dtype = declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared or "float32"))
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         out.parent.mkdir(parents=True, exist_ok=True)
         with staged(out, force) as tmp:
             model.save_pretrained(tmp, state_dict=state)
+            # save_pretrained writes the training's fp32 and use_cache=False: the export says what it holds
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"], config["use_cache"] = str(dtype).removeprefix("torch."), use_cache
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             for path in source.iterdir():
                 if path.is_file() and any(fnmatch(path.name, p) for p in COPIED_FILES):
                     shutil.copy2(path, tmp / path.name)
-            provenance = (
-                json.loads((source / "upcycle.json").read_text()) if (source / "upcycle.json").is_file() else {}
-            )
-            provenance["training"] = summary
-            (tmp / "upcycle.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (tmp / "upcycle.json").write_text(json.dumps(training_record(source, summary), indent=2) + "\n")
     barrier(info)
     return out if info.is_main else None
+
+
+def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """upcycle.json of a trained model: what was trained from what. A trained model is no longer the dense model's
+    equal, so it claims no exactness; the conversion's claim (about step 0) is kept under "conversion"."""
+    from upcycle import __version__
+
+    previous = json.loads((source / "upcycle.json").read_text()) if (source / "upcycle.json").is_file() else {}
+    conversion = previous.get("conversion") if "training" in previous else (previous or None)
+    trainings = [*previous.get("trainings", []), {**summary, "from": str(source)}] if "training" in previous else []
+    return {
+        "tool": {"name": "upcycle", "version": __version__},
+        "kind": "trained",
+        "exactness": {"exact": False, "method": "trained after conversion", "notes": []},
+        "conversion": conversion,
+        "trainings": trainings or [{**summary, "from": str(source)}],
+        "training": {**summary, "from": str(source)},
+    }
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -136,6 +180,9 @@ def export_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
         "recipe": state["recipe"],
         "from_checkpoint": str(checkpoint),
     }
-    exported = export_model(model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary, force=force)
+    dtype, use_cache = export_settings(source, state["recipe"].get("run", {}).get("export_dtype", "auto"))
+    exported = export_model(
+        model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary, force=force, dtype=dtype, use_cache=use_cache
+    )
     assert exported is not None
     return exported

@@ -21,13 +21,20 @@ from torch import nn
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.loading import load_causal_lm_strict
 from upcycle.output_safety import refuse_overlap
-from upcycle.train import moe_losses
-from upcycle.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from upcycle.train import moe_losses, step0
+from upcycle.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from upcycle.train.data import BatchOrder, PackedDataset, eval_batches, make_batch, packed_dataset
 from upcycle.train.distributed import Dist, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
-from upcycle.train.export import check_replaceable_export, export_model
+from upcycle.train.export import check_replaceable_export, export_model, export_settings
 from upcycle.train.metrics import MetricsLog
 from upcycle.train.recipe import TrainRecipe, resolve_batch
+from upcycle.train.resume import resume_point
 from upcycle.train.schedule import lr_at
 
 
@@ -136,20 +143,31 @@ def run_micro_batch(
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch, the loss scaled so accumulated gradients are a mean.
 
-    Returns (lm, aux, z) as a detached device tensor: reading it is left to the end of the step, so the device
-    never waits for the host in between.
+    Returns [lm, aux, z, dropped fraction, aux per MoE layer...] as one detached device tensor: reading it is left
+    to the end of the step, so the device never waits for the host in between. The router terms are computed
+    (for the log) whatever their coefficients; they reach the loss only with a coefficient.
     """
     taps.clear()
     with autocast:
         out = model(input_ids=batch_BS, labels=batch_BS)
     lm = out.loss.float()
-    zero = torch.zeros((), device=lm.device)
-    aux = moe_losses.aux_loss(taps.records) if taps.records and recipe.moe.aux_loss_coef else zero
-    z = moe_losses.z_loss(taps.records) if taps.records and recipe.moe.z_loss_coef else zero
-    loss = lm + recipe.moe.aux_loss_coef * aux + recipe.moe.z_loss_coef * z
+    loss, values = lm, [lm.detach()]
+    if taps.records:
+        moe = recipe.moe
+        with torch.set_grad_enabled(moe.aux_loss_coef > 0):
+            aux_L = moe_losses.aux_losses(taps.records)
+        with torch.set_grad_enabled(moe.z_loss_coef > 0):
+            z = moe_losses.z_loss(taps.records)
+        loss = lm + moe.aux_loss_coef * aux_L.sum() + moe.z_loss_coef * z
+        dropped = moe_losses.dropped_fraction(taps.records)
+        taps.count_assignments()
+        values += [aux_L.sum().detach(), z.detach(), (dropped if dropped is not None else lm.new_zeros(())).detach()]
+        values += list(aux_L.detach().unbind())
+    else:
+        values += [lm.new_zeros(()), lm.new_zeros(()), lm.new_zeros(())]
     (loss * scale).backward()
     taps.clear()
-    return torch.stack([lm, aux, z]).detach()
+    return torch.stack(values)
 
 
 def evaluate(
@@ -200,30 +218,58 @@ def evaluate(
     return record
 
 
-def dense_reference_loss(
-    recipe: TrainRecipe, dataset: PackedDataset, info: Dist, autocast: contextlib.AbstractContextManager
-) -> tuple[float, bool] | None:
-    """The dense source's held-out loss, when the model is an upcycle and its source is at hand."""
-    plan_path = Path(recipe.model.path) / "upcycle.json"
-    if not plan_path.is_file():
-        return None
-    plan = json.loads(plan_path.read_text())
-    source = Path(plan.get("source", {}).get("path", ""))
-    if plan.get("source", {}).get("kind") != "folder" or not (source / "config.json").is_file():
-        return None
-    dense = load_causal_lm_strict(source, torch.float32).to(info.device)
-    record = evaluate(dense, dataset, recipe, info, None, autocast)  # unsharded: each rank evaluates its share
+def step0_check(
+    model: nn.Module,
+    recipe: TrainRecipe,
+    dataset: PackedDataset,
+    info: Dist,
+    precision: torch.dtype,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[dict[str, Any], str | None]:
+    """The record fields and a message: an upcycle's step-0 logits against its dense source, in the run's precision."""
+    folder, plan = step0.dense_source(Path(recipe.model.path))
+    if folder is None:
+        return {}, (f"step-0 check: not run ({plan})" if "trained" in str(plan) else None)
+    dense = load_causal_lm_strict(folder, torch.float32).to(info.device)
+    if info.enabled and precision != torch.float32:
+        dense = dense.to(precision)  # FSDP computes the MoE in the policy's dtype: the dense model does too
+    result = step0.compare_with_dense(
+        model,
+        dense,
+        plan,
+        dataset,
+        recipe.data.eval_sequences,
+        recipe.batch.micro_batch_size,
+        info,
+        precision,
+        autocast,
+    )
     del dense
-    return record["eval_loss"], bool(plan.get("exactness", {}).get("exact"))
+    record = result.record() | {"step0_matches_dense": result.passed}
+    if result.passed is None:
+        return record, (
+            f"step-0 check: approximate by design, the logits deviate {result.rel_diff:.3g} relative from the dense "
+            f"model's (top-1 agreement {result.top1_agreement:.2%})"
+        )
+    return record, result.message()
 
 
-def train(recipe: TrainRecipe, reporter: Reporter | None = None, resume: bool = False) -> TrainSummary:
-    """Run the recipe to its last step (or resume it); returns what happened."""
+def train(
+    recipe: TrainRecipe,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+    allow_changes: set[str] | frozenset[str] = frozenset(),
+) -> TrainSummary:
+    """Run the recipe to its last step (or resume it); returns what happened.
+
+    A resumed run continues the checkpoint's data stream; `allow_changes` names the recipe changes that alter
+    what is trained (see `upcycle.train.resume`) which the user accepts.
+    """
     started = time.perf_counter()
     info = init_distributed()
     report = reporter if (reporter is not None and info.is_main) else SilentReporter()
     try:
-        return _train(recipe, info, report, resume, started)
+        return _train(recipe, info, report, resume, started, set(allow_changes))
     finally:
         shutdown(info)
 
@@ -248,7 +294,9 @@ def check_output_dir(recipe: TrainRecipe, resume: bool) -> None:
         )
 
 
-def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, started: float) -> TrainSummary:
+def _train(
+    recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, started: float, allow_changes: set[str]
+) -> TrainSummary:
     run_dir = Path(recipe.run.output_dir)
     check_output_dir(recipe, resume)
     torch.manual_seed(recipe.run.seed)
@@ -260,21 +308,35 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
     autocast = torch.autocast(info.device.type, dtype=compute_dtype) if use_autocast else contextlib.nullcontext()
 
     batch = resolve_batch(recipe, info.world_size)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    point = None
+    if checkpoint is not None:  # checked before any data is tokenised or weights loaded
+        saved = read_trainer_state(checkpoint)
+        point = resume_point(saved, recipe.to_dict(), batch.global_batch_sequences, info.world_size, allow_changes)
+        for note in point.notes:
+            report.message(note)
+    if recipe.optim.warmup_steps >= batch.steps:
+        report.message(
+            f"warning: optim.warmup_steps ({recipe.optim.warmup_steps}) >= the run's {batch.steps} steps: the learning "
+            "rate rises for the whole run and never decays. Lower optim.warmup_steps or raise batch.steps."
+        )
     train_set = tokens_for(recipe.data.train, recipe, info)
     eval_set = tokens_for(recipe.data.eval, recipe, info) if recipe.data.eval else None
+    export_dtype, export_use_cache = export_settings(Path(recipe.model.path), recipe.run.export_dtype)
     model = load_model(recipe, info, compute_dtype)
-    taps = moe_losses.RouterTaps(model, recipe.moe.capacity_factor)
+    taps = moe_losses.RouterTaps(model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0)
     optimizer = make_optimizer(model, recipe)
     if recipe.run.compile:
         model.compile()  # compiles forward in place; parameters, hooks and state-dict names are unchanged
     order = BatchOrder(len(train_set), recipe.run.seed)
 
     start_step, resumed_from, history = 0, None, []
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        start_step = resumed_from = int(state["step"])
-        history = list(state.get("eval_history", []))
+    position, tokens, bad_steps, stepped = 0, 0, 0, False
+    if checkpoint is not None and point is not None:
+        stepped = bool(saved.get("optimizer_stepped", True))  # older checkpoints always saved the optimizer
+        load_checkpoint(checkpoint, model, optimizer if stepped else None)
+        start_step = resumed_from = point.step
+        history, position, tokens, bad_steps = list(point.history), point.position, point.tokens, point.bad_steps
     log = MetricsLog(run_dir, info.is_main, recipe.run.tensorboard, resume_step=start_step if resume else 0)
     if log.tensorboard_note:
         report.message(log.tensorboard_note)
@@ -301,23 +363,17 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
             return
         record = {"kind": "eval", "step": step, **evaluate(model, eval_set, recipe, info, taps, autocast)}
         if step == 0:
-            reference = dense_reference_loss(recipe, eval_set, info, autocast)
-            if reference is not None:
-                dense_loss, exact = reference
-                record["dense_eval_loss"] = dense_loss
-                record["step0_matches_dense"] = abs(record["eval_loss"] - dense_loss) <= 1e-4 * abs(dense_loss) + 1e-6
-                if exact and not record["step0_matches_dense"]:
-                    report.message(
-                        f"warning: step-0 held-out loss {record['eval_loss']:.6f} differs from the dense "
-                        f"model's {dense_loss:.6f}; the upcycle is not exact (run `upcycle verify`)."
-                    )
+            fields, message = step0_check(model, recipe, eval_set, info, compute_dtype, autocast)
+            record |= fields
+            if message:
+                report.message(message)
         history.append({k: v for k, v in record.items() if k != "expert_load"})
         log.write(record)
         report.evaluated(record)
 
     if start_step == 0:
         run_eval(0)
-    bad_steps, last_loss = 0, None
+    last_loss = None
     for step in range(start_step, batch.steps):
         step_start = time.perf_counter()
         lr = lr_at(
@@ -331,42 +387,55 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = order.local_micro_batches(
-            step, batch.global_batch_sequences, batch.micro_batch_size, info.rank, info.world_size
+            step, batch.global_batch_sequences, batch.micro_batch_size, info.rank, info.world_size, position=position
         )
-        totals = torch.zeros(3, device=info.device)
+        totals = None
         for ids in micro_batches:
             batch_BS = make_batch(train_set, ids).to(info.device)
-            totals += run_micro_batch(model, taps, batch_BS, recipe, 1.0 / len(micro_batches), autocast)
+            values = run_micro_batch(model, taps, batch_BS, recipe, 1.0 / len(micro_batches), autocast)
+            totals = values if totals is None else totals + values
+        assert totals is not None
         clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # one host read per step: the mean losses over ranks and the (already global) gradient norm
         step_values = torch.cat([totals.double() / len(micro_batches), grad_norm.detach().double().reshape(1)])
         step_values = all_reduce_sum(step_values, info).cpu()
-        totals, grad_norm_value = step_values[:3] / info.world_size, step_values[3].item() / info.world_size
-        finite = math.isfinite(grad_norm_value) and math.isfinite(totals[0].item())
+        means, grad_norm_value = step_values[:-1] / info.world_size, step_values[-1].item() / info.world_size
+        finite = math.isfinite(grad_norm_value) and math.isfinite(means[0].item())
         if finite:
             optimizer.step()
+            stepped = True
             bad_steps = 0
+            if recipe.moe.bias_update_rate > 0:
+                moe_losses.update_score_biases(taps, recipe.moe.bias_update_rate, lambda t: all_reduce_sum(t, info))
         else:
             bad_steps += 1
             report.message(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+        taps.reset_counts()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - step_start
-        last_loss = totals[0].item()
+        last_loss = means[0].item()
+        position += batch.global_batch_sequences
+        tokens += batch.tokens_per_step
         record = {
             "kind": "train",
             "step": step + 1,
             "loss": last_loss,
-            "aux_loss": totals[1].item(),
-            "z_loss": totals[2].item(),
+            "aux_loss": means[1].item(),
+            "z_loss": means[2].item(),
             "lr": lr,
             "grad_norm": grad_norm_value,
-            "tokens": (step + 1) * batch.tokens_per_step,
+            "tokens": tokens,
+            "data_position": position,  # sequences of the training stream consumed
             "tokens_per_s": batch.tokens_per_step / seconds,
             "step_seconds": seconds,
             "skipped": not finite,
         }
+        if len(means) > 4:
+            record["aux_loss_per_layer"] = [round(v, 6) for v in means[4:].tolist()]
+        if recipe.moe.capacity_factor is not None and taps.routers:
+            record["dropped_fraction"] = means[3].item()
         if (step + 1) % max(1, recipe.run.log_interval) == 0 or step + 1 == batch.steps or not finite:
             log.write(record)
         report.step(record)
@@ -382,15 +451,26 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
         if recipe.run.checkpoints and ((interval and (step + 1) % interval == 0) or done):
             trainer_state = {
                 "step": step + 1,
-                "tokens": (step + 1) * batch.tokens_per_step,
-                "data_position": (step + 1) * batch.global_batch_sequences,
+                "tokens": tokens,
+                "data_position": position,
+                "global_batch_sequences": batch.global_batch_sequences,
+                "world_size": info.world_size,
+                "bad_steps": bad_steps,
+                "optimizer_stepped": stepped,  # before the first real step there is no optimizer state to save
                 "eval_history": history,
                 "recipe": recipe.to_dict(),
             }
-            save_checkpoint(run_dir, step + 1, model, optimizer, trainer_state, keep=recipe.run.keep_checkpoints)
+            save_checkpoint(
+                run_dir,
+                step + 1,
+                model,
+                optimizer if stepped else None,
+                trainer_state,
+                keep=recipe.run.keep_checkpoints,
+            )
     summary = TrainSummary(
         batch.steps,
-        batch.steps * batch.tokens_per_step,
+        tokens,
         last_loss,
         history,
         resumed_from=resumed_from,
@@ -411,6 +491,8 @@ def _train(recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, star
                 "recipe": recipe.to_dict(),
             },
             force=True,
+            dtype=export_dtype,
+            use_cache=export_use_cache,
         )
         summary.export_dir = str(out) if out else None
     taps.remove()

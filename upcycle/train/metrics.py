@@ -24,7 +24,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # a resumed run redoes the steps after its checkpoint: drop their old points, as for the JSON lines
+                self._tb = SummaryWriter(
+                    str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
                 self.tensorboard_note = "TensorBoard is not installed (pip install tensorboard); JSON lines only."
 

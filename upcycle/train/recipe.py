@@ -28,6 +28,7 @@ import yaml
 from upcycle.errors import OptionError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "constant", "linear")
 EXPERTS_IMPLEMENTATIONS = ("auto", "upcycle", "grouped_mm", "eager")
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -270,13 +271,20 @@ class MoESection(_Section):
     """Router losses and token dropping; ignored for a dense model."""
 
     _name = "moe"
-    aux_loss_coef: float = 0.01  # load-balancing loss weight (the paper's best)
-    z_loss_coef: float = 0.0  # router z-loss weight (the paper saw no effect at 1e-3)
+    # Per MoE layer, as in Megatron-Core (the paper's implementation): the loss is coef x the sum over layers of
+    # each layer's E * sum_e f_e * P_e (1.0 when balanced). 1e-2 is the paper's best.
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0  # router z-loss weight, per layer too (the paper saw no effect at 1e-3)
     capacity_factor: float | None = None  # None = dropless; a factor drops tokens over capacity
+    # Aux-loss-free balancing (DeepSeek-V3) for sigmoid routers with a score-correction bias (Glm4-MoE, Dots1):
+    # after each step every bias moves by this rate towards balance (+ for under-loaded experts). 0 = off, the bias
+    # stays as converted (zero) and only the aux loss balances.
+    bias_update_rate: float = 0.0
 
     def _check(self) -> None:
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", "must be 0 or more", "use 0.01.")
         _require(self.z_loss_coef >= 0, "moe.z_loss_coef", "must be 0 or more", "use 0 or 1e-3.")
+        _require(self.bias_update_rate >= 0, "moe.bias_update_rate", "must be 0 or more", "use 0 or 1e-3.")
         _require(
             self.capacity_factor is None or self.capacity_factor > 0,
             "moe.capacity_factor",
@@ -301,10 +309,12 @@ class RunSection(_Section):
     max_bad_steps: int = 3  # consecutive non-finite steps before stopping
     tensorboard: bool = True
     export: bool = True
+    export_dtype: str = "auto"  # auto (the dtype the model was stored in) | float32 | bfloat16 | float16
     compile: bool = False
 
     def _check(self) -> None:
         _require(bool(self.output_dir.strip()), "run.output_dir", "is empty", "set run.output_dir to a folder.")
+        _one_of(self.export_dtype, EXPORT_DTYPES, "run.export_dtype")
         _require(0 <= self.seed < 2**63, "run.seed", f"must be in [0, 2**63), got {self.seed}", "use e.g. 0.")
         _one_of(self.precision, PRECISIONS, "run.precision")
         for name in ("eval_interval", "checkpoint_interval"):

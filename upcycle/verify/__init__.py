@@ -87,7 +87,14 @@ def read_plan(moe_folder: Path) -> UpcyclePlan:
             "pass the OUT folder of `upcycle convert`.",
         )
     try:
-        return UpcyclePlan.from_json(json.loads(plan_path.read_text()), json.loads(config_path.read_text()))
+        data = json.loads(plan_path.read_text())
+        if data.get("kind") == "trained":
+            raise SourceError(
+                f"{moe_folder} was trained after conversion, so it no longer equals its dense source; verify proves "
+                "conversions.",
+                "verify the folder `upcycle convert` wrote; a trained model is measured by its held-out loss.",
+            )
+        return UpcyclePlan.from_json(data, json.loads(config_path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise SourceError(f"{plan_path} is damaged ({error}).", "convert the model again.") from None
 

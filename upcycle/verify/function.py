@@ -16,10 +16,10 @@ import torch
 # storage dtype) is the sharp check. In bf16/fp16, what correct upcycles measure (benchmarks/verify_precision.py,
 # benchmarks/RESULTS.md) depends on the class: Mixtral combines the experts with fp32 routing weights and measures
 # 0, so one unit in the last place is allowed; classes that round the routing weights to the compute dtype
-# measure up to 8.9e-3 (bf16) and 1.3e-3 (fp16) on correct upcycles, so errors below ~2 % cannot be told apart
-# there: use fp32 for those.
+# measure up to 8.9e-3 on tiny models and 2.0e-2 on SmolLM2 (Qwen2-MoE, 6 MoE layers) in bf16, and 1.3e-3 in
+# fp16, on correct upcycles, so errors below a few % cannot be told apart there: use fp32 for those.
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 4e-3, "float16": 5e-4}
-ROUNDED_ROUTING_TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3}
+ROUNDED_ROUTING_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
 
 
 def tolerance_for(dtype: str, rounds_routing_weights: bool) -> float:

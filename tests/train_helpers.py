@@ -1,0 +1,92 @@
+"""Shared pieces of the training tests: a tiny real MoE with SmolLM2's tokenizer, recipes, runs and their logs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from tiny_models import make_dense
+
+from upcycle import assets
+from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert.writer import COPIED_FILES
+from upcycle.train.metrics import read_metrics
+
+VOCAB = 49152  # SmolLM2's tokenizer, so the text is real tokens
+
+
+def make_tiny_pair(root: Path, **options) -> tuple[Path, Path]:
+    """A tiny random Llama with SmolLM2's tokenizer, and its upcycle (exact E4 top-2 unless told otherwise)."""
+    dense = root / "dense"
+    if not dense.is_dir():
+        make_dense("llama", dense, vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=True)
+        for path in assets.smollm2_folder().iterdir():
+            if any(path.match(pattern) for pattern in COPIED_FILES):
+                shutil.copy2(path, dense / path.name)
+    moe = root / ("moe" + "".join(f"-{k}{v}" for k, v in sorted(options.items())))
+    convert(dense, moe, UpcycleOptions(**{"experts": 4, "top_k": 2, **options}))
+    return dense, moe
+
+
+def shakespeare_texts() -> tuple[list[str], list[str]]:
+    train_files, heldout = assets.shakespeare_split()
+    return [str(p) for p in train_files[:2]], [str(heldout[0])]
+
+
+def recipe_dict(model_path: Path, out: Path, texts, **sections) -> dict:
+    train_files, eval_files = texts
+    data = {
+        "model": {"path": str(model_path), "experts_implementation": "grouped_mm"},
+        "data": {"train": train_files, "eval": eval_files, "seq_len": 32, "eval_sequences": 6},
+        "batch": {"micro_batch_size": 2, "grad_accum": 2, "steps": 6},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "moe": {"aux_loss_coef": 0.01},
+        "run": {
+            "output_dir": str(out),
+            "precision": "fp32",
+            "eval_interval": 3,
+            "checkpoint_interval": 2,
+            "keep_checkpoints": 2,
+            "tensorboard": False,
+        },
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    return data
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "upcycle", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def run_ranks(ranks: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`upcycle ARGS` under torchrun with `ranks` local processes (gloo on the CPU)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc-per-node", str(ranks), "--master-port", str(free_port()), "-m", "upcycle"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

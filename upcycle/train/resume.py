@@ -1,0 +1,115 @@
+"""Resuming a run: where its data stream stands, and whether the recipe still trains what the run trained.
+
+A checkpoint records the stream position (sequences consumed), the tokens trained and the recipe. A resumed run
+continues from that position, not from step x the current batch, and its recipe is compared with the saved one:
+a change that alters what is trained (the model, the training data, the sequence length, the seed, the global
+batch) is refused with the list of differences unless `--allow-changes` names each of them. Other differences
+(learning rate, steps, intervals) are allowed and reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from upcycle.errors import OptionError
+
+# name for --allow-changes -> the recipe keys it covers (dotted); "global_batch" is the resolved sequences per step
+GUARDED = {
+    "model": ("model.path",),
+    "data": ("data.train", "data.text_field"),
+    "seq_len": ("data.seq_len",),
+    "seed": ("run.seed",),
+    "global_batch": (),
+}
+IGNORED = {"run.output_dir"}  # where the run lives, not what it trains
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    step: int
+    position: int  # sequences of the data stream consumed
+    tokens: int  # tokens trained so far
+    bad_steps: int  # consecutive non-finite steps at the checkpoint
+    history: list[dict[str, Any]]
+    notes: list[str]  # what changed and was allowed, for the user
+
+
+def resume_point(
+    state: dict[str, Any], recipe: dict[str, Any], global_batch: int, world_size: int, allow: set[str]
+) -> ResumePoint:
+    """Check the resumed recipe against the saved one and place the data stream; refuse unannounced changes."""
+    unknown = allow - set(GUARDED)
+    if unknown:
+        raise OptionError(
+            f"--allow-changes names {', '.join(sorted(unknown))}, which upcycle does not guard.",
+            f"name any of: {', '.join(GUARDED)}.",
+        )
+    saved = state.get("recipe") or {}
+    step = int(state["step"])
+    saved_batch = int(state.get("global_batch_sequences") or _saved_batch(state, step))
+    changed = _differences(_flatten(saved), _flatten(recipe))
+    guarded: dict[str, list[str]] = {}
+    for name, keys in GUARDED.items():
+        lines = [f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys if key in changed]
+        if name == "global_batch" and saved_batch != global_batch:
+            lines.append(f"sequences per step: {saved_batch} -> {global_batch}{_rank_note(state, world_size)}")
+        if lines:
+            guarded[name] = lines
+    refused = {name: lines for name, lines in guarded.items() if name not in allow}
+    if refused:
+        listed = "; ".join(line for lines in refused.values() for line in lines)
+        raise OptionError(
+            f"the resumed run would train on something else than the checkpoint's run: {listed}.",
+            f"resume with the saved recipe (RUN_DIR/recipe.resolved.json), or pass --allow-changes "
+            f"{','.join(refused)} to accept the change.",
+        )
+    covered = {key for keys in GUARDED.values() for key in keys}
+    notes = [f"changed (allowed): {line}" for lines in guarded.values() for line in lines]
+    notes += [f"changed: {key}: {old!r} -> {new!r}" for key, (old, new) in changed.items() if key not in covered]
+    position = int(state.get("data_position", step * saved_batch))
+    tokens = int(state.get("tokens", position * int(saved.get("data", {}).get("seq_len", 0) or 0)))
+    new_seq_len = int(recipe["data"]["seq_len"])
+    if "seq_len" in guarded and new_seq_len:  # a new packing: continue after the same number of tokens
+        position = math.ceil(tokens / new_seq_len)
+    return ResumePoint(
+        step, position, tokens, int(state.get("bad_steps", 0)), list(state.get("eval_history", [])), notes
+    )
+
+
+def _saved_batch(state: dict[str, Any], step: int) -> int:
+    if step and state.get("data_position"):
+        return int(state["data_position"]) // step
+    raise OptionError("the checkpoint does not record its global batch.", "resume with the upcycle that wrote it.")
+
+
+def _rank_note(state: dict[str, Any], world_size: int) -> str:
+    saved_world = state.get("world_size")
+    if saved_world is not None and saved_world != world_size:
+        return (
+            f" (the recipe sets batch.grad_accum, so the global batch follows the {saved_world} -> {world_size} "
+            "ranks; set batch.global_batch_tokens to keep it fixed)"
+        )
+    return ""
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, name + ".")
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value changed; a key the saved recipe lacks (added by a newer upcycle) counts only if guarded."""
+    guarded = {key for keys in GUARDED.values() for key in keys}
+    return {
+        key: (saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if key not in IGNORED and saved.get(key) != current.get(key) and (key in saved or key in guarded)
+    }
