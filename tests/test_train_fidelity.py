@@ -327,3 +327,17 @@ def test_tensorboard_has_each_step_once_after_a_resume(tiny_pair, texts, tmp_pat
     events.Reload()
     steps = [event.step for event in events.Scalars("train/loss")]
     assert sorted(steps) == [1, 2, 3, 4], steps
+
+
+@pytest.mark.parametrize(
+    ("change", "name", "positions", "tokens"),
+    [
+        ({"data__seq_len": 16}, "seq_len", [32 + 4, 32 + 8], [512 + 64, 512 + 128]),  # 512 tokens = 32 new sequences
+        ({"run__seed": 1}, "seed", [16 + 4, 16 + 8], [512 + 128, 512 + 256]),
+    ],
+    ids=["seq_len", "seed"],
+)
+def test_resume_with_an_allowed_change_keeps_the_tokens_trained(stopped_run, tmp_path, change, name, positions, tokens):
+    train(resumed(dict(stopped_run), tmp_path, **change), resume=True, allow_changes={name})
+    records = train_records(tmp_path / "run")[4:]
+    assert [r["data_position"] for r in records] == positions and [r["tokens"] for r in records] == tokens

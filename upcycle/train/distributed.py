@@ -66,18 +66,18 @@ def shard_model(model: nn.Module, info: Dist, param_dtype: torch.dtype | None) -
 
 def all_reduce_sum(values: torch.Tensor, info: Dist) -> torch.Tensor:
     """Sum over ranks; the result comes back on the CPU whatever device the collective needs."""
-    if info.enabled:
-        values = values.to(info.device, copy=True)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values.cpu()
-    return values
+    return _all_reduce(values, info, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor, info: Dist) -> torch.Tensor:
     """Element-wise maximum over ranks, back on the CPU."""
+    return _all_reduce(values, info, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: torch.Tensor, info: Dist, op: dist.ReduceOp) -> torch.Tensor:
     if info.enabled:
         values = values.to(info.device, copy=True)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        dist.all_reduce(values, op=op)
         values = values.cpu()
     return values
 
