@@ -250,38 +250,18 @@ def child_upcycle(spec: dict[str, Any], events: Events) -> None:
 
 
 def flops_info(folder: Path, seq: int) -> dict[str, Any]:
-    """Parameter counts from a meta-device instance of the model, and FLOPs per token (see the docstring)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Parameter counts and FLOPs per token by upcycle's one rule (upcycle.compare.model_cost)."""
+    from upcycle.compare import FLOPS_FORMULA, model_cost
 
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    tied = head is embed
-    experts = experts_active = 0
-    for module in model.modules():
-        if hasattr(module, "experts") and isinstance(getattr(module, "gate", None), torch.nn.Module):
-            n = sum(p.numel() for p in module.experts.parameters())
-            num = getattr(module.experts, "num_experts", None) or config.num_local_experts
-            k = getattr(config, "num_experts_per_tok", None) or getattr(module, "top_k", None)
-            experts += n
-            experts_active += n * k // num
-    active = total - embed.numel() + (head.numel() if tied else 0) - experts + experts_active
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 12 * layers * heads * head_dim * seq
+    cost = model_cost(folder)
     return {
-        "class": type(model).__name__,
-        "params_total": total,
-        "params_active_matmul": active,
-        "expert_params": experts,
-        "layers": layers,
-        "attention_width": heads * head_dim,
-        "flops_per_token": 6 * active + attention,
-        "flops_formula": f"6 x {active:,} + 12 x {layers} x {heads * head_dim} x {seq}",
+        "class": cost.architecture,
+        "params_total": cost.total_params,
+        "params_active_matmul": cost.active_params,
+        "layers": cost.layers,
+        "attention_width": cost.attn_width,
+        "flops_per_token": cost.flops_per_token(seq),
+        "flops_formula": f"{FLOPS_FORMULA} with N_active = {cost.active_params:,}, seq_len = {seq}",
     }
 
 

@@ -134,11 +134,145 @@ def _finish(model_type: str, config: dict[str, Any], draw: st.DrawFn) -> dict[st
     return {"model_type": model_type, **{k: v for k, v in config.items() if v is not ABSENT}}
 
 
+def _layer_windows(draw: st.DrawFn, config: dict[str, Any], allow_none: bool = True) -> None:
+    """A window and per-layer types, as v5 configs write them (some mixed, some uniform)."""
+    layers = config["num_hidden_layers"]
+    config["sliding_window"] = draw(st.sampled_from([5, 9] + ([ABSENT] if allow_none else [])))
+    if draw(st.booleans()):
+        config["layer_types"] = draw(
+            st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=layers, max_size=layers)
+        )
+
+
+def _llama_biases(draw: st.DrawFn, config: dict[str, Any]) -> None:
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+    config["mlp_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+
+
+@st.composite
+def olmo2(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, False, True]))
+    return _finish("olmo2", config, draw)
+
+
+@st.composite
+def ernie4_5(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["use_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128  # Ernie4_5Config's default, whatever hidden / heads is
+    return _finish("ernie4_5", config, draw)
+
+
+@st.composite
+def hunyuan_v1_dense(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, False, True]))
+    return _finish("hunyuan_v1_dense", config, draw)
+
+
+@st.composite
+def seed_oss(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _llama_biases(draw, config)
+    config["attention_out_bias"] = draw(st.sampled_from([ABSENT, ABSENT, False, True]))
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128
+    return _finish("seed_oss", config, draw)
+
+
+def _llama_alias(model_type: str) -> Callable[[], st.SearchStrategy[dict[str, Any]]]:
+    @st.composite
+    def strategy(draw: st.DrawFn) -> dict[str, Any]:
+        config = _common(draw)
+        _llama_biases(draw, config)
+        if config["head_dim"] is ABSENT:
+            config["_head_dim_hint"] = 128
+        return _finish(model_type, config, draw)
+
+    return strategy
+
+
+@st.composite
+def ministral(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _layer_windows(draw, config, allow_none=False)
+    return _finish("ministral", config, draw)
+
+
+@st.composite
+def ministral3(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["sliding_window"] = draw(st.sampled_from([ABSENT, None, 5, 9]))
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128
+    config = _finish("ministral3", config, draw)
+    parameters = dict(config.pop("rope_parameters", None) or {"rope_type": "default"})
+    parameters.setdefault("rope_theta", config.pop("rope_theta", 1000000.0))
+    if "rope_scaling" in config:
+        scaling = config.pop("rope_scaling")
+        parameters.update(
+            {k: v for k, v in scaling.items() if k != "type"}, rope_type=scaling.get("type", scaling.get("rope_type"))
+        )
+    parameters["original_max_position_embeddings"] = parameters.get("original_max_position_embeddings", 16)
+    parameters["llama_4_scaling_beta"] = draw(st.sampled_from([0.0, 0.0, 0.1]))
+    config["rope_parameters"] = parameters
+    return config
+
+
+@st.composite
+def cwm(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _layer_windows(draw, config, allow_none=False)
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128
+    return _finish("cwm", config, draw)
+
+
+@st.composite
+def smollm3(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    layers = config["num_hidden_layers"]
+    config["no_rope_layers"] = draw(
+        st.sampled_from([[1] * layers, [1] * layers, [int(i % 2 == 0) for i in range(layers)]])
+    )
+    config["pad_token_id"] = 0  # the class default (128004) lies outside a tiny vocabulary
+    return _finish("smollm3", config, draw)
+
+
+@st.composite
+def cohere2(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config.pop("rms_norm_eps")
+    config["layer_norm_eps"] = draw(st.sampled_from([ABSENT, 1e-5, 1e-6]))
+    config["logit_scale"] = draw(st.sampled_from([ABSENT, 0.25, 1.0]))
+    config["attention_bias"] = draw(st.sampled_from([ABSENT, False, True]))
+    config["pad_token_id"] = draw(st.sampled_from([0, 1]))
+    layers = config["num_hidden_layers"]
+    config["sliding_window"] = draw(st.sampled_from([5, 9]))
+    config["layer_types"] = draw(
+        st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=layers, max_size=layers)
+    )
+    return _finish("cohere2", config, draw)
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "llama": llama,
     "mistral": mistral,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "olmo2": olmo2,
+    "ernie4_5": ernie4_5,
+    "hunyuan_v1_dense": hunyuan_v1_dense,
+    "seed_oss": seed_oss,
+    "internlm3": _llama_alias("internlm3"),
+    "iquestcoder": _llama_alias("iquestcoder"),
+    "ministral": ministral,
+    "ministral3": ministral3,
+    "cwm": cwm,
+    "smollm3": smollm3,
+    "cohere2": cohere2,
 }
 
 

@@ -15,6 +15,7 @@ import torch
 from upcycle import assets
 from upcycle.convert.gguf_source import dequantize_gguf
 from upcycle.errors import OptionError, OutputError, SourceError
+from upcycle.output_safety import TMP_MARK
 
 HELD_OUT = ["twelfth_night_gut.txt", "two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]
 
@@ -45,7 +46,7 @@ def test_smollm2_folder_is_a_plain_working_hf_model() -> None:
     folder = assets.smollm2_folder()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (folder / name).is_file(), name
-    assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))
+    assert not list(folder.parent.glob(f".{folder.name}{TMP_MARK}*"))
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:

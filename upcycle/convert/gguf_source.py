@@ -7,13 +7,12 @@ transformers de-quantises it on load, and we save the result as an ordinary fp32
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from upcycle.errors import OutputError, SourceError
+from upcycle.output_safety import staged
 
 GGUF_FIX = "pip install 'upcycle[gguf]'  (installs the gguf and accelerate packages)"
 
@@ -29,11 +28,6 @@ def _require_gguf_support() -> None:
     if missing:
         needs = " and ".join(missing)
         raise SourceError(f"Reading a GGUF checkpoint needs the {needs} package(s).", GGUF_FIX)
-
-
-def _temp_dir_for(dest: Path) -> Path:
-    """A hidden sibling of ``dest``: same filesystem, so the final ``os.replace`` is atomic."""
-    return dest.parent / f".{dest.name}.tmp-{os.getpid()}"
 
 
 def _normalize_permissions(folder: Path) -> None:
@@ -64,10 +58,8 @@ def dequantize_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir_for(dest)
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run with a recycled pid
     folder, name = str(gguf_file.parent), gguf_file.name
-    try:
+    with staged(dest, force=overwrite) as tmp:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=dtype, local_files_only=True, trust_remote_code=False
@@ -91,19 +83,7 @@ def dequantize_gguf(
         if max_pos and getattr(tokenizer, "model_max_length", 0) > 1e29:
             tokenizer.model_max_length = int(max_pos)
 
-        tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _normalize_permissions(tmp)
-
-        if dest.exists():  # only reachable with overwrite=True
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

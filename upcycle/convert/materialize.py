@@ -55,8 +55,8 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
         return _router(recipe).to(out_dtype)
     assert recipe.source is not None
     if recipe.is_verbatim:
-        return _slice(read(recipe.source, out_dtype), recipe)
-    source = read(recipe.source, torch.float32)
+        return _slice(_unfused(read(recipe.source, out_dtype), recipe), recipe)
+    source = _unfused(read(recipe.source, torch.float32), recipe)
     weight = _slice(source, recipe).clone()
     if recipe.drop_ratio:
         axis = recipe.drop_axis
@@ -73,6 +73,13 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
     if recipe.scale != 1.0:
         weight *= recipe.scale
     return weight.to(out_dtype)
+
+
+def _unfused(tensor: torch.Tensor, recipe: TensorRecipe) -> torch.Tensor:
+    """The dense tensor the recipe derives from: its block of rows when the source stores several fused."""
+    if recipe.source_rows is None:
+        return tensor
+    return tensor[recipe.source_rows[0] : recipe.source_rows[1]]
 
 
 def _slice(tensor: torch.Tensor, recipe: TensorRecipe) -> torch.Tensor:

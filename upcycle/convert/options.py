@@ -10,7 +10,6 @@ from upcycle.errors import OptionError
 
 RouterKind = Literal["renorm", "softmax-topk"]
 RouterInit = Literal["random", "zero", "tied"]
-TARGETS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -87,8 +86,10 @@ class UpcycleOptions:
         if self.router_std is not None and (self.router_std < 0 or not math.isfinite(self.router_std)):
             raise OptionError(f"router std must be >= 0 (got {self.router_std}).", "omit it.")
         self.weight_scale_factor_override()
-        if self.target not in TARGETS:
-            raise OptionError(f"unknown --target {self.target!r}.", f"choose one of: {', '.join(TARGETS)}.")
+        from upcycle.convert.targets import TARGETS  # the one list of target classes
+
+        if self.target != "auto" and self.target not in TARGETS:
+            raise OptionError(f"unknown --target {self.target!r}.", f"choose auto or one of: {', '.join(TARGETS)}.")
         if self.dtype not in DTYPES:
             raise OptionError(f"unknown --dtype {self.dtype!r}.", f"choose one of: {', '.join(DTYPES)}.")
         if self.shard_size < 1024**2:

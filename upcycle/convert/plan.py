@@ -223,7 +223,7 @@ def _proven_target(
         failures.append((target, report.first_problem))
     target, problem = failures[0]
     raise UnsupportedModelError(
-        f"the {target.architecture} config upcycle would write does not compute what this {dense.family} model "
+        f"the {target.architecture} config upcycle would write does not compute what this {dense.title} model "
         f"computes ({problem}).",
         "nothing was written; choose another --target or other options. upcycle refuses rather than write an "
         "inexact model.",
@@ -247,7 +247,7 @@ def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) 
     declared = dense.config.get("dtype") or dense.config.get("torch_dtype")  # as written: absent means unknown
     if declared in DTYPE_NAMES:
         return declared
-    code = DTYPE_CODES.get(source.tensors[dense.mlp_key(0, "gate")].dtype, "F32")
+    code = DTYPE_CODES.get(source.tensors[dense.mlp_sources(0)["gate"].name].dtype, "F32")
     return CODE_NAMES.get(code, "float32")
 
 
@@ -269,39 +269,50 @@ def _recipes(
     dtype: str,
     scales: tuple[float, float, float],
 ) -> list[TensorRecipe]:
+    """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest."""
     moe = set(layout.moe_layers)
-    mlp_keys = {dense.mlp_key(i, p) for i in range(dense.num_layers) for p in MLP_PROJECTIONS}
-    order = sorted(source.tensors, key=_write_order)
-    recipes: list[TensorRecipe] = []
-    for name in order:
+    mlp_names = dense.mlp_tensor_names()
+    outer: list[TensorRecipe] = []
+    per_layer: list[list[TensorRecipe]] = [[] for _ in range(dense.num_layers)]
+    for name in sorted(source.tensors):
         if name.endswith("rotary_emb.inv_freq") or (dense.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        if name not in mlp_keys:
-            recipes.append(TensorRecipe(name, source.tensors[name].shape, dtype, "copy", source=name))
+        if name in mlp_names:
             continue
-        layer, projection = int(name.split(".")[2]), name.split(".")[-2].removesuffix("_proj")
-        if layer not in moe:
-            recipes.append(
+        layer = dense.layer_of(name)
+        for out_name, ref in dense.copies(name):
+            shape = (
+                source.tensors[name].shape
+                if ref.rows is None
+                else (ref.rows[1] - ref.rows[0], *source.tensors[name].shape[1:])
+            )
+            recipe = TensorRecipe(
+                target.rename(out_name), tuple(shape), dtype, "copy", source=ref.name, source_rows=ref.rows,
+                layer=-1 if layer is None else layer,
+            )  # fmt: skip
+            (outer if layer is None else per_layer[layer]).append(recipe)
+    for layer in range(dense.num_layers):
+        if layer in moe:
+            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype, scales)
+            continue
+        for projection, ref in dense.mlp_sources(layer).items():
+            shape = (
+                source.tensors[ref.name].shape if ref.rows is None else (ref.rows[1] - ref.rows[0], dense.hidden_size)
+            )
+            per_layer[layer].append(
                 TensorRecipe(
                     target.dense_mlp_key(layer, projection),
-                    source.tensors[name].shape,
+                    tuple(shape),
                     dtype,
                     "copy",
-                    source=name,
+                    source=ref.name,
+                    source_rows=ref.rows,
                     layer=layer,
-                )
+                )  # fmt: skip
             )
-        elif projection == "down":  # the layer's MoE block is emitted once, after its last MLP tensor
-            recipes += _moe_block(layer, dense, opts, target, dtype, scales)
-    return recipes
-
-
-def _write_order(name: str) -> tuple[int, int, str]:
-    """Embeddings, then layer by layer (MLP last), then the final norm and head: the order a reader wants."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-        return (1, int(parts[2]), ("1" if ".mlp." in name else "0") + name)
-    return (0 if "embed" in name else 2, 0, name)
+    embeddings = [r for r in outer if "embed" in r.name]
+    rest = [r for r in outer if "embed" not in r.name]
+    return embeddings + [r for recipes in per_layer for r in recipes] + rest
 
 
 def _moe_block(
@@ -323,6 +334,7 @@ def _moe_block(
             layer=layer,
         )
     ]
+    sources = dense.mlp_sources(layer)
     for expert in range(opts.num_experts):
         g = expert % groups  # expert e = n*G + g holds shard g of copy n
         span = (g * shard, (g + 1) * shard)
@@ -342,7 +354,8 @@ def _moe_block(
                 TensorRecipe(
                     target.expert_key(layer, expert, projection),
                     (hidden, shard) if is_down else (shard, hidden),
-                    source=dense.mlp_key(layer, projection),
+                    source=sources[projection].name,
+                    source_rows=sources[projection].rows,
                     rows=None if is_down or groups == 1 else span,
                     cols=span if is_down and groups > 1 else None,
                     scale=scale,

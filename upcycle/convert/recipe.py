@@ -20,6 +20,7 @@ class TensorRecipe:
     dtype: str  # safetensors dtype code of the output, e.g. "BF16"
     op: Op
     source: str | None = None  # dense tensor it derives from
+    source_rows: tuple[int, int] | None = None  # the dense tensor's rows within a fused source (Phi-3's qkv_proj)
     rows: tuple[int, int] | None = None  # slice of source dim 0 (gate/up shard of a virtual group)
     cols: tuple[int, int] | None = None  # slice of source dim 1 (down shard)
     scale: float = 1.0
@@ -51,7 +52,7 @@ class TensorRecipe:
     def from_json(cls, data: dict) -> TensorRecipe:
         values = dict(data)
         values["shape"] = tuple(values["shape"])
-        for key in ("rows", "cols"):
+        for key in ("rows", "cols", "source_rows"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -275,17 +275,8 @@ def open_source(path: Path, trust_remote_code: bool = False, scratch: Path | Non
         yield DenseSource.open(folder, trust_remote_code)
 
 
-def hash_files(paths: list[Path], chunk: int = 16 * 1024**2) -> dict[str, str]:
+def hash_files(paths: list[Path]) -> dict[str, str]:
     """sha256 of each source file, for provenance (hashlib releases the GIL, so this runs in a thread)."""
-    import hashlib
+    from upcycle.hashing import file_sha256
 
-    digests: dict[str, str] = {}
-    for path in paths:
-        digest = hashlib.sha256()
-        with path.open("rb", buffering=0) as handle:
-            buffer = bytearray(chunk)
-            view = memoryview(buffer)
-            while got := handle.readinto(buffer):
-                digest.update(view[:got])
-        digests[os.path.basename(path)] = digest.hexdigest()
-    return digests
+    return {os.path.basename(path): file_sha256(path) for path in paths}

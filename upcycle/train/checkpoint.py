@@ -54,6 +54,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from upcycle.errors import UpcycleError
+from upcycle.hashing import file_sha256
+from upcycle.output_safety import publish_atomically
+from upcycle.train.distributed import barrier, rank_and_world
 
 __all__ = [
     "FORMAT_VERSION",
@@ -74,7 +77,6 @@ MANIFEST = "manifest.json"
 TRAINER = "trainer.json"
 _FINAL = re.compile(r"^step-(\d{8,})$")
 _STALE = re.compile(r"^\.step-\d+\.(tmp|old)-")
-_CHUNK = 1 << 20
 
 T = TypeVar("T")
 
@@ -146,14 +148,6 @@ def remove_stale(run_dir: Path | str) -> list[Path]:
 # Verification
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fix_for(path: Path) -> str:
     step = _step_of(path)
     older = [p for p in list_checkpoints(path.parent.parent) if step is not None and (_step_of(p) or 0) < step]
@@ -212,7 +206,7 @@ def _check_file(path: Path, name: str, entry: dict[str, Any], hashes: bool) -> s
     size = file.stat().st_size
     if size != entry["size"]:
         return f"{file} has {size} bytes, the manifest says {entry['size']}"
-    if hashes and _sha256(file) != entry["sha256"]:
+    if hashes and file_sha256(file) != entry["sha256"]:
         return f"{file} does not match its sha256 in the manifest (its contents changed after the save)"
     return None
 
@@ -224,7 +218,7 @@ def verify_checkpoint(path: Path | str, *, hashes: bool = True) -> dict[str, Any
     same CheckpointError, naming the first bad file.
     """
     path = Path(path)
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     manifest = _read_manifest(path)  # every rank: it raises the same way everywhere, no collective needed
     names = sorted(manifest["files"])
     mine = names[rank::world] if hashes else names
@@ -268,20 +262,9 @@ def read_trainer_state(path: Path | str) -> dict[str, Any]:
 # Process group helpers: every function also works with no process group (one process, world size 1).
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        dist.barrier()
-
-
 def _on_rank0(action: Callable[[], T], what: str) -> T:
     """Run `action` on rank 0 and give every rank its result; if it fails, every rank raises (none hangs)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if world == 1:
         return action()
     box: list[Any] = [None]
@@ -303,7 +286,7 @@ def _on_rank0(action: Callable[[], T], what: str) -> T:
 
 def _on_all_ranks(action: Callable[[], T], what: str) -> list[T]:
     """Run `action` on every rank and gather the results; if one rank fails, every rank raises (none hangs)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if world == 1:
         return [action()]
     error: Exception | None = None
@@ -426,7 +409,7 @@ def _write_rank_files(tmp: Path, rank: int, trainer_json: str) -> None:
 
 
 def _entry(file: Path) -> dict[str, Any]:
-    return {"size": file.stat().st_size, "sha256": _sha256(file)}
+    return {"size": file.stat().st_size, "sha256": file_sha256(file)}
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -467,7 +450,7 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     try:
         trainer_json = json.dumps(
             {
@@ -530,16 +513,10 @@ def save_checkpoint(
         _write_durably(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)
         _at("manifest-written")
-        aside = None
-        if final.exists():
-            aside = root / f".{final.name}.old-{secrets.token_hex(4)}"
-            os.replace(final, aside)
-            _at("old-moved-aside")
-        os.replace(tmp, final)
+        aside = root / f".{final.name}.old-{secrets.token_hex(4)}"
+        publish_atomically(tmp, final, force=True, aside=aside, on_aside=lambda: _at("old-moved-aside"))
         _at("renamed")
         _fsync_dir(root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
         _prune(root, keep, final)
         newer = [p.name for p in list_checkpoints(run_dir) if (_step_of(p) or 0) > step]
         if newer:
@@ -570,7 +547,7 @@ def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
     and for FSDP2-sharded or plain models. `optimizer=None` loads the model only (evaluation, export).
     """
     path = Path(path)
-    rank, _ = _rank_world()
+    rank, _ = rank_and_world()
     manifest = verify_checkpoint(path, hashes=True)
     state = read_trainer_state(path)
     try:
@@ -598,5 +575,5 @@ def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
             _seed_extra_rank(torch.load(path / "rng-rank0.pt", weights_only=True), rank)
     except Exception as exc:
         raise CheckpointError(f"Checkpoint {path} is corrupt: {own} is unreadable ({exc}).", _fix_for(path)) from exc
-    _barrier()
+    barrier()
     return state

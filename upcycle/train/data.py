@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import OptionError, SourceError
+from upcycle.hashing import file_sha256
 
 try:  # POSIX only; without it concurrent builds of one key each write the same file and the last rename wins
     import fcntl
@@ -208,14 +209,6 @@ def iter_documents(files: Iterable[Path], text_field: str = "text") -> Iterator[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_files(tokenizer_dir: Path) -> list[Path]:
     """The files of a model folder that define its tokenizer (what the cache key hashes)."""
     folder = Path(tokenizer_dir)
@@ -242,8 +235,8 @@ def token_cache_key(files: Sequence[Path], tokenizer_dir: Path, text_field: str 
     spec = {
         "format": FORMAT_VERSION,
         "text_field": text_field,
-        "texts": [[Path(f).suffix.lower(), _sha256_file(Path(f))] for f in files],
-        "tokenizer": [[p.name, _sha256_file(p)] for p in tokenizer_files(tokenizer_dir)],
+        "texts": [[Path(f).suffix.lower(), file_sha256(f)] for f in files],
+        "tokenizer": [[p.name, file_sha256(p)] for p in tokenizer_files(tokenizer_dir)],
         "transformers": importlib.metadata.version("transformers"),  # metadata: importing would cost a second
         "tokenizers": importlib.metadata.version("tokenizers"),
     }

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upcycle.moe_modules import decoder_layers as find_decoder_layers
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -40,13 +42,20 @@ def init_distributed() -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the joined process group ((0, 1) without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def shutdown(info: Dist) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(model, "model", model), "layers", None)
+    layers = find_decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no model.layers to shard")
     return list(layers)
@@ -82,6 +91,7 @@ def _all_reduce(values: torch.Tensor, info: Dist, op: dist.ReduceOp) -> torch.Te
     return values
 
 
-def barrier(info: Dist) -> None:
-    if info.enabled:
+def barrier(info: Dist | None = None) -> None:
+    """Wait for every rank (of `info`, or of the joined process group); nothing to wait for in one process."""
+    if info.enabled if info is not None else rank_and_world()[1] > 1:
         dist.barrier()

@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from upcycle.moe_modules import moe_blocks, router_of
+
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The router of every sparse block: the `gate` of any module that also holds `experts`."""
-    return [
-        (f"{name}.gate", module.gate)
-        for name, module in model.named_modules()
-        if hasattr(module, "experts") and isinstance(getattr(module, "gate", None), nn.Module)
-    ]
+    """The router of every sparse block (see upcycle.moe_modules)."""
+    return [(f"{name}.gate", router_of(module)) for name, module in moe_blocks(model)]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch import nn
 
 from upcycle.hf_config import UnknownConfigError
 from upcycle.hf_config import load_config as _load_config
+from upcycle.moe_modules import is_moe_block
 from upcycle.verify.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
 
 PROBE_IMPLEMENTATION = "upcycle_probe"
@@ -336,7 +337,7 @@ def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
     attn = children[attention[0]]
     norms.update({f"{attention[0]}.{n}": m for n, m in attn.named_children() if _is_norm(m)})
     mlp = children[rest[0]]
-    kind = "moe" if any(name.split(".")[-1] == "experts" for name, _ in mlp.named_modules()) else "dense"
+    kind = "moe" if any(is_moe_block(module) for module in mlp.modules()) else "dense"
     activations = {}
     for module in mlp.modules():
         act = getattr(module, "act_fn", None)

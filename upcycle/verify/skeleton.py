@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from upcycle.moe_modules import decoder_layers as find_decoder_layers
+
 
 class SkeletonError(Exception):
     """transformers cannot build the model, or the model has a structure these helpers do not know."""
@@ -39,8 +41,8 @@ def meta_model(config: Any, attn_implementation: str, experts_implementation: st
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(model.base_model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    layers = find_decoder_layers(model)
+    if layers is None:
         raise SkeletonError(f"{type(model).__name__} keeps no list of decoder layers where upcycle can reach it")
     return layers
 

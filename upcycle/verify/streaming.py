@@ -184,7 +184,7 @@ class _Pairs:
 
     def run(self, index: int, dense_layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         dense_prefix = f"{self.dense_prefix}{index}."
-        dense_raw = self._read(self.dense.read, dense_layer, dense_prefix, {})
+        dense_raw = self._read(self.dense.read, dense_layer, dense_prefix, {}, lambda name: name)
         if self.checker is not None:  # the experts are re-made from these, not from a second read
             self.checker.lend_dense({dense_prefix + name: tensor for name, tensor in dense_raw.items()})
         with assigned(dense_layer, self._cast(dense_raw)):
@@ -193,7 +193,9 @@ class _Pairs:
         moe_layer = self.moe_layers[index]
         block = _moe_block_name(moe_layer)
         renames = {block: self.target.moe_prefix} if block is not None else {}
-        moe_raw = self._read(self.read_moe, moe_layer, f"{self.moe_prefix}{index}.", renames)
+        moe_raw = self._read(
+            self.read_moe, moe_layer, f"{self.moe_prefix}{index}.", renames, self.target.checkpoint_name
+        )
         shared = [n for n in moe_raw if n in dense_raw and not n.startswith(f"{block}.")]
         differing = [
             f"layer {index} {n}"
@@ -214,14 +216,21 @@ class _Pairs:
         self.results.append(StreamedLayer(index, kind, max_abs, rel, len(shared) - len(differing), differing))
         return output
 
-    def _read(self, read: Callable[[str], torch.Tensor], module: nn.Module, prefix: str, renames: dict) -> dict:
+    def _read(
+        self,
+        read: Callable[[str], torch.Tensor],
+        module: nn.Module,
+        prefix: str,
+        renames: dict,
+        on_disk: Callable[[str], str],
+    ) -> dict:
         """The module's parameters (experts excluded) as stored, keyed by their name in the module."""
         tensors = {}
         for name in [n for n, _ in module.named_parameters()] + meta_buffers(module):
             if _is_expert_weight(module, name):
                 continue
             head, _, tail = name.partition(".")
-            key = prefix + (f"{renames[head]}.{tail}" if head in renames else name)
+            key = prefix + on_disk(f"{renames[head]}.{tail}" if head in renames else name)
             try:
                 tensors[name] = read(key)
             except KeyError:

@@ -82,7 +82,13 @@ class WeightChecker:
         if name not in self.moe.tensors:
             self.report.mismatches.append(WeightMismatch(name, "missing from the checkpoint"))
             return False
-        if actual is None and recipe.op == "copy" and recipe.rows is None and recipe.cols is None:
+        if (
+            actual is None
+            and recipe.op == "copy"
+            and recipe.rows is None
+            and recipe.cols is None
+            and recipe.source_rows is None
+        ):
             problem = _copy_problem(self.dense, self.moe, recipe)  # in chunks: an embedding never sits whole in memory
             if problem is not None:
                 self.report.mismatches.append(WeightMismatch(name, *problem))

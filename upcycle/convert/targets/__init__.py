@@ -5,25 +5,31 @@ from __future__ import annotations
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.targets.base import Layout, Target
+from upcycle.convert.targets.cohere2_moe import Cohere2MoeTarget
+from upcycle.convert.targets.ernie4_5_moe import Ernie45MoeTarget
+from upcycle.convert.targets.flex_olmo import FlexOlmoTarget
 from upcycle.convert.targets.group_limited import Dots1Target, Glm4MoeTarget
+from upcycle.convert.targets.hunyuan_v1_moe import HunyuanMoeTarget
 from upcycle.convert.targets.mixtral import MixtralTarget
 from upcycle.convert.targets.qwen_moe import Qwen2MoeTarget, Qwen3MoeTarget
 from upcycle.errors import UnsupportedModelError
 
+# The one list of target classes: the CLI, options and `upcycle families` read it.
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (MixtralTarget(), Qwen2MoeTarget(), Qwen3MoeTarget(), Glm4MoeTarget(), Dots1Target())
-}
+    t.name: t
+    for t in (
+        MixtralTarget(), Qwen2MoeTarget(), Qwen3MoeTarget(), Glm4MoeTarget(), Dots1Target(), FlexOlmoTarget(),
+        Ernie45MoeTarget(), HunyuanMoeTarget(), Cohere2MoeTarget(),
+    )
+}  # fmt: skip
 
 
 def preferred_target(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str:
-    """DESIGN.md's table: the simplest class that holds this model and these options exactly."""
-    if opts.granularity > 1:
-        return "dots1" if dense.qk_norm else "glm4_moe"
-    if dense.family == "qwen3":
-        return "qwen3_moe"
-    if dense.family == "qwen2" or opts.router != "renorm" or not layout.all_moe:
-        return "qwen2_moe"
-    return "mixtral"
+    """The first of the family's homes (its own order: simplest class first) that holds these options exactly."""
+    for name in dense.spec.targets:
+        if TARGETS[name].why_not(dense, opts, layout) is None:
+            return name
+    return next(n for n, t in TARGETS.items() if t.why_not(dense, opts, layout) is None)
 
 
 def candidate_targets(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> list[Target]:
@@ -32,12 +38,18 @@ def candidate_targets(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -
     A declaration is not a proof: the plan keeps the first candidate whose config passes the config-equivalence
     check.
     """
+    fits = [n for n, t in TARGETS.items() if t.why_not(dense, opts, layout) is None]
+    if opts.target == "auto" and not fits:
+        reasons = "; ".join(f"{n}: {TARGETS[n].why_not(dense, opts, layout)}" for n in dense.spec.targets)
+        raise UnsupportedModelError(
+            f"no native MoE class holds this {dense.title} model with these options exactly ({reasons}).",
+            "change the options (see upcycle convert --help and upcycle families).",
+        )
     name = preferred_target(dense, opts, layout) if opts.target == "auto" else opts.target
     reason = TARGETS[name].why_not(dense, opts, layout)
-    fits = [n for n, t in TARGETS.items() if t.why_not(dense, opts, layout) is None]
-    if reason and (opts.target != "auto" or not fits):
+    if reason:
         fix = f"use --target {' or '.join(fits)}." if fits else "change the options (see upcycle convert --help)."
-        raise UnsupportedModelError(f"target {name} cannot hold this {dense.family} model exactly: {reason}.", fix)
+        raise UnsupportedModelError(f"target {name} cannot hold this {dense.title} model exactly: {reason}.", fix)
     if opts.target != "auto":
         return [TARGETS[name]]
     return [TARGETS[n] for n in sorted(fits, key=lambda n: n != name)]

@@ -70,6 +70,16 @@ def uniform_window_problem(dense: DenseModel, architecture: str) -> str | None:
     )
 
 
+def no_groups_problem(target: Target, opts: UpcycleOptions) -> str | None:
+    """Classes without group-limited routing: tied router rows alone can split a copy on ties, so G > 1 is refused."""
+    if opts.granularity > 1:
+        return (
+            f"{target.architecture} has no group-limited routing, so virtual groups could split (use a target "
+            "with group-limited routing, or -g 1)"
+        )
+    return None
+
+
 def _spans(layers: list[int]) -> str:
     spans: list[list[int]] = []
     for i in layers:
@@ -80,12 +90,33 @@ def _spans(layers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def attention_problem(target: Target, dense: DenseModel) -> str | None:
+    """Why the target's decoder layer cannot compute what the dense one does (traits only), or None."""
+    traits, name = dense.traits, target.architecture
+    if traits.block not in target.blocks:
+        return f"{name} decoder layers are not {dense.title}'s ({traits.block} layers)"
+    if traits.qk_norm not in target.qk_norms:
+        if traits.qk_norm == "none":
+            return f"{name} attention applies q/k norms that this {dense.title} model lacks"
+        return f"{name} attention has no q/k norms ({traits.qk_norm}), which this {dense.title} model needs"
+    if traits.o_bias and not target.o_bias:
+        return f"{name} attention has no output-projection bias, which this {dense.title} model has"
+    if traits.qkv_bias and not target.qkv_bias:
+        return f"{name} attention has no q/k/v biases, which this {dense.title} model needs"
+    return None
+
+
 class Target:
     """A native transformers MoE class; subclasses say which dense configs they hold exactly, and why not."""
 
     name: str = ""
     architecture: str = ""
     model_type: str = ""
+    # What the class's decoder layer can compute (asked of DenseModel.traits, never of a family's name).
+    blocks: frozenset[str] = frozenset({"llama"})
+    qk_norms: frozenset[str] = frozenset({"none"})
+    qkv_bias: bool = False  # it can carry q/k/v biases (a config switch)
+    o_bias: bool = False  # it can carry an output-projection bias
     moe_prefix: str = "mlp"  # module path of the sparse block inside a decoder layer
     expert_names: dict[str, str] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     router_fp32: bool = False  # transformers keeps this router in fp32 whatever the model dtype
@@ -95,6 +126,10 @@ class Target:
 
     def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         """The reason this class cannot hold the upcycled model exactly, or None when it can."""
+        return attention_problem(self, dense) or self.routing_problem(dense, opts, layout)
+
+    def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
+        """The reason the class's router, layer layout or windows cannot hold these options, or None."""
         raise NotImplementedError
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
@@ -127,6 +162,14 @@ class Target:
 
     def dense_mlp_key(self, layer: int, projection: str) -> str:
         return f"model.layers.{layer}.mlp.{projection}_proj.weight"
+
+    def checkpoint_name(self, name: str) -> str:
+        """The on-disk name of a layer tensor (relative to the layer) the class keeps under another name in memory."""
+        return name
+
+    def rename(self, name: str) -> str:
+        """The class's name for a copied dense tensor (most classes keep the dense names)."""
+        return name
 
     def extra_tensors(self, layer: int, dense: DenseModel, opts: UpcycleOptions, dtype: str) -> list[TensorRecipe]:
         """Tensors the class requires beyond experts and router (empty shared experts, score biases)."""

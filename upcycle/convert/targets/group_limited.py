@@ -14,16 +14,9 @@ from upcycle.convert.targets.base import Layout, Target, window_fields
 
 class GroupLimitedTarget(Target):
     router_fp32 = True
-    needs_qk_norm = False
     per_layer_windows = False  # whether the class reads layer_types (one window for some layers, full for others)
 
-    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
-        if dense.qk_norm != self.needs_qk_norm:
-            other = "dots1" if dense.qk_norm else "glm4_moe"
-            return (
-                f"{self.architecture} attention {'needs' if self.needs_qk_norm else 'has no'} q/k norms "
-                f"(use {other} for this {dense.family} model)"
-            )
+    def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if dense.has_windows and not self.per_layer_windows:
             return f"{self.architecture} has no sliding-window attention, which this model uses"
         if opts.router != "renorm":
@@ -74,6 +67,7 @@ class Glm4MoeTarget(GroupLimitedTarget):
     name = "glm4_moe"
     architecture = "Glm4MoeForCausalLM"
     model_type = "glm4_moe"
+    qkv_bias = True
 
     def rope_parameters(self, dense: DenseModel) -> dict:
         parameters = dense.rope_parameters()
@@ -83,7 +77,7 @@ class Glm4MoeTarget(GroupLimitedTarget):
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         cfg = super().moe_config(dense, opts, layout)
         cfg.update(
-            attention_bias=dense.qkv_bias,
+            attention_bias=dense.traits.qkv_bias,
             use_qk_norm=False,
             num_nextn_predict_layers=0,
         )
@@ -94,7 +88,7 @@ class Dots1Target(GroupLimitedTarget):
     name = "dots1"
     architecture = "Dots1ForCausalLM"
     model_type = "dots1"
-    needs_qk_norm = True
+    qk_norms = frozenset({"head"})
     per_layer_windows = True
 
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:

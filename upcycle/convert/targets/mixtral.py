@@ -1,4 +1,4 @@
-"""Mixtral: the exact target for Llama and Mistral with the renormalised router on every layer."""
+"""Mixtral: Llama-form attention without biases or q/k norms, the renormalised router on every layer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ class MixtralTarget(Target):
     expert_names = {"gate": "w1", "up": "w3", "down": "w2"}
     rounds_routing_weights = False  # Mixtral combines with fp32 routing weights
 
-    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
-        if dense.family not in ("llama", "mistral"):
-            trait = "q/k/v biases" if dense.qkv_bias else "q/k norms"
-            return f"Mixtral attention has no {trait}, which this {dense.family} model needs"
+    def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if opts.router != "renorm":
             return "Mixtral always renormalises the top-k weights (use qwen2_moe for softmax-topk)"
         if opts.granularity > 1:

@@ -25,10 +25,9 @@ class Qwen2MoeTarget(Target):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     model_type = "qwen2_moe"
+    qkv_bias = True
 
-    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
-        if dense.qk_norm:
-            return "Qwen2-MoE attention has no q/k norms, which this qwen3 model needs (use qwen3_moe)"
+    def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if opts.granularity > 1:
             return "Qwen2-MoE has no group-limited routing, so virtual groups could split (use glm4_moe)"
         if dense.has_windows:
@@ -41,7 +40,7 @@ class Qwen2MoeTarget(Target):
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         cfg = _routing(dense, opts, layout)
         cfg.update(
-            qkv_bias=dense.qkv_bias,
+            qkv_bias=dense.traits.qkv_bias,
             shared_expert_intermediate_size=0,  # a zero-width shared expert adds nothing to the output
             **window_fields(dense),
         )
@@ -62,10 +61,9 @@ class Qwen3MoeTarget(Target):
     name = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
     model_type = "qwen3_moe"
+    qk_norms = frozenset({"head"})
 
-    def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
-        if not dense.qk_norm:
-            return f"Qwen3-MoE attention applies q/k norms that this {dense.family} model lacks"
+    def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if opts.granularity > 1:
             return "Qwen3-MoE has no group-limited routing, so virtual groups could split (use dots1)"
         return uniform_window_problem(dense, "Qwen3-MoE")

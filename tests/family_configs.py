@@ -1,0 +1,49 @@
+"""One hub-style tiny config per registered dense family (the smallest real example of each), shared by the family
+tests and the fuzzer. Windows are short so a 40-token probe runs past every one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DIMS: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+YARN_NO_QUERY_SCALING = {
+    "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.0,
+}  # fmt: skip
+SLIDING = ["sliding_attention"] * 3
+
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(rope_theta=500000.0),
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(rope_theta=1000000.0),
+    "qwen3": dict(head_dim=16),
+    "olmo2": dict(rope_theta=500000.0, attention_bias=True),
+    "ernie4_5": dict(head_dim=24, rope_theta=500000.0),
+    "hunyuan_v1_dense": dict(head_dim=16, attention_bias=True),
+    "seed_oss": dict(head_dim=16, attention_bias=True),
+    "internlm3": dict(head_dim=16),
+    "iquestcoder": dict(head_dim=16),
+    "ministral": dict(head_dim=16, sliding_window=8, layer_types=SLIDING),
+    "ministral3": dict(head_dim=16, rope_parameters=YARN_NO_QUERY_SCALING),
+    "cwm": dict(head_dim=16, sliding_window=8, layer_types=SLIDING, rope_theta=1000000.0),
+    "smollm3": dict(no_rope_layers=[1, 1, 1], pad_token_id=0),
+    "cohere2": dict(
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        logit_scale=0.25,
+        rope_theta=10000.0,
+    ),
+}
+
+
+def family_config(family: str, **overrides: Any) -> dict[str, Any]:
+    return {"model_type": family, **DIMS, **FAMILY_CONFIGS[family], **overrides}

@@ -1,0 +1,21 @@
+"""Hunyuan dense: Llama-like layers with per-head q/k RMSNorms applied after the rotation."""
+
+from upcycle.convert.families.base import DenseModel, Family, Traits
+
+
+def _head_dim(dense: DenseModel) -> str | None:
+    if dense.resolved.get("head_dim") is None:
+        return "config.json sets no head_dim, without which Hunyuan's classes cannot run (set it to hidden / heads)"
+    return None
+
+
+FAMILY = Family(
+    model_type="hunyuan_v1_dense",
+    title="Hunyuan (dense)",
+    example="tencent/Hunyuan-7B-Pretrain",
+    targets=("hunyuan_v1_moe",),
+    traits=lambda c: Traits(
+        block="hunyuan", qk_norm="head", qkv_bias=bool(c.get("attention_bias")), o_bias=bool(c.get("attention_bias"))
+    ),
+    refusals=(_head_dim,),
+)

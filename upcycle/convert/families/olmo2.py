@@ -1,0 +1,19 @@
+"""OLMo 2: norms after attention and after the MLP (not before), q/k RMSNorms over the whole projection.
+
+FlexOlmo shares that decoder layer exactly. OLMoE does not: its norms sit before each block.
+"""
+
+from upcycle.convert.families.base import Family, Traits
+
+FAMILY = Family(
+    model_type="olmo2",
+    title="OLMo 2",
+    example="allenai/OLMo-2-1124-7B",
+    targets=("flex_olmo",),
+    traits=lambda c: Traits(
+        block="olmo2",
+        qk_norm="projection",
+        qkv_bias=bool(c.get("attention_bias")),
+        o_bias=bool(c.get("attention_bias")),
+    ),
+)
