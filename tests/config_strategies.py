@@ -257,6 +257,16 @@ def cohere2(draw: st.DrawFn) -> dict[str, Any]:
     return _finish("cohere2", config, draw)
 
 
+@st.composite
+def phi3(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    config["sliding_window"] = draw(st.sampled_from([ABSENT, None, 5, 9]))
+    config["partial_rotary_factor"] = draw(st.sampled_from([ABSENT, ABSENT, 1.0, 0.5]))
+    config["pad_token_id"] = 0  # the class defaults (32000) lie outside a tiny vocabulary
+    config["eos_token_id"] = draw(st.sampled_from([1, [1, 2]]))
+    return _finish("phi3", config, draw)
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "llama": llama,
     "mistral": mistral,
@@ -273,6 +283,7 @@ FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "cwm": cwm,
     "smollm3": smollm3,
     "cohere2": cohere2,
+    "phi3": phi3,
 }
 
 

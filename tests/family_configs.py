@@ -36,6 +36,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "ministral3": dict(head_dim=16, rope_parameters=YARN_NO_QUERY_SCALING),
     "cwm": dict(head_dim=16, sliding_window=8, layer_types=SLIDING, rope_theta=1000000.0),
     "smollm3": dict(no_rope_layers=[1, 1, 1], pad_token_id=0),
+    "phi3": dict(sliding_window=9, pad_token_id=0, eos_token_id=1),
     "cohere2": dict(
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],

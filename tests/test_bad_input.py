@@ -61,7 +61,12 @@ def test_unsupported_family_names_the_reason_and_the_supported_ones(cli, tmp_pat
     transformers.Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
     out = tmp_path / "out"
     assert_refused(
-        cli("convert", tmp_path / "gemma2", out), out, "'gemma2'", "soft-capping", "upcycle families", "llama, ministral"
+        cli("convert", tmp_path / "gemma2", out),
+        out,
+        "'gemma2'",
+        "soft-capping",
+        "upcycle families",
+        "llama, ministral",
     )
 
 

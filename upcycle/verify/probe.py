@@ -128,7 +128,7 @@ def compute_spec(
         rotary_names = rebuild_rotary(model)
     except SkeletonError as error:
         raise ProbeError(str(error)) from None
-    _materialize(model)
+    _materialize(model, _fused_spans(cfg))
 
     recorder = _Recorder()
     outputs: list[torch.Tensor] = []
@@ -226,7 +226,7 @@ def _probe_attention(
     recorder = _ACTIVE[-1]
     if attention_mask is None or id(attention_mask) not in recorder.mask_functions:
         raise ProbeError(f"{type(module).__name__} attends with a mask transformers' mask functions did not build")
-    params = sorted(name for name, _ in module.named_parameters())
+    params = sorted(part for name, _ in module.named_parameters() for part in _unfused_names(name))
     record: dict[str, Any] = {
         "heads": int(query.shape[1]),
         "kv_heads": int(key.shape[1]),
@@ -340,7 +340,7 @@ def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
     kind = "moe" if any(is_moe_block(module) for module in mlp.modules()) else "dense"
     activations = {}
     for module in mlp.modules():
-        act = getattr(module, "act_fn", None)
+        act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
         if act is not None:
             label = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
             activations[label] = act(torch.linspace(-8.0, 8.0, 97))
@@ -348,7 +348,35 @@ def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
     return {"norms": norms, "mlp_kind": kind, "activations": activations}
 
 
-def _materialize(model: nn.Module) -> None:
+# A fused [q; k; v] projection computes what three separate ones do: it is named by its parts, and its stand-in is
+# the parts' stand-ins stacked, so a model that fuses them probes the same as one that does not.
+FUSED_QKV = ("qkv_proj.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+
+
+def _unfused_names(name: str) -> list[str]:
+    fused, parts = FUSED_QKV
+    if name.endswith(fused):
+        prefix = name[: -len(fused)]
+        return [prefix + part for part in parts]
+    return [name]
+
+
+def _fused_spans(cfg: Any) -> list[int]:
+    """Rows of q, k and v in a fused projection, from the config."""
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
+def _fused_standin(name: str, shape: tuple[int, ...], spans: list[int]) -> torch.Tensor:
+    parts = _unfused_names(name)
+    if len(parts) == 1 or sum(spans) != shape[0]:
+        return _standin(name, shape)
+    return torch.cat([_standin(part, (rows, *shape[1:])) for part, rows in zip(parts, spans, strict=True)])
+
+
+def _materialize(model: nn.Module, fused_spans: list[int]) -> None:
     """Every parameter left on the meta device gets its stand-in; layers share them by their name in the layer."""
     cache: dict[tuple[str, tuple[int, ...]], nn.Parameter] = {}
     for module_name, module in model.named_modules():
@@ -358,7 +386,7 @@ def _materialize(model: nn.Module) -> None:
             full = f"{module_name}.{name}" if module_name else name
             key = (_relative_to_layer(full), tuple(param.shape))
             if key not in cache:
-                cache[key] = nn.Parameter(_standin(*key), requires_grad=False)
+                cache[key] = nn.Parameter(_fused_standin(*key, fused_spans), requires_grad=False)
             module._parameters[name] = cache[key]
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.device.type == "meta":

@@ -20,7 +20,6 @@ REFUSED: dict[str, str] = {
     "rows (not supported yet)",
     "helium": "Helium rotates interleaved pairs; Mixtral holds it only after permuting the q/k rows (not supported "
     "yet)",
-    "phi3": _PROBE.format("Mixtral, after splitting qkv_proj and gate_up_proj", "fused projections"),
     "granite": "GraniteMoe is an exact home (measured), but it stores experts stacked as [E, 2F, H], which "
     "upcycle's per-expert writer does not emit yet",
     "granite_swa": "GraniteMoe-SWA is an exact home (measured), but it stores experts stacked as [E, 2F, H], which "
