@@ -267,6 +267,30 @@ def phi3(draw: st.DrawFn) -> dict[str, Any]:
     return _finish("phi3", config, draw)
 
 
+def _granite_multipliers(draw: st.DrawFn, config: dict[str, Any]) -> None:
+    config["embedding_multiplier"] = draw(st.sampled_from([ABSENT, 1.0, 12.0]))
+    config["residual_multiplier"] = draw(st.sampled_from([ABSENT, 1.0, 0.22]))
+    config["attention_multiplier"] = draw(st.sampled_from([ABSENT, 1.0, 0.0078125]))
+    config["logits_scaling"] = draw(st.sampled_from([ABSENT, 1.0, 8.0]))
+    _llama_biases(draw, config)
+    config["pad_token_id"] = draw(st.sampled_from([0, ABSENT]))
+
+
+@st.composite
+def granite(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _granite_multipliers(draw, config)
+    return _finish("granite", config, draw)
+
+
+@st.composite
+def granite_swa(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    _granite_multipliers(draw, config)
+    _layer_windows(draw, config, allow_none=False)
+    return _finish("granite_swa", config, draw)
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "llama": llama,
     "mistral": mistral,
@@ -284,6 +308,8 @@ FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "smollm3": smollm3,
     "cohere2": cohere2,
     "phi3": phi3,
+    "granite": granite,
+    "granite_swa": granite_swa,
 }
 
 

@@ -53,6 +53,10 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
         return torch.zeros(recipe.shape, dtype=out_dtype)
     if recipe.op == "router":
         return _router(recipe).to(out_dtype)
+    if recipe.op == "stack":
+        per_expert = len(recipe.parts) // recipe.shape[0]
+        blocks = [recipe.parts[e * per_expert : (e + 1) * per_expert] for e in range(recipe.shape[0])]
+        return torch.stack([torch.cat([materialize(part, read) for part in block]) for block in blocks])
     assert recipe.source is not None
     if recipe.is_verbatim:
         return _slice(_unfused(read(recipe.source, out_dtype), recipe), recipe)

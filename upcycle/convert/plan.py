@@ -364,8 +364,29 @@ def _moe_block(
                     **common,
                 )
             )
+    if target.stacked_experts:
+        recipes = recipes[:1] + _stacked(layer, opts, target, recipes[1:], hidden, shard, dtype)
     recipes += target.extra_tensors(layer, dense, opts, dtype)
     return recipes
+
+
+def _stacked(
+    layer: int, opts: UpcycleOptions, target: Target, experts: list[TensorRecipe], hidden: int, shard: int, dtype: str
+) -> list[TensorRecipe]:
+    """The per-expert recipes folded into the class's two stacked tensors: [E, 2F, H] (gate rows, then up) and
+    [E, H, F]."""
+    gate_up = tuple(r for r in experts if r.projection in ("gate", "up"))
+    down = tuple(r for r in experts if r.projection == "down")
+    return [
+        TensorRecipe(
+            target.stacked_key(layer, "gate_up"), (opts.num_experts, 2 * shard, hidden), dtype, "stack",
+            parts=gate_up, layer=layer,
+        ),
+        TensorRecipe(
+            target.stacked_key(layer, "down"), (opts.num_experts, hidden, shard), dtype, "stack", parts=down,
+            layer=layer,
+        ),
+    ]  # fmt: skip
 
 
 def _shard(recipes: list[TensorRecipe], shard_size: int) -> list[list[TensorRecipe]]:

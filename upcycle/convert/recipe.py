@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
-Op = Literal["copy", "expert", "router", "zeros"]
+Op = Literal["copy", "expert", "router", "zeros", "stack"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class TensorRecipe:
     layer: int = -1
     expert: int = -1
     projection: str = ""  # gate | up | down for expert tensors
+    # op "stack": every expert's tensors in one [E, ...] tensor (classes that store experts stacked); each expert's
+    # block is its `parts` (per-expert recipes, len(parts) / E of them) concatenated along dim 0.
+    parts: tuple[TensorRecipe, ...] = ()
 
     @property
     def is_verbatim(self) -> bool:
@@ -46,12 +49,15 @@ class TensorRecipe:
     def to_json(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if v != _DEFAULTS[k] or k in ("name", "shape", "dtype")}
         data["op"] = self.op
+        if self.parts:
+            data["parts"] = [part.to_json() for part in self.parts]
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> TensorRecipe:
         values = dict(data)
         values["shape"] = tuple(values["shape"])
+        values["parts"] = tuple(cls.from_json(part) for part in values.get("parts", ()))
         for key in ("rows", "cols", "source_rows"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])

@@ -32,7 +32,14 @@ from upcycle.convert.source import DenseSource
 from upcycle.convert.targets import TARGETS, Target
 from upcycle.hf_config import load_config
 from upcycle.verify.function import TORCH_DTYPES, load_text_tokens
-from upcycle.verify.skeleton import assigned, decoder_layers, meta_buffers, meta_model, rebuild_rotary
+from upcycle.verify.skeleton import (
+    SkeletonError,
+    assigned,
+    decoder_layers,
+    meta_buffers,
+    meta_model,
+    rebuild_rotary,
+)
 from upcycle.verify.weights import WeightChecker, tensor_difference
 
 
@@ -95,8 +102,8 @@ def check_streaming(
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute = TORCH_DTYPES[dtype]
     target = TARGETS[plan.target]
-    dense_model = meta_model(load_config(dense.config), "sdpa")
-    moe_model = meta_model(load_config(moe.config), "sdpa", experts_implementation="eager")
+    dense_model = _skeleton(dense.config)
+    moe_model = _skeleton(moe.config, experts_implementation="eager")
     vocab = dense_model.get_input_embeddings().weight.shape[0]
     ids, origin = load_text_tokens(moe.folder, text, tokens, vocab)
     ids = ids[None].to(where)
@@ -143,6 +150,16 @@ def check_streaming(
         outer_tensors=outer,
         seconds=time.perf_counter() - start,
     )
+
+
+def _skeleton(config: dict, experts_implementation: str | None = None) -> nn.Module:
+    """The meta model with sdpa attention, or eager for classes without it (attention sinks, for one)."""
+    try:
+        return meta_model(load_config(config), "sdpa", experts_implementation)
+    except SkeletonError as error:
+        if "scaled_dot_product_attention" not in str(error):
+            raise
+        return meta_model(load_config(config), "eager", experts_implementation)
 
 
 def _same_outer(dense: DenseSource, moe: DenseSource, name: str, checker: WeightChecker | None) -> bool:
@@ -247,6 +264,8 @@ class _Pairs:
         """The layer's experts read one at a time from the per-expert tensors, as transformers' eager loop asks."""
 
         def read(expert: int, projection: str) -> torch.Tensor:
+            if self.target.stacked_experts:
+                return self._stacked_expert(index, expert, projection)
             key = self.target.expert_key(index, expert, projection)
             if key not in self.moe.tensors:
                 raise StreamingError(f"{self.moe.folder} has no tensor {key!r} for expert {expert} of layer {index}")
@@ -254,6 +273,17 @@ class _Pairs:
 
         with _streamed_experts(layer, read, self.device, self.compute):
             yield
+
+    def _stacked_expert(self, index: int, expert: int, projection: str) -> torch.Tensor:
+        """Expert `expert`'s rows of a stacked tensor (a positioned read of that expert only)."""
+        key = self.target.stacked_key(index, "down" if projection == "down" else "gate_up")
+        if key not in self.moe.tensors:
+            raise StreamingError(f"{self.moe.folder} has no tensor {key!r} for the experts of layer {index}")
+        block = self.moe.read_rows(key, expert, expert + 1)[0]
+        if projection == "down":
+            return block
+        half = block.shape[0] // 2
+        return block[:half] if projection == "gate" else block[half:]
 
 
 class _PairedLayer(nn.Module):

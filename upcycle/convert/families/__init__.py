@@ -23,7 +23,7 @@ from upcycle.hf_config import UnknownConfigError, load_config, resolved_fields
 
 FAMILY_MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "olmo2", "ernie4_5", "hunyuan_v1_dense", "seed_oss", "internlm3",
-    "iquestcoder", "ministral", "ministral3", "cwm", "smollm3", "cohere2", "phi3",
+    "iquestcoder", "ministral", "ministral3", "cwm", "smollm3", "cohere2", "phi3", "granite", "granite_swa",
 )  # fmt: skip
 FAMILIES: dict[str, Family] = {
     f.model_type: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)

@@ -20,10 +20,6 @@ REFUSED: dict[str, str] = {
     "rows (not supported yet)",
     "helium": "Helium rotates interleaved pairs; Mixtral holds it only after permuting the q/k rows (not supported "
     "yet)",
-    "granite": "GraniteMoe is an exact home (measured), but it stores experts stacked as [E, 2F, H], which "
-    "upcycle's per-expert writer does not emit yet",
-    "granite_swa": "GraniteMoe-SWA is an exact home (measured), but it stores experts stacked as [E, 2F, H], which "
-    "upcycle's per-expert writer does not emit yet",
     "lfm2": _PROBE.format("Lfm2-MoE", "its short-convolution layers"),
     "qwen3_5": _PROBE.format("Qwen3.5-MoE", "its linear-attention layers"),
     "qwen3_5_text": _PROBE.format("Qwen3.5-MoE", "its linear-attention layers"),

@@ -8,6 +8,7 @@ from upcycle.convert.targets.base import Layout, Target
 from upcycle.convert.targets.cohere2_moe import Cohere2MoeTarget
 from upcycle.convert.targets.ernie4_5_moe import Ernie45MoeTarget
 from upcycle.convert.targets.flex_olmo import FlexOlmoTarget
+from upcycle.convert.targets.granitemoe import GraniteMoeSwaTarget, GraniteMoeTarget
 from upcycle.convert.targets.group_limited import Dots1Target, Glm4MoeTarget
 from upcycle.convert.targets.hunyuan_v1_moe import HunyuanMoeTarget
 from upcycle.convert.targets.mixtral import MixtralTarget
@@ -19,7 +20,7 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         MixtralTarget(), Qwen2MoeTarget(), Qwen3MoeTarget(), Glm4MoeTarget(), Dots1Target(), FlexOlmoTarget(),
-        Ernie45MoeTarget(), HunyuanMoeTarget(), Cohere2MoeTarget(),
+        Ernie45MoeTarget(), HunyuanMoeTarget(), Cohere2MoeTarget(), GraniteMoeTarget(), GraniteMoeSwaTarget(),
     )
 }  # fmt: skip
 

@@ -70,6 +70,22 @@ def uniform_window_problem(dense: DenseModel, architecture: str) -> str | None:
     )
 
 
+_NOT_SHARED = {
+    "model_type", "architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "id2label",
+    "label2id", "problem_type", "return_dict", "output_attentions", "output_hidden_states", "is_encoder_decoder",
+    "chunk_size_feed_forward", "intermediate_size", "mlp_bias",
+}  # fmt: skip
+
+
+def sibling_fields(dense: DenseModel, model_type: str) -> dict:
+    """Every field of the dense config (as resolved) that the sibling MoE config class also has: a class built as
+    the dense family's MoE twin reads the same names the same way, so each is carried over explicitly."""
+    from transformers import CONFIG_MAPPING
+
+    known = set(CONFIG_MAPPING[model_type]().to_dict()) - _NOT_SHARED
+    return {key: value for key, value in dense.resolved.items() if key in known}
+
+
 def no_groups_problem(target: Target, opts: UpcycleOptions) -> str | None:
     """Classes without group-limited routing: tied router rows alone can split a copy on ties, so G > 1 is refused."""
     if opts.granularity > 1:
@@ -156,6 +172,12 @@ class Target:
 
     def expert_key(self, layer: int, expert: int, projection: str) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{self.expert_names[projection]}.weight"
+
+    stacked_experts: bool = False  # the class stores each layer's experts as two stacked tensors
+
+    def stacked_key(self, layer: int, part: str) -> str:
+        """The stacked tensor of a layer's experts: part "gate_up" ([E, 2F, H]) or "down" ([E, H, F])."""
+        raise NotImplementedError
 
     def router_key(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.gate.weight"
