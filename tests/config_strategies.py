@@ -291,6 +291,24 @@ def granite_swa(draw: st.DrawFn) -> dict[str, Any]:
     return _finish("granite_swa", config, draw)
 
 
+@st.composite
+def lfm2(draw: st.DrawFn) -> dict[str, Any]:
+    config = _common(draw)
+    for key in ("rms_norm_eps", "hidden_act", "head_dim"):
+        config.pop(key)
+    config["_head_dim_hint"] = config["hidden_size"] // config["num_attention_heads"]
+    config["norm_eps"] = draw(st.sampled_from([ABSENT, 1e-5, 1e-6]))
+    layers = config["num_hidden_layers"]
+    config["layer_types"] = draw(
+        st.lists(st.sampled_from(["conv", "full_attention"]), min_size=layers, max_size=layers)
+    )
+    config["conv_bias"] = draw(st.sampled_from([ABSENT, False, True]))
+    config["conv_L_cache"] = draw(st.sampled_from([ABSENT, 2, 3]))
+    config["block_auto_adjust_ff_dim"] = draw(st.sampled_from([ABSENT, False]))
+    config["pad_token_id"] = 0
+    return _finish("lfm2", config, draw)
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "llama": llama,
     "mistral": mistral,
@@ -310,6 +328,7 @@ FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "phi3": phi3,
     "granite": granite,
     "granite_swa": granite_swa,
+    "lfm2": lfm2,
 }
 
 

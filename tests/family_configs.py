@@ -55,6 +55,16 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         eos_token_id=1,
         bos_token_id=1,
     ),
+    "lfm2": dict(
+        num_hidden_layers=4,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        block_ff_dim=200,
+        block_ffn_dim_multiplier=1.5,
+        block_multiple_of=32,
+    ),
     "cohere2": dict(
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -62,6 +72,10 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0,
     ),
 }
+
+
+# Options a family's only home needs to be exact (Lfm2-MoE: a zero router; see its target).
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"lfm2": {"router_init": "zero"}}
 
 
 def family_config(family: str, **overrides: Any) -> dict[str, Any]:

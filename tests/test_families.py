@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from family_configs import FAMILY_CONFIGS, family_config
+from family_configs import FAMILY_CONFIGS, FAMILY_OPTIONS, family_config
 from hub_models import relative_difference, save_hub_style
 from transformers import CONFIG_MAPPING
 
@@ -40,7 +40,7 @@ def test_family_upcycles_exactly_and_verifies(tmp_path, family):
             family_of({"model_type": family})
         return
     src = save_hub_style(family_config(family), tmp_path / "dense")
-    result = convert(src, tmp_path / "moe", UpcycleOptions(experts=4, top_k=2))
+    result = convert(src, tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, **FAMILY_OPTIONS.get(family, {})))
     assert result.plan.exactness.exact and result.plan.target in FAMILIES[family].targets
     assert relative_difference(src, tmp_path / "moe", 40, 128) <= TOLERANCE
     report = verify(src, tmp_path / "moe", mode="streaming", max_tokens=40)
@@ -55,7 +55,7 @@ def test_virtual_groups_exact_where_a_home_routes_by_group(tmp_path, family):
     if family not in CONFIG_MAPPING:
         pytest.skip(f"the installed transformers has no {family} class")
     src = save_hub_style(family_config(family), tmp_path / "dense")
-    options = UpcycleOptions(experts=2, granularity=2, top_k=2)
+    options = UpcycleOptions(experts=2, granularity=2, top_k=2, **FAMILY_OPTIONS.get(family, {}))
     homes = GROUP_LIMITED & set(FAMILIES[family].targets)
     if not homes:
         with pytest.raises(UnsupportedModelError, match="group-limited routing"):
@@ -85,6 +85,7 @@ REFUSALS = {
     ),
     "ernie4_5 biases": ("ernie4_5", {"use_bias": True}, "use_bias"),
     "seed_oss output bias": ("seed_oss", {"attention_out_bias": True}, "output-projection bias"),
+    "lfm2 random router": ("lfm2", {}, "only a zero router is exact"),
 }
 
 
@@ -108,3 +109,19 @@ def test_readme_table_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
     assert block == markdown(), "regenerate with: upcycle families --markdown"
+
+
+def test_families_command_prints_the_table_and_the_count(cli):
+    result = cli("families")
+    assert result.exit_code == 0, result.output
+    assert f"{len(FAMILIES)} families exact" in result.stdout and "gemma2" in result.stdout
+    markdown_result = cli("families", "--markdown")
+    assert markdown_result.exit_code == 0 and markdown_result.stdout == markdown()
+
+
+def test_an_unregistered_family_is_refused_with_a_diagnosis(cli, tmp_path):
+    src = save_hub_style({"model_type": "gpt_neox", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 64}, tmp_path / "neox")  # fmt: skip
+    result = cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 2 and "not a gated" in result.stderr and "upcycle families" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -57,6 +57,8 @@ class LayerSpec:
     @property
     def window(self) -> int | None:
         """Keys a late query sees, when fewer than all of them: the sliding window; None for full attention."""
+        if not self.mask_rows:  # a layer that mixes tokens without attention (a causal convolution)
+            return None
         q, runs = max(self.mask_rows.items())
         seen = sum(end - start for start, end in runs)
         return None if seen >= q + 1 else seen
@@ -146,22 +148,31 @@ def compute_spec(
     finally:
         for hook in hooks:
             hook.remove()
-    if len(recorder.calls) != len(layers):
-        raise ProbeError(f"{type(model).__name__} ran attention {len(recorder.calls)} times for {len(layers)} layers")
+    attention_layers = [i for i, parts in enumerate(layer_parts) if parts["attention"]]
+    if len(recorder.calls) != len(attention_layers):
+        raise ProbeError(
+            f"{type(model).__name__} ran attention {len(recorder.calls)} times for {len(attention_layers)} attention "
+            "layers"
+        )
+    calls = dict(zip(attention_layers, recorder.calls, strict=True))
 
     positions = _mask_positions(all_windows, horizon)
     rope_lengths = sorted(set(rope_lengths or []) | set(rope_probe_lengths(cfg, horizon)))
     specs = []
     rows_by_mask: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}  # layers of one type share one mask
-    for index, (parts, call) in enumerate(zip(layer_parts, recorder.calls, strict=True)):
-        mask_function = call.pop("mask_function")
-        if id(mask_function) not in rows_by_mask:
-            rows_by_mask[id(mask_function)] = _mask_rows(mask_function, positions)
+    for index, parts in enumerate(layer_parts):
+        call = calls.get(index, {"mixer": parts["mixer"]})
+        mask_rows: dict[int, tuple[tuple[int, int], ...]] = {}
+        if index in calls:
+            mask_function = call.pop("mask_function")
+            if id(mask_function) not in rows_by_mask:
+                rows_by_mask[id(mask_function)] = _mask_rows(mask_function, positions)
+            mask_rows = rows_by_mask[id(mask_function)]
         specs.append(
             LayerSpec(
                 index=index,
                 attention=call,
-                mask_rows=rows_by_mask[id(mask_function)],
+                mask_rows=mask_rows,
                 norms={name: _norm_spec(module) for name, module in parts["norms"].items()},
                 mlp=parts["mlp_kind"],
                 activations=parts["activations"],
@@ -321,22 +332,35 @@ def _is_attention(module: nn.Module) -> bool:
     return "attention" in name or name.endswith("attn")
 
 
+def _is_mlp(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    if is_moe_block(module):
+        return True
+    if "conv" in name:  # a class prefix can say "Moe" (Lfm2MoeShortConv): a convolution mixes tokens
+        return False
+    return any(word in name for word in ("mlp", "moe", "feedforward", "sparse"))
+
+
 def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
-    """Find the attention, norms and MLP of a decoder layer; record the MLP, then put the stand-in in its place."""
+    """Find the token mixer (attention, or a convolution), norms and MLP of a decoder layer; record the MLP, then
+    put the stand-in in its place."""
     children = dict(layer.named_children())
     attention = [n for n, m in children.items() if _is_attention(m)]
     norms = {n: m for n, m in children.items() if _is_norm(m)}
     rest = [
         n for n, m in children.items() if n not in attention and n not in norms and any(True for _ in m.parameters())
     ]
-    if len(attention) != 1 or len(rest) != 1:
+    mlps = [n for n in rest if _is_mlp(children[n])] if len(rest) > 1 else rest
+    mixers = [n for n in rest if n not in mlps]
+    if len(attention) + len(mixers) != 1 or len(mlps) != 1:
         raise ProbeError(
-            f"decoder layer {index} ({type(layer).__name__}) does not split into one attention module, norms and one "
-            f"MLP (children: {', '.join(children)})"
+            f"decoder layer {index} ({type(layer).__name__}) does not split into one token mixer (attention or a "
+            f"convolution), norms and one MLP (children: {', '.join(children)})"
         )
-    attn = children[attention[0]]
-    norms.update({f"{attention[0]}.{n}": m for n, m in attn.named_children() if _is_norm(m)})
-    mlp = children[rest[0]]
+    mixer_name = (attention or mixers)[0]
+    mixer = children[mixer_name]
+    norms.update({f"{mixer_name}.{n}": m for n, m in mixer.named_children() if _is_norm(m)})
+    mlp = children[mlps[0]]
     kind = "moe" if any(is_moe_block(module) for module in mlp.modules()) else "dense"
     activations = {}
     for module in mlp.modules():
@@ -344,8 +368,16 @@ def _split_layer(index: int, layer: nn.Module) -> dict[str, Any]:
         if act is not None:
             label = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
             activations[label] = act(torch.linspace(-8.0, 8.0, 97))
-    setattr(layer, rest[0], _ProbeMLP())
-    return {"norms": norms, "mlp_kind": kind, "activations": activations}
+    setattr(layer, mlps[0], _ProbeMLP())
+    # what the layers run is compared on the probe's outputs; here, what they hold
+    described = sorted(f"{name}{list(p.shape)}" for name, p in mixer.named_parameters())
+    return {
+        "norms": norms,
+        "mlp_kind": kind,
+        "activations": activations,
+        "attention": bool(attention),
+        "mixer": None if attention else described,
+    }
 
 
 # A fused [q; k; v] projection computes what three separate ones do: it is named by its parts, and its stand-in is

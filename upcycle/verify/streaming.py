@@ -118,8 +118,9 @@ def check_streaming(
     )
     rebuild_rotary(dense_model, where)
     norm_inputs: list[torch.Tensor] = []
-    norm = getattr(base, "norm", None)
-    norm_key = f"{_prefix(dense_model, base)}norm"
+    norm_name = _final_norm_name(base)
+    norm = getattr(base, norm_name) if norm_name else None
+    norm_key = f"{_prefix(dense_model, base)}{norm_name}"
     hook = (
         norm.register_forward_pre_hook(lambda module, args: norm_inputs.append(args[0])) if norm is not None else None
     )
@@ -130,7 +131,8 @@ def check_streaming(
         if hook is not None:
             hook.remove()
     final_diff = 0.0
-    moe_norm = getattr(moe_model.base_model, "norm", None)
+    moe_norm_name = _final_norm_name(moe_model.base_model)
+    moe_norm = getattr(moe_model.base_model, moe_norm_name) if moe_norm_name else None
     if moe_norm is not None and norm_inputs:
         with torch.no_grad(), _tensors_for(moe_norm, moe, norm_key, where, compute) as _:
             final_diff = _relative(dense_out, moe_norm(norm_inputs[0]))[1]
@@ -339,17 +341,23 @@ class _CallRecorder(nn.Module):
         return hidden_states
 
 
+def _final_norm_name(base: nn.Module) -> str | None:
+    """The base model's own norm (after the layers): `norm` in most classes, `embedding_norm` in LFM2."""
+    return next((name for name, child in base.named_children() if "norm" in type(child).__name__.lower()), None)
+
+
 def _layer_calls(model: nn.Module, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list:
     """The arguments the model's own forward gives each decoder layer for these ids (no weights needed)."""
     base = model.base_model
     layers = decoder_layers(model)
     originals = list(layers)
     calls: list[tuple[tuple, dict]] = []
-    embedding, norm = model.get_input_embeddings(), getattr(base, "norm", None)
+    norm_name = _final_norm_name(base)
+    embedding, norm = model.get_input_embeddings(), getattr(base, norm_name) if norm_name else None
     hidden = embedding.weight.shape[1]
     model.set_input_embeddings(_ZeroEmbedding(hidden, device, dtype))
-    if norm is not None:
-        base.norm = nn.Identity()
+    if norm_name:
+        setattr(base, norm_name, nn.Identity())
     rebuild_rotary(model, device)
     try:
         for index, layer in enumerate(originals):
@@ -360,8 +368,8 @@ def _layer_calls(model: nn.Module, ids: torch.Tensor, device: torch.device, dtyp
         for index, layer in enumerate(originals):
             layers[index] = layer
         model.set_input_embeddings(embedding)
-        if norm is not None:
-            base.norm = norm
+        if norm_name:
+            setattr(base, norm_name, norm)
     if len(calls) != len(originals):
         raise StreamingError(f"{type(model).__name__} called {len(calls)} of its {len(originals)} layers")
     return calls

@@ -23,12 +23,11 @@ from upcycle.hf_config import UnknownConfigError, load_config, resolved_fields
 
 FAMILY_MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "olmo2", "ernie4_5", "hunyuan_v1_dense", "seed_oss", "internlm3",
-    "iquestcoder", "ministral", "ministral3", "cwm", "smollm3", "cohere2", "phi3", "granite", "granite_swa",
+    "iquestcoder", "ministral", "ministral3", "cwm", "smollm3", "cohere2", "phi3", "granite", "granite_swa", "lfm2",
 )  # fmt: skip
 FAMILIES: dict[str, Family] = {
     f.model_type: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
 }
-KNOWN_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 
 def family_of(config: dict) -> Family:
@@ -45,10 +44,37 @@ def family_of(config: dict) -> Family:
                 f"pip install 'transformers>={family.min_transformers}'.",
             )
         return family
-    reason = REFUSED.get(str(model_type), "it is not a dense decoder family upcycle knows")
+    reason = REFUSED.get(str(model_type)) or _diagnose(str(model_type))
     raise UnsupportedModelError(
         f"model_type {model_type!r} cannot be upcycled exactly: {reason}.",
         f"upcycle converts {', '.join(sorted(FAMILIES))} (see `upcycle families`).",
+    )
+
+
+def _diagnose(model_type: str) -> str:
+    """Why an unregistered model type is refused, from what transformers builds for it."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING:
+        return "the installed transformers does not know this model type"
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "transformers has no causal language model class for it (not a decoder-only text model)"
+    from upcycle.moe_modules import moe_blocks
+    from upcycle.verify.skeleton import SkeletonError, meta_model
+
+    try:
+        model = meta_model(CONFIG_MAPPING[model_type](), "eager")
+    except SkeletonError:
+        return "transformers cannot build it from its default config, so upcycle cannot inspect it"
+    if moe_blocks(model):
+        return "it is already a mixture of experts"
+    names = {name.rsplit(".", 2)[-2] for name, _ in model.named_parameters() if name.endswith(".weight")}
+    if not {"gate_proj", "up_proj", "down_proj"} <= names:
+        return "its MLP is not a gated (gate/up/down) MLP that native MoE experts copy"
+    return (
+        "no native MoE class is known to compute its decoder layer exactly (upcycle registers a family only "
+        "once the config check, the fuzzer and a logits test prove one)"
     )
 
 
@@ -65,6 +91,7 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
         resolved = resolved_fields(config)
     except UnknownConfigError as error:
         raise SourceError(f"config.json cannot be read: {error}.", "re-save the model with save_pretrained.") from None
+    expected = _expected_tensors(config)
     try:
         hidden = int(resolved["hidden_size"])
         heads = int(resolved["num_attention_heads"])
@@ -76,7 +103,7 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
             traits=family.traits(resolved),
             num_layers=num_layers,
             hidden_size=hidden,
-            intermediate_size=int(resolved["intermediate_size"]),
+            intermediate_size=_intermediate_size(family, expected, resolved),
             num_heads=heads,
             num_kv_heads=int(resolved.get("num_key_value_heads") or heads),
             head_dim=int(resolved.get("head_dim") or hidden // heads),
@@ -95,7 +122,7 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
             raise UnsupportedModelError(
                 f"this {family.title} model cannot be upcycled exactly: {reason}.", _nearest(model)
             )
-    model.expected.update(_expected_tensors(config))
+    model.expected.update(expected)
     _check_tensors(model, tensors)
     return model
 
@@ -120,7 +147,7 @@ def _refuse_unrunnable(model: DenseModel) -> None:
             "off or the window is null), so transformers cannot run this model.",
             "set use_sliding_window and sliding_window, or make every layer full_attention.",
         )
-    unknown = set(types) - KNOWN_LAYER_TYPES
+    unknown = set(types) - model.spec.layer_kinds
     if unknown:
         raise UnsupportedModelError(
             f"this {model.title} model has layer types {sorted(unknown)} that upcycle does not know.",
@@ -131,6 +158,15 @@ def _refuse_unrunnable(model: DenseModel) -> None:
             "this model has MLP biases (mlp_bias=true); native MoE experts have none.",
             "only bias-free MLPs can be upcycled exactly.",
         )
+
+
+def _intermediate_size(family: Family, expected: dict[str, tuple[int, ...]], resolved: dict) -> int:
+    """The MLP width the class really builds (LFM2 derives it from the config's), from its gate's shape."""
+    mlp = family.mlp
+    gate = expected.get(f"model.layers.0.{mlp.gate_up or mlp.gate}")
+    if gate is None:
+        return int(resolved["intermediate_size"])
+    return gate[0] // 2 if mlp.gate_up else gate[0]
 
 
 def _expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:

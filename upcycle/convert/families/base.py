@@ -97,6 +97,7 @@ class Family:
     windows: WindowRule = no_windows
     refusals: tuple[Refusal, ...] = ()
     rope: Callable[[dict], dict] = lambda parameters: parameters  # drops fields proven to be no-ops
+    layer_kinds: frozenset[str] = frozenset({"full_attention", "sliding_attention"})  # layer_types it may hold
     min_transformers: str = ""  # the first transformers release with the family's class, when later than 5.17
 
 

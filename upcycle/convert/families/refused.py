@@ -20,7 +20,6 @@ REFUSED: dict[str, str] = {
     "rows (not supported yet)",
     "helium": "Helium rotates interleaved pairs; Mixtral holds it only after permuting the q/k rows (not supported "
     "yet)",
-    "lfm2": _PROBE.format("Lfm2-MoE", "its short-convolution layers"),
     "qwen3_5": _PROBE.format("Qwen3.5-MoE", "its linear-attention layers"),
     "qwen3_5_text": _PROBE.format("Qwen3.5-MoE", "its linear-attention layers"),
     "olmo3": "FlexOlmo has no sliding-window attention, which OLMo 3 uses on most layers (0.88 relative measured)",

@@ -40,9 +40,15 @@ def family_rows() -> list[FamilyRow]:
         dense = _plain_dense(family)
         methods = {}
         for method, options in METHODS.items():
-            opts = UpcycleOptions(**options)
-            layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
-            methods[method] = tuple(t for t in family.targets if TARGETS[t].why_not(dense, opts, layout) is None)
+            held = []
+            for target in family.targets:
+                for variant, note in ((options, ""), ({**options, "router_init": "zero"}, " (zero router)")):
+                    opts = UpcycleOptions(**variant)
+                    layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
+                    if TARGETS[target].why_not(dense, opts, layout) is None:
+                        held.append(target + note)
+                        break
+            methods[method] = tuple(held)
         rows.append(FamilyRow(name, family.title, family.targets, methods, needs=family.min_transformers))
     for name, reason in sorted(REFUSED.items()):
         rows.append(FamilyRow(name, name, (), {}, reason=reason))

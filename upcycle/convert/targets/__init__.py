@@ -11,6 +11,7 @@ from upcycle.convert.targets.flex_olmo import FlexOlmoTarget
 from upcycle.convert.targets.granitemoe import GraniteMoeSwaTarget, GraniteMoeTarget
 from upcycle.convert.targets.group_limited import Dots1Target, Glm4MoeTarget
 from upcycle.convert.targets.hunyuan_v1_moe import HunyuanMoeTarget
+from upcycle.convert.targets.lfm2_moe import Lfm2MoeTarget
 from upcycle.convert.targets.mixtral import MixtralTarget
 from upcycle.convert.targets.qwen_moe import Qwen2MoeTarget, Qwen3MoeTarget
 from upcycle.errors import UnsupportedModelError
@@ -21,6 +22,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         MixtralTarget(), Qwen2MoeTarget(), Qwen3MoeTarget(), Glm4MoeTarget(), Dots1Target(), FlexOlmoTarget(),
         Ernie45MoeTarget(), HunyuanMoeTarget(), Cohere2MoeTarget(), GraniteMoeTarget(), GraniteMoeSwaTarget(),
+        Lfm2MoeTarget(),
     )
 }  # fmt: skip
 
