@@ -9,7 +9,8 @@ start=$SECONDS
 [ -x .venv/bin/python ] || bash scripts/env.sh test
 
 # A transformers release, then the cases it loads. The oldest 4.x wheel with models/<name>/modeling_<name>.py:
-#   mixtral 4.36.0, qwen2_moe 4.40.0, qwen3_moe 4.51.0, dots1 4.53.0, glm4_moe 4.54.0.
+#   mixtral 4.36.0, qwen2_moe 4.40.0, qwen3_moe 4.51.0, dots1 4.53.0, glm4_moe 4.54.0. The other families' targets
+#   that 4.x has (flex_olmo, ernie4_5_moe, hunyuan_v1_moe, granitemoe) are read by 4.57.6.
 # qwen3_moe is read by 4.51.1: 4.51.0's from_pretrained calls accelerate's init_empty_weights, which it imports only
 # when accelerate is installed (NameError for every model without it); 4.51.1 vendors that function, and its
 # qwen3_moe, configuration, rope and auto-class code are byte-identical to 4.51.0's.
@@ -21,7 +22,7 @@ checks=(
   "4.51.1 qwen3_moe"
   "4.53.0 dots1"
   "4.54.0 glm4_moe"
-  "4.57.6 mixtral mixtral_no_rope_theta qwen2_moe qwen3_moe dots1 glm4_moe smollm2"
+  "4.57.6 mixtral mixtral_no_rope_theta qwen2_moe qwen3_moe dots1 glm4_moe flex_olmo ernie4_5_moe hunyuan_v1_moe granitemoe smollm2"
 )
 
 venv=.venv-legacy

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-DIMS: dict[str, Any] = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+from tiny_models import COMMON
+
+DIMS: dict[str, Any] = dict(COMMON)  # the tiny sizes every test model shares
 YARN_NO_QUERY_SCALING = {
     "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 16,
     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.0,

@@ -54,6 +54,7 @@ def cases(draw: st.DrawFn) -> tuple[dict, dict]:
 @given(cases())
 def test_every_case_is_exact_or_refused(case):
     config, options = case
+    event(f"family: {config['model_type']}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         try:
@@ -84,6 +85,6 @@ def test_every_case_is_exact_or_refused(case):
                 f"labelled exact but differs by {relative:.3g} at {length} tokens "
                 f"({result.plan.target}, {config}, {options})"
             )
-            event(f"exact via {result.plan.target}")
+            event(f"exact: {config['model_type']} via {result.plan.target}")
         else:
             event("approximate by design (labelled so)")

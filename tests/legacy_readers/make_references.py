@@ -24,6 +24,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for tiny_models
 
+from family_configs import family_config  # noqa: E402
+from hub_models import save_hub_style  # noqa: E402
 from tiny_models import make_dense  # noqa: E402
 
 from upcycle import assets  # noqa: E402
@@ -40,6 +42,13 @@ TINY_CASES: dict[str, tuple[str, dict, str]] = {
     "qwen2_moe": ("qwen2", dict(target="qwen2_moe"), "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("qwen3", dict(target="qwen3_moe"), "Qwen3MoeForCausalLM"),
     "dots1": ("qwen3", dict(target="dots1", granularity=2, top_k=2), "Dots1ForCausalLM"),
+}
+# Targets of the other families, from their hub-style tiny configs (tests/family_configs.py), theta in legacy form.
+FAMILY_CASES: dict[str, tuple[str, str]] = {
+    "flex_olmo": ("olmo2", "FlexOlmoForCausalLM"),
+    "ernie4_5_moe": ("ernie4_5", "Ernie4_5_MoeForCausalLM"),
+    "hunyuan_v1_moe": ("hunyuan_v1_dense", "HunYuanMoEV1ForCausalLM"),
+    "granitemoe": ("granite", "GraniteMoeForCausalLM"),
 }
 SMOLLM2_CASE = "smollm2"
 # The Mixtral checkpoint with only transformers 5's rope_parameters (as upcycle wrote it before rope_fields): a 4.x
@@ -114,7 +123,7 @@ def build_canary(out: Path, mixtral: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
-    names = [*TINY_CASES, SMOLLM2_CASE]
+    names = [*TINY_CASES, *FAMILY_CASES, SMOLLM2_CASE]
     parser.add_argument("--cases", nargs="*", choices=names, default=names, help="default: all")
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
@@ -131,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = transformers.AutoTokenizer.from_pretrained(dense)
             ids = tokenizer(assets.sample_text(), return_tensors="pt").input_ids[:, :SMOLLM2_TOKENS]
             cases.append(build_case(out, name, dense, UpcycleOptions(), "MixtralForCausalLM", ids))
+            continue
+        if name in FAMILY_CASES:
+            family, architecture = FAMILY_CASES[name]
+            dense = save_hub_style(family_config(family, rope_theta=ROPE_THETA), out / name / "dense")
+            ids = torch.randint(0, 128, (1, TINY_TOKENS), generator=torch.Generator().manual_seed(0))
+            cases.append(build_case(out, name, dense, UpcycleOptions(), architecture, ids))
             continue
         family, options, architecture = TINY_CASES[name]
         dense = make_dense(

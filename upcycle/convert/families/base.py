@@ -45,10 +45,10 @@ class Traits:
         return ", ".join(parts)
 
 
-def llama_traits(resolved: dict) -> Traits:
-    """Llama's attention: attention_bias puts biases on q, k, v and o alike."""
+def llama_traits(resolved: dict, **traits: str) -> Traits:
+    """Llama's attention (and its descendants'): attention_bias puts biases on q, k, v and o alike."""
     bias = bool(resolved.get("attention_bias"))
-    return Traits(qkv_bias=bias, o_bias=bias)
+    return Traits(qkv_bias=bias, o_bias=bias, **traits)
 
 
 @dataclass(frozen=True)

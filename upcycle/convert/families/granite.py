@@ -3,14 +3,12 @@
 GraniteMoe shares the layer and its multipliers exactly. MLP biases (mlp_bias) are refused: experts have none.
 """
 
-from upcycle.convert.families.base import Family, Traits
+from upcycle.convert.families.base import Family, llama_traits
 
 FAMILY = Family(
     model_type="granite",
     title="Granite",
     example="ibm-granite/granite-3.3-8b-base",
     targets=("granitemoe",),
-    traits=lambda c: Traits(
-        block="granite", qkv_bias=bool(c.get("attention_bias")), o_bias=bool(c.get("attention_bias"))
-    ),
+    traits=lambda c: llama_traits(c, block="granite"),
 )

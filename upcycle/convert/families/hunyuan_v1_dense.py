@@ -1,6 +1,6 @@
 """Hunyuan dense: Llama-like layers with per-head q/k RMSNorms applied after the rotation."""
 
-from upcycle.convert.families.base import DenseModel, Family, Traits
+from upcycle.convert.families.base import DenseModel, Family, llama_traits
 
 
 def _head_dim(dense: DenseModel) -> str | None:
@@ -14,8 +14,6 @@ FAMILY = Family(
     title="Hunyuan (dense)",
     example="tencent/Hunyuan-7B-Pretrain",
     targets=("hunyuan_v1_moe",),
-    traits=lambda c: Traits(
-        block="hunyuan", qk_norm="head", qkv_bias=bool(c.get("attention_bias")), o_bias=bool(c.get("attention_bias"))
-    ),
+    traits=lambda c: llama_traits(c, block="hunyuan", qk_norm="head"),
     refusals=(_head_dim,),
 )
