@@ -125,3 +125,33 @@ def test_an_unregistered_family_is_refused_with_a_diagnosis(cli, tmp_path):
     result = cli("convert", src, tmp_path / "out")
     assert result.exit_code == 2 and "not a gated" in result.stderr and "upcycle families" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+METHOD_OPTIONS = {
+    "softmax-topk": dict(experts=4, top_k=2, router="softmax-topk", router_init="zero"),
+    "--layers": dict(experts=4, top_k=2, layers="-2--1"),  # the last two layers sparse, the first dense
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_the_table_holds_what_it_claims(tmp_path, family, method):
+    """Every method the table marks for a family converts exactly; every method it marks "no" is refused."""
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"the installed transformers has no {family} class")
+    row = next(r for r in family_rows() if r.family == family)
+    src = save_hub_style(family_config(family), tmp_path / "dense")
+    options = dict(METHOD_OPTIONS[method])
+    if any("(zero router)" in t for t in row.methods[method]):
+        options["router_init"] = "zero"
+    if not row.methods[method]:
+        with pytest.raises(UnsupportedModelError):
+            convert(src, tmp_path / "moe", UpcycleOptions(**options))
+        return
+    try:
+        result = convert(src, tmp_path / "moe", UpcycleOptions(**options))
+    except UnsupportedModelError as error:  # the table describes configs without windows; this one has some
+        assert "window" in error.problem, error.line()
+        return
+    assert result.plan.exactness.exact, result.plan.exactness
+    assert relative_difference(src, tmp_path / "moe", 40, 128) <= TOLERANCE
