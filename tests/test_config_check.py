@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from family_configs import FAMILY_CONFIGS, family_config
 from hub_models import LLAMA3_ROPE
 
 from upcycle.verify.config_check import check_config_equivalence
@@ -86,3 +87,20 @@ def test_a_dense_config_with_moe_layers_is_flagged():
 def test_a_config_transformers_does_not_know_cannot_be_proven():
     report = check_config_equivalence({"model_type": "no-such-model"}, MIXTRAL)
     assert not report.equivalent and "cannot be checked" in report.first_problem and "no-such-model" in report.error
+
+
+def test_a_computation_that_depends_on_the_position_itself_is_caught_far_out():
+    """Ministral 3's query scaling acts only beyond original_max_position_embeddings: the probe's second run, at
+    positions past every context, sees it (Mixtral has none)."""
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    rope = FAMILY_CONFIGS["ministral3"]["rope_parameters"]
+    mixtral = family_config("ministral3", **tokens) | {
+        "model_type": "mixtral",
+        "rope_parameters": {k: v for k, v in rope.items() if k != "llama_4_scaling_beta"},
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+    scaled = family_config("ministral3", rope_parameters={**rope, "llama_4_scaling_beta": 0.1}, **tokens)
+    report = check_config_equivalence(scaled, mixtral)
+    assert not report.equivalent and "depends on the position itself" in report.first_problem
+    assert check_config_equivalence(family_config("ministral3", **tokens), mixtral).equivalent

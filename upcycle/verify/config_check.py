@@ -22,6 +22,7 @@ from upcycle.verify.probe import (
     NormSpec,
     ProbeError,
     compute_spec,
+    far_probe_position,
     load_config,
     rope_probe_lengths,
     window_fields,
@@ -94,8 +95,9 @@ def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigRepo
             int(getattr(moe_cfg, "max_position_embeddings", 0) or 0),
         )
         lengths = sorted(set(rope_probe_lengths(dense_cfg, horizon)) | set(rope_probe_lengths(moe_cfg, horizon)))
-        dense = compute_spec(dense_config, windows, horizon, lengths)
-        moe = compute_spec(moe_config, windows, horizon, lengths)
+        far = max(far_probe_position(c, horizon, windows) for c in (dense_cfg, moe_cfg))
+        dense = compute_spec(dense_config, windows, horizon, lengths, far)
+        moe = compute_spec(moe_config, windows, horizon, lengths, far)
     except ProbeError as error:
         return ConfigReport(False, error=f"the configs cannot be checked: {error}")
     differences = compare_specs(dense, moe)
@@ -217,6 +219,14 @@ def _compare_probe(dense: ComputeSpec, moe: ComputeSpec) -> list[ConfigDifferenc
         error = _relative(dense.logits, moe.logits)
         if error > PROBE_TOLERANCE:
             what = f"the final norm and head on the probe (relative difference {error:.3g})"
+            return [ConfigDifference("model", what, "one function", "another")]
+    if dense.far_logits is not None and moe.far_logits is not None:
+        error = _relative(dense.far_logits, moe.far_logits)
+        if error > PROBE_TOLERANCE:
+            what = (
+                f"the probe's output at positions from {dense.far_position} (relative difference {error:.3g}; a "
+                "computation that depends on the position itself, such as query scaling)"
+            )
             return [ConfigDifference("model", what, "one function", "another")]
     return []
 

@@ -92,6 +92,8 @@ class ComputeSpec:
     layers: list[LayerSpec]
     layer_outputs: list[torch.Tensor] = field(repr=False, default_factory=list)
     logits: torch.Tensor | None = field(repr=False, default=None)
+    far_position: int = 0  # where the second probe run starts: past every window and original context
+    far_logits: torch.Tensor | None = field(repr=False, default=None)  # None: the class cannot run there
 
 
 def load_config(config: dict) -> Any:
@@ -106,8 +108,10 @@ def compute_spec(
     windows: set[int] | None = None,
     max_positions: int | None = None,
     rope_lengths: list[int] | None = None,
+    far_position: int | None = None,
 ) -> ComputeSpec:
-    """Probe one config; the optional lengths add another config's windows and contexts to the sampled ones."""
+    """Probe one config; the optional lengths add another config's windows and contexts to the sampled ones, and
+    `far_position` sets where the second run starts (default: this config's own far point)."""
     _register_probe()
     cfg = load_config(config)
     try:
@@ -148,6 +152,8 @@ def compute_spec(
     finally:
         for hook in hooks:
             hook.remove()
+    far = far_position if far_position is not None else far_probe_position(cfg, horizon, all_windows)
+    far_logits = _run_far(model, ids, far)
     attention_layers = [i for i, parts in enumerate(layer_parts) if parts["attention"]]
     if len(recorder.calls) != len(attention_layers):
         raise ProbeError(
@@ -192,7 +198,27 @@ def compute_spec(
         layers=specs,
         layer_outputs=outputs,
         logits=logits[0],
+        far_position=far,
+        far_logits=far_logits,
     )
+
+
+def far_probe_position(cfg: Any, horizon: int, windows: set[int]) -> int:
+    """A start position past twice the context, every window and the original context of long-context rotary types:
+    computations that depend on the position itself (query scaling by position, NoPE switches) show there."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+    return 2 * max([horizon, int(original or 0), *windows, PROBE_TOKENS]) + 1
+
+
+def _run_far(model: nn.Module, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+    """The probe's logits with position ids starting at `start` (the mask stays that of a 16-token sequence)."""
+    positions = torch.arange(ids.shape[1])[None] + start
+    try:
+        with _Recorder().active(), torch.no_grad():
+            return model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+    except Exception:  # a class that cannot take such positions: the position-free checks still hold
+        return None
 
 
 # ---- the probe's attention and mask functions, registered with transformers under one name -------------------

@@ -1,7 +1,8 @@
 """Ministral 3: Mistral with an optional position-dependent query scaling (rope_parameters.llama_4_scaling_beta).
 
-No native MoE class scales queries by position, so only configs without that scaling are exact. The scaling
-acts only beyond original_max_position_embeddings, where a short probe never looks: it is refused by rule.
+No native MoE class scales queries by position, so only configs without that scaling are exact. The scaling acts
+only beyond original_max_position_embeddings: refused here by rule, and seen by the config check's far-position
+probe as well.
 """
 
 from upcycle.convert.families.base import DenseModel, Family, every_layer_window
