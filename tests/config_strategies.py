@@ -309,6 +309,21 @@ def lfm2(draw: st.DrawFn) -> dict[str, Any]:
     return _finish("lfm2", config, draw)
 
 
+@st.composite
+def exaone(draw: st.DrawFn) -> dict[str, Any]:
+    """EXAONE 3.x configs name some fields the GPT-2 way (num_layers, layer_norm_epsilon, activation_function)."""
+    config = _common(draw)
+    _llama_biases(draw, config)
+    if config["head_dim"] is ABSENT:
+        config["_head_dim_hint"] = 128
+    for legacy, field in (("num_layers", "num_hidden_layers"), ("layer_norm_epsilon", "rms_norm_eps")):
+        if draw(st.booleans()) and config[field] is not ABSENT:
+            config[legacy] = config.pop(field)
+    config["pad_token_id"] = 0
+    config["eos_token_id"] = 2
+    return _finish("exaone", config, draw)
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "llama": llama,
     "mistral": mistral,
@@ -329,6 +344,7 @@ FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "granite": granite,
     "granite_swa": granite_swa,
     "lfm2": lfm2,
+    "exaone": exaone,
 }
 
 

@@ -58,6 +58,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         block_ffn_dim_multiplier=1.5,
         block_multiple_of=32,
     ),
+    "exaone": dict(head_dim=16, layer_norm_epsilon=1e-5, activation_function="silu", pad_token_id=0, eos_token_id=2),
     "cohere2": dict(
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],

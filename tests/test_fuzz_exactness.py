@@ -46,7 +46,8 @@ def probe_length(*configs: dict) -> int:
 @st.composite
 def cases(draw: st.DrawFn) -> tuple[dict, dict]:
     config = draw(dense_configs())
-    options = draw(upcycle_options(config["num_hidden_layers"], config["intermediate_size"]))
+    layers = config.get("num_hidden_layers", config.get("num_layers"))  # EXAONE configs may say num_layers
+    options = draw(upcycle_options(layers, config["intermediate_size"]))
     return config, options
 
 

@@ -153,20 +153,22 @@ class DenseSource:
                 "remote code unless asked.",
                 "pass --trust-remote-code if you trust this model.",
             )
-        return cls(folder, config, index_weights(folder))
+        from upcycle.convert.families import transformers_names
+
+        return cls(folder, config, transformers_names(config, index_weights(folder)))
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, freshly read into its own memory."""
         info = self.tensors[name]
         if info.offset < 0:
-            return self._pickle_dict(info.file)[name].clone()
+            return self._pickle_dict(info.file)[info.name].clone()
         return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (its first dimension), reading only their bytes."""
         info = self.tensors[name]
         if info.offset < 0:
-            return self._pickle_dict(info.file)[name][start:stop].clone()
+            return self._pickle_dict(info.file)[info.name][start:stop].clone()
         rows = info.shape[0] if info.shape else 1
         start, stop = max(0, start), min(rows, stop)
         row_bytes = info.nbytes // rows if rows else 0

@@ -8,6 +8,8 @@ saves for that config (built on the meta device, so the expected set is transfor
 from __future__ import annotations
 
 import importlib
+import re
+from typing import TypeVar
 
 from upcycle.convert.families.base import (
     MLP_PROJECTIONS,
@@ -24,7 +26,9 @@ from upcycle.hf_config import UnknownConfigError, load_config, resolved_fields
 FAMILY_MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "olmo2", "ernie4_5", "hunyuan_v1_dense", "seed_oss", "internlm3",
     "iquestcoder", "ministral", "ministral3", "cwm", "smollm3", "cohere2", "phi3", "granite", "granite_swa", "lfm2",
+    "exaone",
 )  # fmt: skip
+T = TypeVar("T")
 FAMILIES: dict[str, Family] = {
     f.model_type: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
 }
@@ -76,6 +80,19 @@ def _diagnose(model_type: str) -> str:
         "no native MoE class is known to compute its decoder layer exactly (upcycle registers a family only "
         "once the config check, the fuzzer and a logits test prove one)"
     )
+
+
+def transformers_names(config: dict, tensors: dict[str, T]) -> dict[str, T]:
+    """A checkpoint's tensors under the names transformers' class gives them (the family's renames applied)."""
+    family = FAMILIES.get(str(config.get("model_type")))
+    if family is None or not family.checkpoint_renames:
+        return tensors
+    renamed: dict[str, T] = {}
+    for name, tensor in tensors.items():
+        for pattern, replacement in family.checkpoint_renames:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = tensor
+    return renamed
 
 
 def _installed(model_type: str) -> bool:

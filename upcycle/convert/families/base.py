@@ -98,6 +98,9 @@ class Family:
     refusals: tuple[Refusal, ...] = ()
     rope: Callable[[dict], dict] = lambda parameters: parameters  # drops fields proven to be no-ops
     layer_kinds: frozenset[str] = frozenset({"full_attention", "sliding_attention"})  # layer_types it may hold
+    # Hub checkpoints of some families name tensors differently from transformers' classes, which rename them on
+    # load: (regex, replacement) pairs, applied in order, from the stored names to the class's names.
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
     min_transformers: str = ""  # the first transformers release with the family's class, when later than 5.17
 
 

@@ -26,7 +26,6 @@ REFUSED: dict[str, str] = {
     "olmo": "OLMo v1 uses LayerNorm without weights, which no native MoE class has",
     "exaone4": "EXAONE 4 normalises the outputs of attention and MLP, while EXAONE-MoE normalises their inputs "
     "(1.4 relative measured)",
-    "exaone": "EXAONE v1 checkpoints store GPT-2-style tensor names that transformers renames on load",
     "cohere": "Cohere v1 rotates every layer, while Cohere2-MoE rotates only windowed layers (7.3e-3 measured)",
     "hyperclovax": "HyperCLOVA X adds norms after attention and MLP and scales the residual stream",
     "youtu": "Youtu-LLM's exact home is DeepSeek-V3 (multi-head latent attention), which upcycle does not write yet",
