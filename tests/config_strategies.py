@@ -7,6 +7,7 @@ family's dense class. Sizes stay tiny so a case converts and runs in well under 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -259,12 +260,28 @@ def cohere2(draw: st.DrawFn) -> dict[str, Any]:
 
 @st.composite
 def phi3(draw: st.DrawFn) -> dict[str, Any]:
+    """Phi-3 rotates hidden/heads x partial_rotary_factor dimensions with default or LongRoPE (legacy "su")
+    tables, and names the original context at the top level."""
     config = _common(draw)
+    config["head_dim"] = ABSENT
+    config.pop("_head_dim_hint")
     config["sliding_window"] = draw(st.sampled_from([ABSENT, None, 5, 9]))
-    config["partial_rotary_factor"] = draw(st.sampled_from([ABSENT, ABSENT, 1.0, 0.5]))
+    factor = draw(st.sampled_from([ABSENT, ABSENT, 1.0, 0.5]))
+    config["partial_rotary_factor"] = factor
     config["pad_token_id"] = 0  # the class defaults (32000) lie outside a tiny vocabulary
     config["eos_token_id"] = draw(st.sampled_from([1, [1, 2]]))
-    return _finish("phi3", config, draw)
+    theta = draw(st.sampled_from([ABSENT, 10000.0, 500000.0]))
+    if theta is not ABSENT:
+        config["rope_theta"] = theta
+    if draw(st.booleans()):
+        half = int(config["hidden_size"] // config["num_attention_heads"] * (1.0 if factor is ABSENT else factor)) // 2
+        config["original_max_position_embeddings"] = draw(st.sampled_from([8, 16]))
+        config["rope_scaling"] = {
+            "type": draw(st.sampled_from(["longrope", "su"])),
+            "short_factor": [1.0 + 0.01 * i for i in range(half)],
+            "long_factor": [1.0 + 0.5 * i for i in range(half)],
+        }
+    return {"model_type": "phi3", **{k: v for k, v in config.items() if v is not ABSENT}}
 
 
 def _granite_multipliers(draw: st.DrawFn, config: dict[str, Any]) -> None:
@@ -302,6 +319,8 @@ def lfm2(draw: st.DrawFn) -> dict[str, Any]:
     config["layer_types"] = draw(
         st.lists(st.sampled_from(["conv", "full_attention"]), min_size=layers, max_size=layers)
     )
+    if draw(st.integers(0, 4)):  # mostly runnable: transformers needs at least one attention layer
+        config["layer_types"][-1] = "full_attention"
     config["conv_bias"] = draw(st.sampled_from([ABSENT, False, True]))
     config["conv_L_cache"] = draw(st.sampled_from([ABSENT, 2, 3]))
     config["block_auto_adjust_ff_dim"] = draw(st.sampled_from([ABSENT, False]))
@@ -350,7 +369,9 @@ FAMILIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
 
 @st.composite
 def dense_configs(draw: st.DrawFn) -> dict[str, Any]:
-    return draw(FAMILIES[draw(st.sampled_from(sorted(FAMILIES)))]())
+    """A config of any family, or of those UPCYCLE_FUZZ_FAMILIES names (comma-separated: fuzz a new family alone)."""
+    chosen = [f for f in os.environ.get("UPCYCLE_FUZZ_FAMILIES", "").split(",") if f] or sorted(FAMILIES)
+    return draw(FAMILIES[draw(st.sampled_from(chosen))]())
 
 
 @st.composite

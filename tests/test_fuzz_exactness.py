@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from config_strategies import dense_configs, upcycle_options
+from family_configs import FAMILY_OPTIONS
 from hub_models import logits, save_hub_style
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -48,6 +49,8 @@ def cases(draw: st.DrawFn) -> tuple[dict, dict]:
     config = draw(dense_configs())
     layers = config.get("num_hidden_layers", config.get("num_layers"))  # EXAONE configs may say num_layers
     options = draw(upcycle_options(layers, config["intermediate_size"]))
+    if draw(st.booleans()):  # half the time, what the family's only home needs to be exact (LFM2: a zero router)
+        options.update(FAMILY_OPTIONS.get(config["model_type"], {}))
     return config, options
 
 
