@@ -5,7 +5,7 @@ hidden states, both expert weights and the routing weights) of one experts layer
 FLOPs = 6*T*k*H*F (fwd) and 18*T*k*H*F (fwd+bwd), ratios to the dense SwiGLU of equal FLOPs (intermediate
 size k*F) and to grouped_mm, the activation memory one forward keeps for the backward (saved tensors,
 measured on any device), peak extra memory of one fwd+bwd (GPU), and the first-call time (compilation and any
-autotuning). On a GPU it runs the four shapes of DESIGN.md in bf16; on the CPU small fp32 shapes (there the
+autotuning). On a GPU it runs the four reference shapes in bf16; on the CPU small fp32 shapes (there the
 upcycle op runs its PyTorch reference unless TRITON_INTERPRET=1, and the table says which backend ran).
 
     python benchmarks/bench_moe_layer.py                 # all shapes for this machine
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from upcycle.kernels.cross_compile import DESIGN_SHAPES, MoEShape
+from upcycle.kernels.cross_compile import REFERENCE_SHAPES, MoEShape
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Shape(MoEShape):
         return (18 if backward else 6) * self.T * self.k * self.H * self.F
 
 
-GPU_SHAPES = [Shape(s.name, s.E, s.k, s.H, s.F, s.T) for s in DESIGN_SHAPES]
+GPU_SHAPES = [Shape(s.name, s.E, s.k, s.H, s.F, s.T) for s in REFERENCE_SHAPES]
 CPU_SHAPES = [
     Shape("cpu-E8-k2-H128-F256-T512", 8, 2, 128, 256, 512),
     Shape("cpu-E16-k4-H64-F64-T512", 16, 4, 64, 64, 512),

@@ -9,7 +9,7 @@ does before a shape's first launch (the same code), in fresh triton caches, and 
 part of the kernels' first-call cost. Compiling goes through triton's JIT warm-up under a compile-only driver
 that names the target, so the specialisations are the ones a GPU run gets.
 
-    python benchmarks/kernel_report.py                      # the four DESIGN.md shapes, table
+    python benchmarks/kernel_report.py                      # the four reference shapes, table
     python benchmarks/kernel_report.py --check              # exit 1 if any candidate spills, misses wgmma, ...
     python benchmarks/kernel_report.py --json out.json --compare-serial
 
@@ -31,7 +31,7 @@ from dataclasses import asdict
 import torch
 
 from upcycle.kernels.cross_compile import (
-    DESIGN_SHAPES,
+    REFERENCE_SHAPES,
     CompileReport,
     PlannedLaunch,
     compile_all,
@@ -92,7 +92,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = [s.name for s in DESIGN_SHAPES]
+    names = [s.name for s in REFERENCE_SHAPES]
     parser.add_argument("--shapes", nargs="*", default=names, choices=names, metavar="SHAPE", help=", ".join(names))
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper, 80 = Ampere)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     seen: set[tuple] = set()
     failed = 0
-    for index, shape in enumerate(s for s in DESIGN_SHAPES if s.name in args.shapes):
+    for index, shape in enumerate(s for s in REFERENCE_SHAPES if s.name in args.shapes):
         planned = plan_launches(shape, dtype, training=not args.inference, arch=args.arch)
         unique = list({identity(p): p for p in planned}.values())
         block: dict = {"shape": asdict(shape), "launches": len(unique)}

