@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from upcycle import __version__
-from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, describe_dense
+from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
@@ -281,13 +281,9 @@ def _recipes(
             continue
         layer = dense.layer_of(name)
         for out_name, ref in dense.copies(name):
-            shape = (
-                source.tensors[name].shape
-                if ref.rows is None
-                else (ref.rows[1] - ref.rows[0], *source.tensors[name].shape[1:])
-            )
+            shape = _shape(source, ref)
             recipe = TensorRecipe(
-                target.rename(out_name), tuple(shape), dtype, "copy", source=ref.name, source_rows=ref.rows,
+                target.rename(out_name), shape, dtype, "copy", source=ref.name, source_rows=ref.rows,
                 layer=-1 if layer is None else layer,
             )  # fmt: skip
             (outer if layer is None else per_layer[layer]).append(recipe)
@@ -296,13 +292,11 @@ def _recipes(
             per_layer[layer] += _moe_block(layer, dense, opts, target, dtype, scales)
             continue
         for projection, ref in dense.mlp_sources(layer).items():
-            shape = (
-                source.tensors[ref.name].shape if ref.rows is None else (ref.rows[1] - ref.rows[0], dense.hidden_size)
-            )
+            shape = _shape(source, ref)
             per_layer[layer].append(
                 TensorRecipe(
                     target.dense_mlp_key(layer, projection),
-                    tuple(shape),
+                    shape,
                     dtype,
                     "copy",
                     source=ref.name,
@@ -313,6 +307,12 @@ def _recipes(
     embeddings = [r for r in outer if "embed" in r.name]
     rest = [r for r in outer if "embed" not in r.name]
     return embeddings + [r for recipes in per_layer for r in recipes] + rest
+
+
+def _shape(source: DenseSource, ref: SourceRef) -> tuple[int, ...]:
+    """The shape of a source tensor, or of its block of rows."""
+    full = tuple(source.tensors[ref.name].shape)
+    return full if ref.rows is None else (ref.rows[1] - ref.rows[0], *full[1:])
 
 
 def _moe_block(

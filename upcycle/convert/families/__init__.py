@@ -126,6 +126,7 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
             head_dim=int(resolved.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(resolved.get("tie_word_embeddings", False)),
             layer_windows=family.windows(resolved, num_layers),
+            expected=expected,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise SourceError(
@@ -139,7 +140,6 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
             raise UnsupportedModelError(
                 f"this {family.title} model cannot be upcycled exactly: {reason}.", _nearest(model)
             )
-    model.expected.update(expected)
     _check_tensors(model, tensors)
     return model
 
