@@ -209,7 +209,8 @@ def child_upcycle(spec: dict[str, Any], events: Events) -> None:
     import torch
 
     from upcycle.train.loop import train
-    from upcycle.train.recipe import RunSection, recipe_from_dict
+    from upcycle.train.recipe import recipe_from_dict
+    from upcycle.train.recipe_sections import RunSection
 
     events.emit("imported")
     o = spec["optim"]
@@ -303,7 +304,8 @@ def child_prepare(spec: dict[str, Any], events: Events) -> None:
 
     from upcycle.assets import shakespeare_split, smollm2_folder
     from upcycle.convert import UpcycleOptions, convert
-    from upcycle.train.data import BatchOrder, make_batch, packed_dataset
+    from upcycle.train.batch_order import BatchOrder
+    from upcycle.train.packing import make_batch, packed_dataset
 
     cuda = torch.cuda.is_available() and spec["device"] != "cpu"
     settings = dict(GPU_DEFAULTS if cuda else CPU_DEFAULTS)

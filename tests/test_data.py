@@ -14,21 +14,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import upcycle.train.data as data
 from upcycle.errors import OptionError, SourceError
-from upcycle.train.data import (
-    BatchOrder,
-    PackedDataset,
-    build_token_file,
-    eval_batches,
-    grad_accum_steps,
-    iter_documents,
-    load_tokens,
-    make_batch,
-    packed_dataset,
-    resolve_files,
-    token_cache_key,
-)
+from upcycle.train import token_cache
+from upcycle.train.batch_order import BatchOrder
+from upcycle.train.batch_size import grad_accum_steps
+from upcycle.train.documents import iter_documents
+from upcycle.train.eval_plan import eval_batches
+from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
+from upcycle.train.token_cache import build_token_file, load_tokens, token_cache_key
 
 CORPUS = "the quick brown fox jumps over the lazy dog. A cat sat on the mat, and é was there!\n"
 
@@ -159,17 +152,6 @@ def test_unknown_extension_and_missing_file(tmp_path):
         list(iter_documents([], text_field=""))
 
 
-def test_resolve_files_globs_folders_and_order(tmp_path):
-    for name in ("b.txt", "a.txt", "sub/c.jsonl", "sub/skip.csv"):
-        write(tmp_path / "corpus" / name, "x")
-    other = write(tmp_path / "z.txt", "x")
-    got = resolve_files([str(other), "corpus/*.txt", "corpus", str(other)], base=tmp_path)
-    names = [p.relative_to(tmp_path).as_posix() for p in got]
-    assert names == ["z.txt", "corpus/a.txt", "corpus/b.txt", "corpus/sub/c.jsonl"]
-    with pytest.raises(SourceError, match="No text files match 'nothing/\\*.txt'"):
-        resolve_files(["nothing/*.txt"], base=tmp_path)
-
-
 # ---------------------------------------------------------------------------------------------- token cache
 
 
@@ -289,7 +271,7 @@ def test_corrupt_cache_is_named(tmp_path):
 def test_long_documents_are_cut_without_changing_tokens(tmp_path, tiny_tok):
     text = ("the quick brown fox.\nA cat sat on the mat\n\nlazy   dog  " * 40) + "x" * 300
     for size in (7, 50, 333):
-        pieces = data._split_long(text, size)
+        pieces = token_cache._split_long(text, size)
         assert "".join(pieces) == text and all(len(p) <= size for p in pieces)
     whole = load_tokens(build_token_file([write(tmp_path / "a.txt", text)], tiny_tok, cache_dir=tmp_path / "c1"))
     cut = build_token_file([tmp_path / "a.txt"], tiny_tok, cache_dir=tmp_path / "c2", max_piece_chars=64)

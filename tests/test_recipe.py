@@ -9,17 +9,18 @@ import pytest
 import yaml
 
 from upcycle.errors import OptionError
-from upcycle.train.recipe import (
+from upcycle.train.batch_size import resolve_batch
+from upcycle.train.recipe import TrainRecipe, load_recipe, recipe_from_dict
+from upcycle.train.recipe_paths import data_files
+from upcycle.train.recipe_sections import (
     BatchSection,
     DataSection,
     ModelSection,
     OptimSection,
+    ParallelSection,
     RunSection,
-    TrainRecipe,
-    load_recipe,
-    recipe_from_dict,
-    resolve_batch,
 )
+from upcycle.train.resume import resume_point
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
@@ -323,6 +324,17 @@ def test_missing_data_is_named(folder: Path) -> None:
     assert "table.csv is not a supported text file" in error(folder, minimal(data={"train": "table.csv"}))
 
 
+def test_data_entries_keep_their_order_and_each_expands_sorted(folder: Path) -> None:
+    """The recipe orders the data; a glob or folder never depends on the file system's listing order."""
+    (folder / "text" / "sub").mkdir()
+    (folder / "text" / "sub" / "d.jsonl").write_text('{"text": "x"}\n')
+    (folder / "text" / "sub" / "skip.csv").write_text("a,b")
+    got = data_files(("heldout.txt", "text/*.txt", "text/sub"), "data.train", folder, resolve_assets=False)
+    assert got == tuple(str(folder / n) for n in ("heldout.txt", "text/a.txt", "text/b.txt", "text/sub/d.jsonl"))
+    with pytest.raises(OptionError, match=r"data.train: 'nothing/\*.txt' matches no file"):
+        data_files(("nothing/*.txt",), "data.train", folder, resolve_assets=False)
+
+
 def test_held_out_text_must_not_be_trained_on(folder: Path) -> None:
     text = error(folder, minimal(data={"train": "text/*.txt", "eval": "text/a.txt"}))
     assert "data.eval" in text and "a.txt" in text and "also in data.train" in text
@@ -337,6 +349,63 @@ def test_assets_are_checked_by_name_and_kept_when_not_resolved(folder: Path) -> 
         load_recipe(write(folder, minimal(data={"train": "asset:austen"})), resolve_assets=False)
     with pytest.raises(OptionError, match="model.path: unknown asset"):
         load_recipe(write(folder, minimal(model={"path": "asset:llama"})), resolve_assets=False)
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+
+
+def test_parallel_section_defaults_set_and_round_trip(folder: Path) -> None:
+    recipe = load(folder, minimal())
+    assert recipe.parallel == ParallelSection()
+    assert recipe.to_dict()["parallel"] == {"fsdp": None, "ep": 1, "replicate": 1, "tp": 1}
+    laid_out = load(folder, minimal(parallel={"replicate": 2}), "parallel.ep=8", "parallel.fsdp=4")
+    assert (laid_out.parallel.fsdp, laid_out.parallel.ep, laid_out.parallel.replicate, laid_out.parallel.tp) == (
+        4,
+        8,
+        2,
+        1,
+    )
+    assert recipe_from_dict(laid_out.to_dict(), Path("/somewhere/else")) == laid_out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("parallel.ep=0", "parallel.ep: must be at least 1, got 0"),
+        ("parallel.replicate=-2", "parallel.replicate: must be at least 1, got -2"),
+        ("parallel.tp=0", "parallel.tp: must be at least 1, got 0"),
+        ("parallel.fsdp=0", "parallel.fsdp: must be at least 1, got 0"),
+        ("parallel.ep=2.0", "parallel.ep: expected an integer, got 2.0"),
+        ("parallel.fsdp=true", "parallel.fsdp: expected an integer, got true"),
+        ("parallel.ep_degree=2", "unknown key parallel.ep_degree"),
+        ("parallel.expert_parallel_degree=2", "(did you mean parallel.ep?)"),
+        ("parallel=8", "--set parallel: parallel is a section"),
+    ],
+)
+def test_parallel_degrees_must_be_positive_integers(folder: Path, override: str, message: str) -> None:
+    assert message in error(folder, minimal(), override)
+
+
+def test_parallel_section_is_validated_when_built_in_code_too() -> None:
+    assert ParallelSection(fsdp=None).fsdp is None
+    with pytest.raises(OptionError, match="parallel.ep: must be at least 1"):
+        ParallelSection(ep=0)
+
+
+def test_resume_on_another_parallel_layout_is_no_change(folder: Path) -> None:
+    """A run may resume under another layout: the parallel section is not what is trained."""
+    saved = load(folder, minimal()).to_dict()
+    state = {"step": 4, "recipe": saved, "global_batch_sequences": 2, "data_position": 8}
+    moved = load(folder, minimal(), "parallel.ep=2", "parallel.replicate=2", "parallel.fsdp=4", "optim.lr=1e-4")
+    point = resume_point(state, moved.to_dict(), global_batch=2, world_size=8, allow=set())
+    assert point.position == 8
+    assert point.notes == ["changed: optim.lr: 0.0003 -> 0.0001"]  # other allowed changes are still reported
+    before_the_section = {k: v for k, v in saved.items() if k != "parallel"}  # a checkpoint from an older upcycle
+    old_state = state | {"recipe": before_the_section}
+    assert resume_point(old_state, moved.to_dict(), 2, 8, set()).notes == point.notes
+    reseeded = load(folder, minimal(), "parallel.ep=2", "run.seed=1").to_dict()
+    with pytest.raises(OptionError, match=r"run.seed: 0 -> 1"):  # what is trained is still guarded
+        resume_point(state, reseeded, 2, 8, set())
 
 
 # ------------------------------------------------------------------------------------------- round trips
@@ -430,7 +499,7 @@ def test_shipped_moe_recipes_use_the_papers_per_layer_aux_coefficient():
 
     shipped = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
     moe = [path for path in shipped if path.stem != "dense-control"]
-    assert len(moe) == 4
+    assert len(moe) == 5  # quickstart, E8G1T2, E8G8T8, Drop-Upcycling, multi-node
     for path in moe:
         recipe = load_recipe(path, [])
         assert recipe.moe.aux_loss_coef == 1e-2 and recipe.moe.z_loss_coef == 0.0, path.name

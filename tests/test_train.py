@@ -18,6 +18,7 @@ from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist
 from upcycle.train.loop import TrainingDiverged, load_model, train
 from upcycle.train.metrics import read_metrics
+from upcycle.train.parallel import Layout
 from upcycle.train.recipe import load_recipe, recipe_from_dict
 
 
@@ -232,7 +233,7 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_pair, texts, tmp_pa
             run={"export": False, "checkpoints": False, "eval_interval": 0},
         )
         recipe = recipe_from_dict(data, tmp_path)
-        loaded = load_model(recipe, Dist(0, 1, 0, torch.device("cpu")), torch.float32)
+        loaded = load_model(recipe, Dist(0, 1, 0, torch.device("cpu")), Layout(1), torch.float32)
         name = (
             "is_activation_checkpointing"
             if hasattr(loaded, "is_activation_checkpointing")

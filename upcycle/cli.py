@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import OptionError, UpcycleError
 
 app = typer.Typer(
     add_completion=False,
@@ -394,18 +395,42 @@ def train_cmd(
             "seed, global_batch)."
         ),
     ] = "",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Resolve recipe, batch and parallel layout; print each rank's memory; load no weights."
+        ),
+    ] = False,
+    world_size: Annotated[
+        int | None, typer.Option(min=1, help="With --dry-run: plan for this many ranks instead of those launched.")
+    ] = None,
+    device_memory: Annotated[
+        str | None, typer.Option(help="With --dry-run: memory of one rank's device, e.g. 80GB (default: the one seen).")
+    ] = None,
 ) -> None:
-    """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs under torchrun)."""
+    """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs and nodes under torchrun)."""
     from upcycle.train.loop import train
     from upcycle.train.recipe import load_recipe
 
     try:
         loaded = load_recipe(recipe, list(set_ or []))
+        if dry_run or world_size is not None or device_memory is not None:
+            if not dry_run:
+                raise OptionError("--world-size and --device-memory only plan a run.", "add --dry-run.")
+            from upcycle.train.dry_run import dry_run as plan_run
+            from upcycle.train.memory_plan import parse_bytes
+
+            budget = parse_bytes(device_memory) if device_memory is not None else None
+            for line in plan_run(loaded, world_size, budget).lines():
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
         allowed = {name.strip() for name in allow_changes.split(",") if name.strip()}
         with RichTrainReporter() as reporter:
             summary = train(loaded, reporter, resume=resume, allow_changes=allowed)
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports for the run
     if summary.export_dir:
         console.print(f"[green]exported[/] {summary.export_dir}")
     console.print(f"trained {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.0f} s")

@@ -7,6 +7,7 @@ through here so a checkpoint that does not match its class is an error, not a qu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,9 +16,12 @@ from upcycle.errors import SourceError
 
 
 def load_causal_lm(
-    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **options: Any
 ) -> tuple[nn.Module, list[str]]:
-    """The model and a list of loading problems (missing, unexpected or mismatched keys); empty when clean."""
+    """The model and a list of loading problems (missing, unexpected or mismatched keys); empty when clean.
+
+    `options` go to `from_pretrained` (e.g. a `distributed_config` that shards the model while it loads).
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
@@ -27,16 +31,16 @@ def load_causal_lm(
             "pass a folder written by save_pretrained or `upcycle convert`.",
         )
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **options
     )
     problems = [f"{kind}: {', '.join(sorted(keys)[:3])}" for kind, keys in info.items() if keys]
     return model, problems
 
 
 def load_causal_lm_strict(
-    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **options: Any
 ) -> nn.Module:
-    model, problems = load_causal_lm(folder, dtype, trust_remote_code)
+    model, problems = load_causal_lm(folder, dtype, trust_remote_code, **options)
     if problems:
         raise SourceError(
             f"{folder} does not load cleanly in transformers ({'; '.join(problems)}).",

@@ -10,11 +10,14 @@ interleaved gate/up, post-expert norms) are refused with a clear error rather th
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpcycleError
+from .backend import select_backend
 from .op import moe_swiglu
 
 try:  # transformers >= 5 has the experts seam; without it `register()` reports False
@@ -24,6 +27,10 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
     SiLUActivation = ExpertsInterface = _default_apply_gate = None
 
 IMPLEMENTATION_NAME = "upcycle"
+
+# (backend, experts the call saw) -> calls in this process: what really ran, e.g. 2 local experts of 8 under
+# expert parallelism, on "triton" or the "reference" fallback
+calls: Counter[tuple[str, int]] = Counter()
 
 
 class UnsupportedExpertsError(UpcycleError, ValueError):
@@ -86,6 +93,7 @@ def experts_forward(
         x_TH = hidden_states.to(dtype)
     else:
         x_TH = hidden_states.to(w_gate_up_E2FH.dtype)  # as grouped_mm does
+    calls[(select_backend(x_TH.device), int(w_gate_up_E2FH.shape[0]))] += 1
     out_TH = moe_swiglu(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index, top_k_weights)
     return out_TH if torch.is_autocast_enabled(device_type) else out_TH.to(hidden_states.dtype)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,3 +98,38 @@ def barrier(info: Dist | None = None) -> None:
     """Wait for every rank (of `info`, or of the joined process group); nothing to wait for in one process."""
     if info.enabled if info is not None else rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def all_gather_objects(value: Any, info: Dist) -> list[Any]:
+    """Every rank's `value`, in rank order (a one-element list in one process)."""
+    if not info.enabled:
+        return [value]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the gradients (before clipping), clipping them to `max_norm`.
+
+    Under expert parallelism the experts' gradients live on another device mesh than the dense ones, which
+    `torch.nn.utils.clip_grad_norm_` cannot combine: each mesh's norm is reduced on its own mesh, then summed.
+    """
+    by_mesh: dict[Any, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        if param.grad is not None:
+            by_mesh[getattr(param.grad, "device_mesh", None)].append(param.grad)
+    if len(by_mesh) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    squares = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        squares.append(norm.float().cpu() ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    coefficient = max_norm / (total.item() + 1e-6)
+    if coefficient < 1.0 and math.isfinite(coefficient):
+        for grads in by_mesh.values():
+            torch._foreach_mul_(grads, coefficient)
+    return total

@@ -8,8 +8,10 @@ export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,22 @@ def full_state_dict(model: nn.Module, info: Dist) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def engine_detached(model: nn.Module) -> Iterator[None]:
+    """Rank 0 writes the already gathered weights alone: without this, a model sharded by transformers' engine
+    would gather again inside `save_pretrained` and wait there for ranks that are not saving."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "distributed_config", None)
+    if saved is None:
+        yield
+        return
+    config.distributed_config = None
+    try:
+        yield
+    finally:
+        config.distributed_config = saved
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -99,7 +117,8 @@ def export_model(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         out.parent.mkdir(parents=True, exist_ok=True)
         with staged(out, force) as tmp:
-            model.save_pretrained(tmp, state_dict=state)
+            with engine_detached(model):
+                model.save_pretrained(tmp, state_dict=state)
             # save_pretrained writes the training's fp32 and use_cache=False: the export says what it holds
             config = json.loads((tmp / "config.json").read_text())
             config["dtype"], config["use_cache"] = str(dtype).removeprefix("torch."), use_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,11 @@ from torch import nn
 
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.loading import load_causal_lm_strict
+from upcycle.moe_modules import moe_blocks
 from upcycle.output_safety import refuse_overlap
 from upcycle.train import moe_losses, step0
+from upcycle.train.batch_order import BatchOrder
+from upcycle.train.batch_size import resolve_batch
 from upcycle.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -29,11 +33,23 @@ from upcycle.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from upcycle.train.data import BatchOrder, PackedDataset, eval_batches, make_batch, packed_dataset
-from upcycle.train.distributed import Dist, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
+from upcycle.train.distributed import (
+    Dist,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    clip_grad_norm,
+    init_distributed,
+    shard_model,
+    shutdown,
+)
+from upcycle.train.eval_plan import eval_batches
 from upcycle.train.export import check_replaceable_export, export_model, export_settings
 from upcycle.train.metrics import MetricsLog
-from upcycle.train.recipe import TrainRecipe, resolve_batch
+from upcycle.train.model_shape import meta_model, model_shape
+from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
+from upcycle.train.parallel import Layout, engine_available, resolve_layout
+from upcycle.train.recipe import TrainRecipe
 from upcycle.train.resume import resume_point
 from upcycle.train.schedule import lr_at
 
@@ -90,11 +106,24 @@ def choose_experts_implementation(requested: str, device: torch.device) -> str:
     return "grouped_mm"
 
 
-def load_model(recipe: TrainRecipe, info: Dist, compute_dtype: torch.dtype) -> nn.Module:
+def load_model(recipe: TrainRecipe, info: Dist, layout: Layout, compute_dtype: torch.dtype) -> nn.Module:
+    """The model in fp32 master weights, laid out as `layout` says.
+
+    Sharded layouts are loaded by transformers' distributed engine: each rank builds the model on the meta
+    device, applies expert parallelism and FSDP2, then reads only its own shard of every tensor, so no rank holds
+    the whole model. Without that engine (older transformers), each rank loads the whole model and FSDP2 shards it
+    afterwards.
+    """
     implementation = choose_experts_implementation(recipe.model.experts_implementation, info.device)
     if implementation == "upcycle":
         import upcycle.kernels  # noqa: F401  (registers the implementation with transformers)
-    model = load_causal_lm_strict(recipe.model.path, torch.float32, recipe.model.trust_remote_code)
+    path, remote = recipe.model.path, recipe.model.trust_remote_code
+    mixed = compute_dtype != torch.float32
+    by_engine = layout.sharded and engine_available()
+    if by_engine:
+        model = load_causal_lm_strict(path, torch.float32, remote, distributed_config=layout.distributed_config(mixed))
+    else:
+        model = load_causal_lm_strict(path, torch.float32, remote)
     if moe_losses.find_routers(model) and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(implementation)
     model.config.use_cache = False
@@ -106,11 +135,55 @@ def load_model(recipe: TrainRecipe, info: Dist, compute_dtype: torch.dtype) -> n
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    model.to(info.device)
-    if info.enabled:
-        shard_model(model, info, compute_dtype if compute_dtype != torch.float32 else None)
+    if not by_engine:
+        model.to(info.device)
+        if info.enabled:
+            shard_model(model, info, compute_dtype if mixed else None)
     model.train()
     return model
+
+
+def expert_placement(model: nn.Module) -> dict[str, Any]:
+    """Which experts this rank really holds: read off the first experts module's weights, not the plan."""
+    for _, block in moe_blocks(model):
+        weight = next((p for p in block.experts.parameters(recurse=False) if p.dim() == 3), None)
+        if weight is None:
+            continue
+        total = int(weight.shape[0])
+        mesh = getattr(weight, "device_mesh", None)
+        names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+        local_rows = int(weight.to_local().shape[0]) if hasattr(weight, "to_local") else total
+        if "ep" in names:
+            ep = mesh.size(names.index("ep"))
+            coordinate = mesh.get_local_rank("ep")
+            first, count = coordinate * total // ep, total // ep
+        else:
+            first, count = 0, total
+        return {"experts": [first, first + count - 1], "of": total, "local_rows": local_rows}
+    return {}
+
+
+def parallel_record(model: nn.Module, layout: Layout, placement: list[dict], info: Dist) -> dict[str, Any]:
+    """What really ran, from every rank: the layout, the experts each rank holds, and the experts
+    implementation's calls (backend, experts per call) during the first step."""
+    registry = sys.modules.get("upcycle.kernels.registry")
+    calls = {f"{backend}:{experts}": n for (backend, experts), n in registry.calls.items()} if registry else {}
+    return {
+        "kind": "layout",
+        "layout": layout.as_dict(),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "placement": placement,
+        "experts_calls": all_gather_objects(calls, info),
+    }
+
+
+def describe_experts_calls(record: dict[str, Any]) -> str:
+    implementation = record["experts_implementation"]
+    seen = sorted({key for calls in record["experts_calls"] for key in calls})
+    if not seen:
+        return f"experts implementation: {implementation}"
+    ran = ", ".join(f"{key.split(':')[0]} kernels on {key.split(':')[1]} local experts" for key in seen)
+    return f"experts implementation: {implementation} ({ran})"
 
 
 def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
@@ -200,7 +273,7 @@ def evaluate(
             ).view(batch_BS.shape[0], -1)
             real = loss_BS[:count].double()
             total += torch.stack([real.sum().cpu(), torch.tensor(real.numel(), dtype=torch.float64)])
-            if taps is not None and taps.records and count:
+            if taps is not None and taps.records:  # a padding-only batch adds zeros: every rank sums one shape
                 loads.append(torch.tensor(moe_losses.expert_load(taps.records), dtype=torch.float64) * count)
     if taps is not None:
         taps.clear()
@@ -307,7 +380,9 @@ def _train(
     use_autocast = compute_dtype != torch.float32 and not info.enabled  # FSDP2's policy casts when sharded
     autocast = torch.autocast(info.device.type, dtype=compute_dtype) if use_autocast else contextlib.nullcontext()
 
-    batch = resolve_batch(recipe, info.world_size)
+    shape = model_shape(meta_model(recipe.model.path, recipe.model.trust_remote_code))
+    layout = resolve_layout(recipe.parallel, info.world_size, shape.num_experts)
+    batch = resolve_batch(recipe, layout.data_parallel)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     point = None
     if checkpoint is not None:  # checked before any data is tokenised or weights loaded
@@ -323,7 +398,15 @@ def _train(
     train_set = tokens_for(recipe.data.train, recipe, info)
     eval_set = tokens_for(recipe.data.eval, recipe, info) if recipe.data.eval else None
     export_dtype, export_use_cache = export_settings(Path(recipe.model.path), recipe.run.export_dtype)
-    model = load_model(recipe, info, compute_dtype)
+    for line in layout.describe(shape.num_experts):
+        report.message(line)
+    model = load_model(recipe, info, layout, compute_dtype)
+    placement = all_gather_objects(expert_placement(model), info)
+    if shape.num_experts:
+        planned = [layout.experts_of_rank(r, shape.num_experts) for r in range(info.world_size)]
+        held = [range(p["experts"][0], p["experts"][1] + 1) for p in placement]
+        if held != planned:
+            raise RuntimeError(f"the experts were placed {held}, not as the layout planned {planned}")
     taps = moe_losses.RouterTaps(model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0)
     optimizer = make_optimizer(model, recipe)
     if recipe.run.compile:
@@ -396,8 +479,7 @@ def _train(
             totals = values if totals is None else totals + values
         assert totals is not None
         clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = clip_grad_norm(params, clip)
         # one host read per step: the mean losses over ranks and the (already global) gradient norm
         step_values = torch.cat([totals.double() / len(micro_batches), grad_norm.detach().double().reshape(1)])
         step_values = all_reduce_sum(step_values, info).cpu()
@@ -439,6 +521,10 @@ def _train(
         if (step + 1) % max(1, recipe.run.log_interval) == 0 or step + 1 == batch.steps or not finite:
             log.write(record)
         report.step(record)
+        if step == start_step:
+            layout_record = parallel_record(model, layout, placement, info)
+            log.write(layout_record | {"step": step + 1})
+            report.message(describe_experts_calls(layout_record))
         if bad_steps >= recipe.run.max_bad_steps:
             raise TrainingDiverged(
                 f"training stopped at step {step + 1}: {bad_steps} consecutive non-finite steps.",

@@ -4,7 +4,8 @@ A checkpoint records the stream position (sequences consumed), the tokens traine
 continues from that position, not from step x the current batch, and its recipe is compared with the saved one:
 a change that alters what is trained (the model, the training data, the sequence length, the seed, the global
 batch) is refused with the list of differences unless `--allow-changes` names each of them. Other differences
-(learning rate, steps, intervals) are allowed and reported.
+(learning rate, steps, intervals) are allowed and reported. Where the run lives (`run.output_dir`) and how its
+ranks are laid out (the `parallel` section) are not compared: neither changes what is trained.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ GUARDED = {
     "global_batch": (),
 }
 IGNORED = {"run.output_dir"}  # where the run lives, not what it trains
+IGNORED_SECTIONS = {"parallel"}  # how the ranks lay out the model, not what it trains
 
 
 @dataclass(frozen=True)
@@ -111,5 +113,9 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     return {
         key: (saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
-        if key not in IGNORED and saved.get(key) != current.get(key) and (key in saved or key in guarded)
+        if not _ignored(key) and saved.get(key) != current.get(key) and (key in saved or key in guarded)
     }
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED or key.partition(".")[0] in IGNORED_SECTIONS

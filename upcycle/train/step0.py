@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.train.data import PackedDataset, eval_batches, make_batch
 from upcycle.train.distributed import Dist, all_reduce_max, all_reduce_sum
+from upcycle.train.eval_plan import eval_batches
+from upcycle.train.packing import PackedDataset, make_batch
 
 PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # What correct upcycles measure at step 0 in the training's precision (max relative logit difference), with a
