@@ -165,7 +165,7 @@ def expert_placement(model: nn.Module) -> dict[str, Any]:
 
 def parallel_record(model: nn.Module, layout: Layout, placement: list[dict], info: Dist) -> dict[str, Any]:
     """What really ran, from every rank: the layout, the experts each rank holds, and the experts
-    implementation's calls (backend, experts per call) during the first step."""
+    implementation's calls (backend, experts per call) up to the end of the first step, step-0 evaluation included."""
     registry = sys.modules.get("upcycle.kernels.registry")
     calls = {f"{backend}:{experts}": n for (backend, experts), n in registry.calls.items()} if registry else {}
     return {
