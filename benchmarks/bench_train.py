@@ -9,18 +9,19 @@ empty compile and autotune caches unless ``--cache-dir`` is given):
   after ``--warmup``; a step is timed from the end of the previous one to its own end, after a
   ``torch.cuda.synchronize()`` on a GPU, so everything a loop does between steps counts;
 - **peak memory**: ``torch.cuda.max_memory_allocated()`` on a GPU; on the CPU the child's own ``ru_maxrss``;
-- **TFLOP/s and MFU**: FLOPs per token = 6 x N_active + 12 x L x (heads x head_dim) x S (the PaLM appendix
-  convention: every matmul forward and backward, attention scores over the full S x S square, no causal
-  discount), where N_active counts every matrix a token passes through once: parameters without the input
-  embedding, plus the LM head (tied or not), with only top-k of the E experts. MFU is against the device's
-  dense bf16 peak (a small table keyed on the device name, or ``--peak-tflops``); none on the CPU.
+- **TFLOP/s and MFU**: steady tokens/s x FLOPs per token, counted by the rule ``upcycle compare`` uses
+  (:func:`upcycle.compare.model_cost`, :data:`upcycle.compare.FLOPS_FORMULA`: the PaLM appendix convention,
+  every matmul forward and backward, attention over the full S x S square, only top-k of the E experts). MFU
+  is against the device's dense bf16 peak (a small table keyed on the device name, or ``--peak-tflops``); none
+  on the CPU.
 
 Routes (``--routes``, comma list):
 
-1. ``upcycle``: :func:`upcycle.train.loop.train` with a generated recipe: the same batch, sequence length,
+1. ``upcycle``: :func:`upcycle.train.loop.train` with a recipe built in code: the same batch, sequence length,
    steps and constant LR, ``experts_implementation: auto`` (upcycle's Triton kernels on a CUDA GPU, else
    transformers' grouped_mm), its defaults otherwise (aux loss 1e-2, gradient clipping at 1.0, fp32 master
-   weights with bf16 autocast on a GPU), no evaluation, no export, no checkpoint (``run.checkpoints: false``);
+   weights with bf16 autocast on a GPU), and the run section compare's runs use
+   (:func:`upcycle.compare.measurement_run`: no evaluation, export, checkpoint or TensorBoard);
 2. ``plain-eager``: the loop everyone writes: ``AutoModelForCausalLM.from_pretrained`` (transformers' default
    ``grouped_mm`` experts), ``torch.optim.AdamW`` with its defaults but the same LR, betas, eps and weight
    decay, then per step ``model(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()`` on the
@@ -205,43 +206,33 @@ class _BenchReporter:
 
 
 def child_upcycle(spec: dict[str, Any], events: Events) -> None:
-    """upcycle's own loop, driven by a recipe built in code."""
+    """upcycle's own loop, driven by a recipe built in code (the training files are already absolute)."""
+    import dataclasses
+
     import torch
 
+    from upcycle.compare import measurement_run
     from upcycle.train.loop import train
-    from upcycle.train.recipe import recipe_from_dict
-    from upcycle.train.recipe_sections import RunSection
+    from upcycle.train.recipe import TrainRecipe
+    from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, OptimSection
 
     events.emit("imported")
     o = spec["optim"]
-    run: dict[str, Any] = {
-        "output_dir": spec["output_dir"],
-        "seed": spec["seed"],
-        "precision": "auto",
-        "eval_interval": 0,
-        "checkpoint_interval": 0,
-        "keep_checkpoints": 1,
-        "log_interval": 1,
-        "tensorboard": False,
-        "export": False,
-    }
-    if "checkpoints" in RunSection.__dataclass_fields__:  # newer upcycle: no checkpoint at all
-        run["checkpoints"] = False
-    if spec["compile"]:
-        if "compile" not in RunSection.__dataclass_fields__:
-            raise SystemExit("this upcycle has no run.compile recipe key")
-        run["compile"] = True
-    recipe = recipe_from_dict(
-        {
-            "model": {"path": spec["model"], "experts_implementation": "auto"},
-            "data": {"train": spec["train_files"], "seq_len": spec["seq"]},
-            "batch": {"micro_batch_size": spec["batch"], "grad_accum": 1, "steps": spec["steps"]},
-            "optim": {"lr": o["lr"], "min_lr": o["lr"], "warmup_steps": 0, "schedule": "constant",
-                      "betas": list(o["betas"]), "eps": o["eps"], "weight_decay": o["weight_decay"]},
-            "run": run,
-        },
-        Path(spec["output_dir"]),
-    )  # fmt: skip
+    recipe = TrainRecipe(
+        model=ModelSection(path=spec["model"], experts_implementation="auto"),
+        data=DataSection(train=tuple(spec["train_files"]), seq_len=spec["seq"]),
+        batch=BatchSection(micro_batch_size=spec["batch"], grad_accum=1, steps=spec["steps"]),
+        optim=OptimSection(
+            lr=o["lr"],
+            min_lr=o["lr"],
+            warmup_steps=0,
+            schedule="constant",
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
+            weight_decay=o["weight_decay"],
+        ),
+        run=dataclasses.replace(measurement_run(spec["output_dir"], spec["seed"]), compile=spec["compile"]),
+    )
 
     def clock_factory(info: dict[str, Any]) -> StepClock:
         return StepClock(torch, torch.device(info["device"]), events, spec["steps"])
@@ -568,6 +559,8 @@ def report(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from upcycle.compare import FLOPS_FORMULA
+
     p, s = result["prepared"], result["prepared"]["settings"]
     summaries = result["summaries"]
     base, eager = summaries.get(BASELINE, {}), summaries.get("plain-eager", {})
@@ -623,10 +616,12 @@ def report(result: dict[str, Any]) -> None:
         lines.append(f"goal: not evaluated ({BASELINE} or upcycle has no steady figure; see below)")
     flops = p["flops"]
     lines.append(
-        "FLOPs/token = 6 x N_active + 12 x L x (heads x head_dim) x S  (N_active: parameters without the input "
-        "embedding, plus the LM head, top-k of E experts only; attention over the full S x S, no causal discount): "
-        f"MoE {flops['moe']['flops_formula']} = {flops['moe']['flops_per_token'] / 1e9:.3f} GFLOP; "
-        f"dense {flops['dense']['flops_formula']} = {flops['dense']['flops_per_token'] / 1e9:.3f} GFLOP"
+        f"{FLOPS_FORMULA}: "
+        + "; ".join(
+            f"{name} N_active = {flops[key]['params_active_matmul']:,}, {flops[key]['flops_per_token'] / 1e9:.3f} GFLOP"
+            for name, key in (("MoE", "moe"), ("dense", "dense"))
+        )
+        + f" (seq_len = {s['seq']})"
     )
     lines.append(f"MFU: {result['peak_note']}" if p["device"] == "cuda" else "MFU: none on the CPU")
     lines.append(

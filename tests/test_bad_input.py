@@ -244,3 +244,17 @@ def test_killed_run_is_swept_by_the_next(cli, tmp_path):
 def test_debug_shows_the_traceback(cli, tmp_path):
     result = cli("--debug", "convert", tmp_path / "nope", tmp_path / "out")
     assert result.exit_code == 2 and "Traceback" in result.output
+
+
+def test_an_error_line_keeps_its_square_brackets(cli, tmp_path, monkeypatch) -> None:
+    """The one-line message is printed as written: `pip install 'upcycle[gguf]'` must not lose `[gguf]`."""
+    from upcycle.errors import SourceError
+    from upcycle.train import shipped_recipes
+
+    def missing(name: str):
+        raise SourceError("reading a GGUF needs gguf [x].", "pip install 'upcycle[gguf]'")
+
+    monkeypatch.setattr(shipped_recipes, "shipped_recipe", missing)
+    result = cli("recipes", "show", "cpu-quickstart")
+    assert result.exit_code == 2
+    assert "gguf [x]." in result.stderr and "pip install 'upcycle[gguf]'" in " ".join(result.stderr.split())

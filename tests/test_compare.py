@@ -15,10 +15,14 @@ from upcycle.compare import (
     RESULT_FILE,
     RUN_INFO_FILE,
     SIZES,
+    VARIANTS,
+    Plan,
+    RunSpec,
     Size,
     compare_main,
     load_run,
     model_cost,
+    paper_recipe,
     plot_main,
 )
 from upcycle.convert import UpcycleOptions, convert
@@ -182,14 +186,64 @@ def test_model_cost_counts_only_active_experts(tiny_dense, tmp_path):
     assert dense.flops_per_token(seq) == 6 * dense.active_params + 12 * layers * hidden * seq
 
 
-def test_sizes_and_bad_input(tmp_path):
-    assert SIZES["cpu"].precision == "fp32" and SIZES["gpu"].precision == "bf16"
-    assert "30 minutes" in SIZES["cpu"].budget and "one GPU" in SIZES["gpu"].budget
+@pytest.mark.slow  # a whole Python process: imports, conversion-free training, its own log
+def test_compare_runs_each_run_in_its_own_process(tiny_dense, texts, tmp_path):
+    result = compare_main(
+        size=TINY,
+        out=tmp_path / "out",
+        seeds=1,
+        variants=["dense"],
+        base=tiny_dense,
+        train=texts[0],
+        heldout=texts[1],
+        echo=lambda _text: None,
+    )
+    assert [row["variant"] for row in result.summary["rows"]] == ["dense"]
+    run_dir = result.out / "runs" / "dense-s0"
+    spec = RunSpec.from_json(json.loads((run_dir / "spec.json").read_text()))
+    # the worker ran the very spec it was given, and says so in its result (what a rerun is matched against)
+    assert json.loads((run_dir / RESULT_FILE).read_text())["spec"] == spec.to_json()
+    assert spec.recipe.run.output_dir == str(run_dir) and spec.recipe.batch.steps == TINY.steps
+    assert "eval step 2: held-out loss" in (run_dir / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_every_size_plans_runs_of_equal_tokens_that_survive_the_process_boundary(name, tiny_dense, texts, tmp_path):
+    size = SIZES[name]
+    plan = Plan(
+        size=size,
+        out=tmp_path,
+        arms=tuple(VARIANTS.values()),
+        control=VARIANTS["dense"],
+        seeds=2,
+        paper=paper_recipe(size, tiny_dense, texts[0], texts[1], tmp_path / "runs"),
+        dense_model=tiny_dense,
+    )
+    specs = plan.first() + plan.more_seeds(VARIANTS["e8g1t2-renorm"])
+    assert len(specs) == plan.total == len(VARIANTS) + 2
+    for spec in specs:
+        recipe = spec.recipe
+        batch = recipe.batch
+        assert recipe.data.seq_len * batch.micro_batch_size * batch.grad_accum * batch.steps == size.tokens
+        assert (recipe.optim.lr, recipe.run.precision, recipe.run.seed) == (size.lr, size.precision, spec.seed)
+        assert spec.run_dir == tmp_path / "runs" / f"{spec.variant}-s{spec.seed}"
+        assert RunSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+        if spec.convert_from is None:
+            assert recipe.model.path == str(tiny_dense)
+            continue
+        options = UpcycleOptions(**spec.convert_options)  # what the worker converts with
+        assert options.layers == size.moe_layers and options.seed == spec.seed
+        assert recipe.model.path == str(tmp_path / "models" / f"{spec.variant}-s{spec.seed}")
+
+
+def test_bad_input(tmp_path):
     from upcycle.errors import OptionError
 
     with pytest.raises(OptionError, match="unknown size"):
         compare_main(size="huge", out=tmp_path)
     with pytest.raises(OptionError, match="unknown variant"):
         compare_main(size=TINY, out=tmp_path, variants=["e99"], base=tmp_path)
+    with pytest.raises(OptionError, match="recipes or variants"):
+        compare_main([tmp_path / "arm.yaml"], size=TINY, out=tmp_path, variants=["dense"])
     with pytest.raises(OptionError, match="no run folders"):
         plot_main([], tmp_path / "x.png")

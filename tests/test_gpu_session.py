@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,4 @@ def test_summary_of_a_session_folder(tmp_path: Path) -> None:
         assert f"- {shape}: f+b" in out and f"- {shape}, upcycle[reference]: grouped order" in out
     assert "vs Liger - (goal > 1: not measured)" in out  # no peers file: said, not guessed
     assert "no training benchmark came back" in out
+    assert not re.search(r"(?i)\bissues?\b|#\d", out), "the summary names goals by what they measure, not by a number"

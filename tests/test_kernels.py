@@ -1,8 +1,9 @@
 """Fused MoE kernels vs the PyTorch reference (Triton interpreter on the CPU, fp32), and transformers wiring.
 
-TRITON_INTERPRET=1 is set per test (fixture below), not for the whole session: the kernel modules are imported
-lazily at the first kernel call, which happens inside these tests, so they are built for the interpreter
-without changing how any other test module runs.
+TRITON_INTERPRET=1 is set per test (fixture below), not for the whole session, so no other test module runs
+differently. The kernel modules are imported lazily at the first kernel call and keep the mode they were built in;
+the fixture rebuilds them for the interpreter when tests/test_kernels_gpu.py built them for a GPU earlier in the same
+process (tests/kernel_modes.py), and that module's fixture does the reverse.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_modes import build_kernels_for_current_mode
 
 import upcycle.kernels as K
 from upcycle.kernels import autotune, backend
@@ -29,9 +30,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 def _interpreted_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("UPCYCLE_KERNELS_BACKEND", raising=False)
-    fwd = sys.modules.get("upcycle.kernels.triton_fwd")
-    if fwd is not None and type(fwd._up_swiglu_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("kernels were already compiled for a GPU in this process; run this module on its own")
+    build_kernels_for_current_mode()  # GPU tests earlier in this process leave compiled kernels
 
 
 def make_inputs(T: int, H: int, Fi: int, E: int, k: int, routing: str = "random", seed: int = 0):

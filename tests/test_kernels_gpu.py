@@ -1,17 +1,17 @@
 """GPU checks of the fused MoE kernels (bf16 accuracy, fp32 exactness, no host sync, determinism).
 
-Skipped without a CUDA GPU of compute capability >= 8.0. Run this module on its own
-(`python -m pytest tests/test_kernels_gpu.py`): tests/test_kernels.py builds the kernels for the CPU interpreter,
-and a process holds one build.
+Skipped without a CUDA GPU of compute capability >= 8.0. Runs in the same pytest process as tests/test_kernels.py
+(the interpreter tests): the fixture below rebuilds kernels those tests built for the interpreter
+(tests/kernel_modes.py; tests/test_kernel_modes.py checks it on the CPU).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import pytest
 import torch
+from kernel_modes import build_kernels_for_current_mode
 
 gpu_ok = (
     torch.cuda.is_available()
@@ -32,9 +32,7 @@ SHAPES = {  # T, H, F, E, k
 def _compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("UPCYCLE_KERNELS_BACKEND", "triton")
-    fwd = sys.modules.get("upcycle.kernels.triton_fwd")
-    if fwd is not None and type(fwd._up_swiglu_kernel).__name__ == "InterpretedFunction":
-        pytest.skip("kernels were built for the CPU interpreter in this process; run this module on its own")
+    build_kernels_for_current_mode()  # the interpreter tests earlier in this process leave interpreted kernels
 
 
 def make_inputs(T: int, H: int, Fi: int, E: int, k: int, dtype: torch.dtype, seed: int = 0):

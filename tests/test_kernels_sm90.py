@@ -2,8 +2,8 @@
 
 Every autotune candidate of every launch of a training step must become tensor-core MMA (warp-group HGMMA on
 Hopper) with pipelined loads (LDGSTS), without register spills and within the shared-memory limit. Runs
-`benchmarks/kernel_report.py --check` in its own process, because the interpreter tests replace the kernels in
-this one.
+`benchmarks/kernel_report.py --check` as a script, in its own process with TRITON_INTERPRET unset, as it is run by
+hand.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,18 +140,17 @@ def test_dry_run_plans_an_8x8b_upcycle_on_64_ranks_without_weights(tmp_path):
 
 
 @needs_engine
-def test_the_shipped_multi_node_recipe_plans_two_nodes_of_eight(tiny_moe, tmp_path):
-    """recipes/multi-node.yaml on 16 ranks: one replica per node, each GPU of a node owning 1 of the 8 experts."""
-    from train_helpers import run_cli
+def test_the_shipped_multi_node_recipe_plans_two_nodes_of_eight(tmp_path):
+    """The multi-node recipe as shipped (SmolLM2 upcycled to E8) on 16 ranks: one replica per node, each GPU of a
+    node owning 1 of the 8 experts; planned from the conversion plan, nothing converted."""
+    from train_helpers import isolated_cache, run_cli
 
-    config = json.loads((tiny_moe / "config.json").read_text()) | {"num_local_experts": 8}
-    folder = tmp_path / "e8"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    recipe = Path(__file__).parent.parent / "recipes" / "multi-node.yaml"
-    args = ["train", str(recipe), "--dry-run", "--world-size", "16", "--device-memory", "80GB"]
-    result = run_cli(*args, "--set", f"model.path={folder}", "--set", f"run.output_dir={tmp_path / 'run'}")
+    cache = isolated_cache(tmp_path / "cache")
+    args = ["train", "multi-node", "--dry-run", "--world-size", "16", "--device-memory", "80GB"]
+    result = run_cli(*args, "--set", f"run.output_dir={tmp_path / 'run'}", env={"UPCYCLE_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
+    assert "not converted yet; shapes from the conversion plan" in result.stdout
+    assert not (cache / "conversions").exists()
     assert "replicate 2 x fsdp 8" in result.stdout and "ep 8 x expert-fsdp 1 x replicate 2" in result.stdout
     assert "rank 9: E1" in result.stdout and "16 data rank(s)" in result.stdout
     assert "\nfits the given --device-memory" in result.stdout

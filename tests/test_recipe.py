@@ -148,7 +148,7 @@ def test_unknown_top_level_key_is_named(folder: Path) -> None:
         ("data", "eval", ["heldout.txt", 7], "data.eval[1]: expected a string, got 7"),
         ("optim", "betas", [0.9], "optim.betas: expected a list of 2 numbers"),
         ("optim", "betas", [0.9, "x"], "optim.betas[1]: expected a number, got 'x'"),
-        ("model", "path", None, "model.path: expected a string, got null"),
+        ("model", "path", 7, "model.path: expected a string, got 7"),
         ("run", "compile", "yes please", "run.compile: expected true or false, got 'yes please'"),
         ("optim", "lr", float("nan"), "optim.lr: expected a finite number"),
     ],
@@ -180,10 +180,22 @@ def test_float_fields_accept_ints_and_yaml11_exponent_strings(folder: Path) -> N
 def test_missing_required_keys_are_named(folder: Path) -> None:
     data = minimal()
     del data["model"]["path"]
-    assert "missing required key model.path" in error(folder, data)
+    assert "the recipe sets neither model.path nor model.source" in error(folder, data)
+    data = minimal()
+    del data["batch"]
+    assert "the recipe sets neither batch.steps nor batch.tokens" in error(folder, data)
+
+
+def test_a_recipe_file_without_output_dir_runs_under_runs_slash_its_name(folder: Path, monkeypatch) -> None:
+    monkeypatch.chdir(folder)
     data = minimal()
     del data["run"]
-    assert "missing required key run.output_dir" in error(folder, data)
+    recipe = load_recipe(write(folder, data))
+    assert recipe.run.output_dir == str(folder / "runs" / "recipe")
+    built = minimal()
+    del built["run"]
+    with pytest.raises(OptionError, match="missing required key run.output_dir"):
+        recipe_from_dict(built, folder)  # a recipe built in code has no file name to go by
 
 
 def test_empty_section_means_defaults_and_a_scalar_section_is_rejected(folder: Path) -> None:
@@ -486,9 +498,9 @@ def test_resolve_batch_rejects_a_bad_world_size(folder: Path) -> None:
             resolve_batch(recipe, world)  # type: ignore[arg-type]
 
 
-def test_run_section_requires_output_dir() -> None:
-    with pytest.raises(TypeError):
-        RunSection()  # type: ignore[call-arg]
+def test_run_section_refuses_an_empty_output_dir() -> None:
+    with pytest.raises(OptionError, match="run.output_dir: is empty"):
+        RunSection(output_dir=" ")
 
 
 def test_shipped_moe_recipes_use_the_papers_per_layer_aux_coefficient():

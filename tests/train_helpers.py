@@ -90,3 +90,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def isolated_cache(root: Path) -> Path:
+    """A cache folder of its own (set it as UPCYCLE_CACHE) that shares the real assets instead of fetching them."""
+    real = assets.cache_dir()
+    model, _ = assets.smollm2_folder(), assets.shakespeare_dir()  # fetched once into the real cache
+    root.mkdir(parents=True, exist_ok=True)
+    for name in (model.name, "shakespeare", "tokens"):
+        if (real / name).exists() and not (root / name).exists():
+            (root / name).symlink_to(real / name)
+    return root

@@ -64,7 +64,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _cache_lock(name: str) -> Iterator[None]:
+def cache_lock(name: str) -> Iterator[None]:
     """Hold an exclusive lock so parallel processes (pytest workers, demo + tests) build an asset once."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
         return dest
     from upcycle.convert.gguf_source import dequantize_gguf
 
-    with _cache_lock("smollm2"):
+    with cache_lock("smollm2"):
         if _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process built it while we waited
             return dest
         gguf_file = smollm2_gguf()
@@ -169,7 +169,7 @@ def shakespeare_dir() -> Path:
     dest = cache_dir() / "shakespeare"
     if dest.is_dir():
         return dest
-    with _cache_lock("shakespeare"):
+    with cache_lock("shakespeare"):
         if dest.is_dir():
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=".shakespeare.tmp-", dir=cache_dir()))

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -63,7 +64,7 @@ def fail(error: BaseException) -> typer.Exit:
     if STATE["debug"]:
         console.print_exception()
     if isinstance(error, UpcycleError):
-        err_console.print(f"[bold red]error:[/] {error.line()}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(error.line())}", highlight=False)  # 'upcycle[gguf]' stays
         return typer.Exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
         err_console.print("[bold red]interrupted:[/] nothing was written. Fix: run the command again.")
@@ -383,7 +384,10 @@ def _streaming_rows(table: Table, report: Any, ok: str, bad: str) -> None:
 
 @app.command("train")
 def train_cmd(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
+    recipe: Annotated[
+        str,
+        typer.Argument(help="A YAML recipe file, or the name of a recipe that ships with upcycle (upcycle recipes)."),
+    ],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set optim.lr=1e-4.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in run.output_dir.")
@@ -411,9 +415,10 @@ def train_cmd(
     """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs and nodes under torchrun)."""
     from upcycle.train.loop import train
     from upcycle.train.recipe import load_recipe
+    from upcycle.train.shipped_recipes import find_recipe
 
     try:
-        loaded = load_recipe(recipe, list(set_ or []))
+        loaded = load_recipe(find_recipe(recipe), list(set_ or []))
         if dry_run or world_size is not None or device_memory is not None:
             if not dry_run:
                 raise OptionError("--world-size and --device-memory only plan a run.", "add --dry-run.")
@@ -431,6 +436,10 @@ def train_cmd(
         raise fail(error) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the run
+    if summary.conversion is not None:
+        c = summary.conversion
+        how = "reused" if c.reused else f"converted in {c.convert_seconds:.1f} s, verified in {c.verify_seconds:.1f} s"
+        console.print(f"model: {c.folder} ({how}; source hashed in {c.hash_seconds:.1f} s)", highlight=False)
     if summary.export_dir:
         console.print(f"[green]exported[/] {summary.export_dir}")
     console.print(f"trained {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.0f} s")
@@ -489,6 +498,58 @@ class RichTrainReporter:
 
     def message(self, text: str) -> None:
         self.progress.console.print(f"[yellow]{text}[/]")
+
+
+recipes_app = typer.Typer(help="The recipes that ship with upcycle: list them, show one, copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_cmd(ctx: typer.Context) -> None:
+    """List the recipes that ship with upcycle (run one with `upcycle train NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from upcycle.train.shipped_recipes import shipped_recipes, summary
+
+    try:
+        recipes = shipped_recipes()
+    except UpcycleError as error:
+        raise fail(error) from None
+    table = Table("recipe", "what it trains", box=None, pad_edge=False)
+    for name, path in recipes.items():
+        table.add_row(f"[bold]{name}[/]", summary(path))
+    console.print(table)
+    console.print(
+        "run one: upcycle train NAME   read it: upcycle recipes show NAME   edit a copy: upcycle recipes copy NAME ."
+    )
+
+
+@recipes_app.command("show")
+def recipes_show_cmd(name: Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")]) -> None:
+    """Print a shipped recipe."""
+    from upcycle.train.shipped_recipes import shipped_recipe
+
+    try:
+        path = shipped_recipe(name)
+    except UpcycleError as error:
+        raise fail(error) from None
+    print(path.read_text(encoding="utf-8"), end="")
+
+
+@recipes_app.command("copy")
+def recipes_copy_cmd(
+    name: Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")],
+    dest: Annotated[Path, typer.Argument(help="A .yaml file, or a folder to write NAME.yaml into.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it exists (atomically).")] = False,
+) -> None:
+    """Write an editable copy of a shipped recipe."""
+    from upcycle.train.shipped_recipes import copy_recipe
+
+    try:
+        path = copy_recipe(name, dest, force=force)
+    except UpcycleError as error:
+        raise fail(error) from None
+    console.print(f"wrote {path}; run it with: upcycle train {path}", markup=False, highlight=False)
 
 
 @app.command("export")
@@ -551,16 +612,28 @@ def plot_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders written by upcycle train or upcycle compare.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG file to write.")] = Path("compare.png"),
     title: Annotated[str | None, typer.Option(help="A title over the plot.")] = None,
+    experts: Annotated[
+        bool,
+        typer.Option(
+            "--experts", help="Also draw each run's expert-load heatmap (per layer, over steps) beside the loss plot."
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (atomically).")] = False,
 ) -> None:
     """Plot held-out loss against training tokens and training FLOPs for any set of runs."""
     from upcycle.compare import plot_main
+    from upcycle.routing_plot import plot_expert_load
 
     try:
-        path = plot_main(run_dirs, out, title, force=force)
+        written = [plot_main(run_dirs, out, title, force=force)]
+        if experts:
+            for run_dir in run_dirs:
+                beside = out.with_name(f"{out.stem}-{run_dir.resolve().name}-expert-load.png")
+                written.append(plot_expert_load(run_dir, beside, force=force))
     except UpcycleError as error:
         raise fail(error) from None
-    console.print(f"wrote {path}", markup=False, highlight=False)
+    for path in written:
+        console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 def show_demo_step(step: str, value: Any) -> None:
@@ -594,6 +667,8 @@ def show_demo_step(step: str, value: Any) -> None:
                 label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}", f"{value.seconds[name]:.0f}"
             )
         console.print(table)
+    elif step == "routing":
+        console.print(f"  expert load per layer over the MoE's training: {value}", highlight=False)
     elif step == "train-skipped":
         console.print(
             f"[yellow]Skipped the training run:[/] it needs about {value.needed_bytes / 1e9:.1f} GB of free memory "

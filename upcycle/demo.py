@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from upcycle import assets
 from upcycle.convert import ConvertResult, UpcycleOptions, convert
 from upcycle.memory import available_memory
+from upcycle.routing_plot import plot_expert_load
 from upcycle.verify import VerifyReport, verify
 
 DEMO_PROMPTS = (
@@ -76,6 +77,7 @@ class TrainingComparison:
     tokens_per_step: int
     losses: dict[str, tuple[float, float]]  # model -> (before, after)
     seconds: dict[str, float]
+    run_dirs: dict[str, Path] = field(default_factory=dict)  # model -> its run folder (metrics.jsonl)
 
 
 def short_training(dense_folder: Path, moe_folder: Path, work: Path, steps: int = 4) -> TrainingComparison:
@@ -85,8 +87,9 @@ def short_training(dense_folder: Path, moe_folder: Path, work: Path, steps: int 
 
     losses: dict[str, tuple[float, float]] = {}
     seconds: dict[str, float] = {}
+    run_dirs: dict[str, Path] = {}
     for name, folder in (("dense", dense_folder), ("moe", moe_folder)):
-        run_dir = work / f"train-{name}"
+        run_dir = run_dirs[name] = work / f"train-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         recipe = recipe_from_dict(
             {
@@ -113,7 +116,7 @@ def short_training(dense_folder: Path, moe_folder: Path, work: Path, steps: int 
         summary = train(recipe)
         losses[name] = (summary.eval_history[0]["eval_loss"], summary.eval_history[-1]["eval_loss"])
         seconds[name] = summary.seconds
-    return TrainingComparison(steps, 2 * 128, losses, seconds)
+    return TrainingComparison(steps, 2 * 128, losses, seconds, run_dirs)
 
 
 # Resident memory of fp32 AdamW training beyond the four fp32 copies of the weights (weights, gradients, two
@@ -165,4 +168,6 @@ def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k:
             steps.started(f"Training both models for the same {train_steps} steps on Shakespeare (fp32, CPU)")
             comparison = short_training(dense, out, out.parent, train_steps)
             steps.finished("train", comparison)
+            steps.started("Drawing the MoE's expert load per layer over those steps (routing)")
+            steps.finished("routing", plot_expert_load(comparison.run_dirs["moe"], force=True))
     return report.equivalent and all(c.identical for c in continuations)

@@ -22,6 +22,7 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
 from upcycle.errors import OutputError
+from upcycle.model_card import source_identity, write_conversion_card
 from upcycle.output_safety import (
     publish_atomically,
     refuse_existing,
@@ -91,8 +92,11 @@ def write_plan(
                 "path": str((origin or source.folder).resolve()),
                 "kind": "gguf" if origin is not None else "folder",
                 "sha256": hashes,
+                **source_identity(source.folder, origin),  # name and license, as the source states them
             }
-            _write_json(tmp / "upcycle.json", plan.to_json())
+            record = plan.to_json()
+            _write_json(tmp / "upcycle.json", record)
+            write_conversion_card(tmp, record, model_id=out.name)  # README.md: the same record, for people
             publish_atomically(tmp, out, force)
     except OSError as error:
         remove(tmp)

@@ -6,14 +6,18 @@ one laptop with `--world-size 64`; nothing is launched, tokenised or allocated.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import resource
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from upcycle.train.batch_size import resolve_batch
+from upcycle.train.conversion import cached_conversion, planned_config
 from upcycle.train.memory_plan import MemoryPlan, Workload, format_bytes, plan_memory
 from upcycle.train.model_shape import ModelShape, meta_model, model_shape
 from upcycle.train.parallel import Layout, resolve_layout
@@ -68,12 +72,24 @@ def _device_budget(device_memory: int | None, ranks_here: int) -> tuple[int | No
 def dry_run(recipe: TrainRecipe, world_size: int | None = None, device_memory: int | None = None) -> DryRun:
     """Resolve the run as `upcycle train` would on `world_size` ranks (default: the ranks launched, else 1)."""
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    shape = model_shape(meta_model(Path(recipe.model.path), recipe.model.trust_remote_code))
+    notes: list[str] = []
+    if recipe.model.path is None:  # model.source with model.upcycle
+        cached = cached_conversion(recipe)
+        if cached is not None:
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(cached)))
+            notes.append(f"model: the cached conversion {cached}")
+        else:
+            notes.append("model: not converted yet; shapes from the conversion plan")
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "config.json").write_text(json.dumps(planned_config(recipe)))
+                shape = model_shape(meta_model(Path(folder), recipe.model.trust_remote_code))
+    if recipe.model.path is not None:
+        shape = model_shape(meta_model(Path(recipe.model.path), recipe.model.trust_remote_code))
     layout = resolve_layout(recipe.parallel, world, shape.num_experts)
     batch = resolve_batch(recipe, layout.data_parallel)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world if world_size else 1))
     budget, device_name, accelerator = _device_budget(device_memory, ranks_here)
-    precision, notes = recipe.run.precision, []
+    precision = recipe.run.precision
     if precision == "auto":
         precision = "bf16" if accelerator else "fp32"
         notes.append(f"precision auto -> {precision} ({'an accelerator' if accelerator else 'the CPU'})")
@@ -87,7 +103,8 @@ def dry_run(recipe: TrainRecipe, world_size: int | None = None, device_memory: i
         plan.rows.append(("runtime (this process, measured)", runtime, "torch and transformers loaded, no weights"))
         # the loader reads through memory maps that stay open (weights it does not copy are views of them): their
         # pages count in the rank's RSS, although the kernel may drop them (clean page cache)
-        mapped = sum(f.stat().st_size for f in Path(recipe.model.path).glob("*.safetensors")) // layout.fsdp
+        folder = Path(recipe.model.path) if recipe.model.path is not None else None
+        mapped = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // layout.fsdp if folder else 0
         if mapped:
             plan.rows.append(
                 ("checkpoint files mapped", mapped, f"1/{layout.fsdp} of the safetensors files; reclaimable page cache")

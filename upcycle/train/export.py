@@ -21,10 +21,13 @@ from torch import nn
 
 from upcycle.convert.writer import COPIED_FILES
 from upcycle.errors import OutputError, UpcycleError
+from upcycle.model_card import CARD_NAME, write_training_card
 from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
 from upcycle.train.distributed import Dist, barrier
 
-EXPORT_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "upcycle.json", *COPIED_FILES)
+EXPORT_FILES = (
+    "config.json", "model*.safetensors", "model.safetensors.index.json", "upcycle.json", CARD_NAME, *COPIED_FILES,
+)  # fmt: skip
 
 
 def full_state_dict(model: nn.Module, info: Dist) -> dict[str, torch.Tensor]:
@@ -106,9 +109,12 @@ def export_model(
     force: bool = False,
     dtype: torch.dtype = torch.float32,
     use_cache: bool = True,
+    run_dir: Path | None = None,
 ) -> Path | None:
-    """Write OUT atomically: weights in `dtype`, `use_cache` as the source had it, tokenizer, and an upcycle.json that
-    records the training (the conversion's record, with its exactness claim, moves under "conversion").
+    """Write OUT atomically: weights in `dtype`, `use_cache` as the source had it, tokenizer, an upcycle.json that
+    records the training (the conversion's record, with its exactness claim, moves under "conversion"), and a
+    README.md model card rendered from that record and the held-out losses in RUN_DIR's metrics.jsonl (default: the
+    recipe's run.output_dir).
 
     An existing OUT is replaced only with ``force`` (moved aside, removed once the new export is in place).
     """
@@ -126,9 +132,17 @@ def export_model(
             for path in source.iterdir():
                 if path.is_file() and any(fnmatch(path.name, p) for p in COPIED_FILES):
                     shutil.copy2(path, tmp / path.name)
-            (tmp / "upcycle.json").write_text(json.dumps(training_record(source, summary), indent=2) + "\n")
+            record = training_record(source, summary)
+            (tmp / "upcycle.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_training_card(tmp, record, run_dir or _recipe_run_dir(summary), source, model_id=out.name)
     barrier(info)
     return out if info.is_main else None
+
+
+def _recipe_run_dir(summary: dict[str, Any]) -> Path | None:
+    """The run folder the recipe wrote its metrics.jsonl into, when the summary records one."""
+    output_dir = ((summary.get("recipe") or {}).get("run") or {}).get("output_dir")
+    return Path(output_dir) if output_dir else None
 
 
 def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +163,14 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint was saved in (RUN/checkpoints/step-N), or None for a checkpoint moved elsewhere."""
+    from upcycle.train.checkpoint import CHECKPOINTS
+
+    where = resolved(checkpoint)
+    return where.parent.parent if where.parent.name == CHECKPOINTS else None
+
+
 def find_checkpoint(run_dir: Path) -> Path:
     """RUN_DIR itself when it is one checkpoint folder, else the latest checkpoint of the run in it."""
     from upcycle.train.checkpoint import MANIFEST, latest_checkpoint
@@ -165,11 +187,8 @@ def refuse_export_overlap(out: Path, checkpoint: Path, model_dir: Path) -> None:
     ``RUN/export`` is the one place inside the run folder that is allowed: it is where ``upcycle train`` writes
     the run's own export, so ``upcycle export RUN RUN/export --force`` redoes it (existing OUT rules still apply).
     """
-    from upcycle.train.checkpoint import CHECKPOINTS
-
     inputs: list[tuple[str, Path]] = [("the checkpoint", checkpoint), ("the model folder the run trained", model_dir)]
-    where = resolved(checkpoint)
-    run = where.parent.parent if where.parent.name == CHECKPOINTS else None
+    run = run_of(checkpoint)
     if run is not None and resolved(out) != resolved(run / "export"):
         inputs.append(("the run folder", run))
     refuse_overlap(out, inputs)
@@ -201,7 +220,15 @@ def export_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
     }
     dtype, use_cache = export_settings(source, state["recipe"].get("run", {}).get("export_dtype", "auto"))
     exported = export_model(
-        model, Dist(0, 1, 0, torch.device("cpu")), source, out, summary, force=force, dtype=dtype, use_cache=use_cache
+        model,
+        Dist(0, 1, 0, torch.device("cpu")),
+        source,
+        out,
+        summary,
+        force=force,
+        dtype=dtype,
+        use_cache=use_cache,
+        run_dir=run_of(Path(checkpoint)),
     )
     assert exported is not None
     return exported

@@ -8,8 +8,10 @@ GPU, or many ranks under `torchrun` with FSDP2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from upcycle.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from upcycle.train.conversion import Conversion, prepare_model
 from upcycle.train.distributed import (
     Dist,
     all_gather_objects,
@@ -92,6 +95,7 @@ class TrainSummary:
     export_dir: str | None = None
     resumed_from: int | None = None
     seconds: float = 0.0
+    conversion: Conversion | None = None  # the recipe's upcycle (model.source), converted or reused
 
 
 def choose_experts_implementation(requested: str, device: torch.device) -> str:
@@ -339,12 +343,16 @@ def train(
     what is trained (see `upcycle.train.resume`) which the user accepts.
     """
     started = time.perf_counter()
+    main_rank = reporter is not None and int(os.environ.get("RANK", "0")) == 0
+    # before the process group exists: converting may take minutes, longer than a collective waits
+    recipe, conversion = prepare_model(recipe, reporter.message if main_rank else lambda _: None)
     info = init_distributed()
     report = reporter if (reporter is not None and info.is_main) else SilentReporter()
     try:
-        return _train(recipe, info, report, resume, started, set(allow_changes))
+        summary = _train(recipe, info, report, resume, started, set(allow_changes))
     finally:
         shutdown(info)
+    return dataclasses.replace(summary, conversion=conversion)
 
 
 def check_output_dir(recipe: TrainRecipe, resume: bool) -> None:

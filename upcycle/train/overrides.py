@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from upcycle.errors import OptionError
-from upcycle.train.recipe_fields import StrictLoader, field_types
+from upcycle.train.recipe_fields import StrictLoader, field_types, nested_section
 from upcycle.train.recipe_keys import dotted_keys, unknown_key
 from upcycle.train.recipe_paths import PATH_KEYS, command_line_path
 from upcycle.train.recipe_sections import SECTIONS
@@ -32,10 +32,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 f"--set {key}: {key} is a section.",
                 f"set one of its keys, e.g. --set {key}.{next(iter(field_types(SECTIONS[section])))}=...",
             )
-        if key not in dotted_keys():
+        if key not in dotted_keys() and not _is_nested_section(key):  # model.upcycle=null or ={experts: 4} too
             if key == "source":
                 raise OptionError("--set source: source is set from the recipe file.", "remove this --set.")
             origin = f" in --set {item}"
+            nested = _nested_keys(key)
+            if nested is not None:
+                parent, known = nested
+                raise unknown_key(key, known, parent, origin)
             if section in SECTIONS:
                 raise unknown_key(key, list(field_types(SECTIONS[section])), section, origin)
             raise unknown_key(key, list(SECTIONS), None, origin)
@@ -45,8 +49,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = text  # not YAML: take it literally; type checks still apply
         if key in PATH_KEYS:
             value = command_line_path(value)
-        target = out.get(section)
-        if not isinstance(target, dict):
-            target = out[section] = {}
-        target[leaf] = value
+        *parents, name = key.split(".")
+        target = out
+        for part in parents:  # copied on the way down: the caller's data is left as it was
+            inner = target.get(part)
+            target[part] = dict(inner) if isinstance(inner, dict) else {}
+            target = target[part]
+        target[name] = value
     return out
+
+
+def _is_nested_section(key: str) -> bool:
+    section, _, name = key.partition(".")
+    hint = field_types(SECTIONS[section]).get(name) if section in SECTIONS else None
+    return hint is not None and nested_section(hint) is not None
+
+
+def _nested_keys(key: str) -> tuple[str, list[str]] | None:
+    """For ``model.upcycle.expert``: the nested section's key (``model.upcycle``) and its valid keys."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] not in SECTIONS:
+        return None
+    hint = field_types(SECTIONS[parts[0]]).get(parts[1])
+    nested = nested_section(hint) if hint is not None else None
+    return None if nested is None else (f"{parts[0]}.{parts[1]}", list(field_types(nested)))

@@ -19,7 +19,7 @@ import yaml
 from upcycle.errors import OptionError
 from upcycle.train.batch_size import check_whole_micro_batches
 from upcycle.train.overrides import apply_overrides
-from upcycle.train.recipe_fields import StrictLoader, describe, field_types, type_error
+from upcycle.train.recipe_fields import StrictLoader, describe, section_mapping, type_error
 from upcycle.train.recipe_keys import unknown_key
 from upcycle.train.recipe_paths import absolute_path, data_files, model_path
 from upcycle.train.recipe_sections import (
@@ -52,6 +52,8 @@ class TrainRecipe:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"TrainRecipe.{name} must be a {cls.__name__}")  # a programming error
         check_whole_micro_batches(self.batch.global_batch_tokens, self.data.seq_len, self.batch.micro_batch_size)
+        if self.run.output_dir is None:
+            raise OptionError("missing required key run.output_dir.", "add output_dir: under run:.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready data (lists, not tuples); :func:`recipe_from_dict` rebuilds the same recipe."""
@@ -68,35 +70,24 @@ class TrainRecipe:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):  # a nested section, e.g. model.upcycle
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _section_kwargs(name: str, raw: Any) -> dict[str, Any]:
-    cls = SECTIONS[name]
-    if raw is None:  # "moe:" with nothing under it
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OptionError(
-            f"{name}: expected a mapping of keys, got {describe(raw)}.", f"indent the keys under {name}:."
-        )
-    known = list(field_types(cls))
-    for key in raw:
-        if key not in known:
-            raise unknown_key(f"{name}.{key}", known, name)
-    for f in fields(cls):
-        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise OptionError(f"missing required key {name}.{f.name}.", f"add {f.name}: under {name}:.")
-    return dict(raw)
-
-
-def recipe_from_dict(data: dict[str, Any], base_dir: Path, *, resolve_assets: bool = True) -> TrainRecipe:
+def recipe_from_dict(
+    data: dict[str, Any], base_dir: Path, *, resolve_assets: bool = True, default_output: Path | None = None
+) -> TrainRecipe:
     """Validate recipe data (as parsed from YAML) and resolve its paths against ``base_dir``.
 
     ``resolve_assets=False`` keeps ``asset:`` names as they are (no download), for offline validation only:
-    such a recipe cannot be trained.
+    such a recipe cannot be trained. ``default_output`` is the run folder when the recipe names none.
     """
     if not isinstance(data, dict):
-        raise OptionError(f"a recipe must be a mapping of sections, got {describe(data)}.", "see recipes/*.yaml.")
+        raise OptionError(
+            f"a recipe must be a mapping of sections, got {describe(data)}.",
+            "see `upcycle recipes show cpu-quickstart`.",
+        )
     top = [*SECTIONS, "source"]
     for key in data:
         if not isinstance(key, str) or key not in top:
@@ -104,13 +95,23 @@ def recipe_from_dict(data: dict[str, Any], base_dir: Path, *, resolve_assets: bo
     source = data.get("source")
     if source is not None and not isinstance(source, str):
         raise type_error("source", "a string", source, "recipes/my.yaml")
-    kwargs = {name: _section_kwargs(name, data.get(name)) for name in SECTIONS}
+    kwargs = {name: section_mapping(cls, data.get(name), name) for name, cls in SECTIONS.items()}
     model, dat, run = ModelSection(**kwargs["model"]), DataSection(**kwargs["data"]), RunSection(**kwargs["run"])
     batch, optim, moe = BatchSection(**kwargs["batch"]), OptimSection(**kwargs["optim"]), MoESection(**kwargs["moe"])
     parallel = ParallelSection(**kwargs["parallel"])
+    if model.path is not None and model.source is not None:
+        raise OptionError(
+            "model.path and model.source are both set.",
+            "keep one: path trains a folder as it is, source (with upcycle) converts a dense model first.",
+        )
     base = Path(base_dir).expanduser().absolute()
+    output_dir = run.output_dir if run.output_dir is not None else default_output
     return TrainRecipe(
-        model=dataclasses.replace(model, path=model_path(model.path, base, resolve_assets)),
+        model=dataclasses.replace(
+            model,
+            path=None if model.path is None else model_path(model.path, base, resolve_assets, "model.path"),
+            source=None if model.source is None else model_path(model.source, base, resolve_assets, "model.source"),
+        ),
         data=dataclasses.replace(
             dat,
             train=data_files(dat.train, "data.train", base, resolve_assets),
@@ -120,7 +121,7 @@ def recipe_from_dict(data: dict[str, Any], base_dir: Path, *, resolve_assets: bo
         batch=batch,
         optim=optim,
         moe=moe,
-        run=dataclasses.replace(run, output_dir=absolute_path(run.output_dir, base)),
+        run=dataclasses.replace(run, output_dir=None if output_dir is None else absolute_path(str(output_dir), base)),
         parallel=parallel,
         source=source,
     )
@@ -132,7 +133,9 @@ def load_recipe(
     """Read a YAML recipe, apply ``--set key=value`` overrides, validate it and resolve its paths."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise OptionError(f"recipe {path} does not exist.", "pass a YAML recipe, e.g. recipes/cpu-quickstart.yaml.")
+        raise OptionError(
+            f"recipe {path} does not exist.", "pass a YAML recipe, or the name of one `upcycle recipes` lists."
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
     except yaml.YAMLError as e:
@@ -145,7 +148,11 @@ def load_recipe(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise OptionError(f"recipe {path} must be a mapping of sections, got {describe(data)}.", "see recipes/*.yaml.")
+        raise OptionError(
+            f"recipe {path} must be a mapping of sections, got {describe(data)}.",
+            "see `upcycle recipes show cpu-quickstart`.",
+        )
     data = apply_overrides(data, overrides or ())
-    recipe = recipe_from_dict(data, path.parent, resolve_assets=resolve_assets)
+    default_output = Path.cwd() / "runs" / path.stem
+    recipe = recipe_from_dict(data, path.parent, resolve_assets=resolve_assets, default_output=default_output)
     return dataclasses.replace(recipe, source=absolute_path(str(path), Path.cwd()))

@@ -6,6 +6,7 @@ belongs stops the run at load time with the full dotted key in the message, neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import types
@@ -48,6 +49,8 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     fields, where numeric strings are accepted (PyYAML reads ``1e-3`` as a string; it is YAML 1.1).
     """
     origin, args = get_origin(hint), get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, Section):  # a nested section, e.g. model.upcycle
+        return _nested_section(hint, value, key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -87,6 +90,29 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     raise TypeError(f"recipe field {key} has an unsupported type {hint!r}")  # pragma: no cover - schema bug
 
 
+def _nested_section(cls: type[Section], value: Any, key: str) -> Section:
+    """A mapping in the YAML made into its section (``model.upcycle``)."""
+    return value if isinstance(value, cls) else cls(**section_mapping(cls, value, key))
+
+
+def section_mapping(cls: type[Section], raw: Any, key: str) -> dict[str, Any]:
+    """A section's YAML mapping, checked: a mapping, no unknown key (the nearest valid one named), none missing."""
+    if raw is None:  # "moe:" with nothing under it: every default
+        raw = {}
+    if not isinstance(raw, dict):
+        raise OptionError(f"{key}: expected a mapping of keys, got {describe(raw)}.", f"indent the keys under {key}:.")
+    known = list(field_types(cls))
+    for name in raw:
+        if name not in known:
+            from upcycle.train.recipe_keys import unknown_key  # the key list needs every section defined
+
+            raise unknown_key(f"{key}.{name}", known, key)
+    for f in fields(cls):
+        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise OptionError(f"missing required key {key}.{f.name}.", f"add {f.name}: under {key}:.")
+    return dict(raw)
+
+
 def _integer_example(value: Any) -> str:
     """For ``1e9`` (a string to PyYAML) or ``2.0``, the integer spelling the user meant."""
     try:
@@ -122,6 +148,14 @@ class Section:
 
     def _check(self) -> None:
         """Range and consistency checks of this section alone."""
+
+
+def nested_section(hint: Any) -> type[Section] | None:
+    """The section class a field holds (``UpcycleSection | None`` -> ``UpcycleSection``), else None."""
+    for candidate in (hint, *get_args(hint)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
 
 
 @cache

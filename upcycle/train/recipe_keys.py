@@ -10,7 +10,7 @@ import difflib
 from functools import cache
 
 from upcycle.errors import OptionError
-from upcycle.train.recipe_fields import field_types
+from upcycle.train.recipe_fields import field_types, nested_section
 from upcycle.train.recipe_sections import SECTIONS
 
 # Names other trainers use (HF Trainer, torchtitan, Megatron), which difflib alone would match poorly.
@@ -75,4 +75,13 @@ def unknown_key(key: str, known: list[str], section: str | None, origin: str = "
 
 @cache
 def dotted_keys() -> list[str]:
-    return [f"{name}.{key}" for name, cls in SECTIONS.items() for key in field_types(cls)]
+    """Every settable key, nested sections included (``model.upcycle.experts``)."""
+    return [key for name, cls in SECTIONS.items() for key in _keys_of(cls, name)]
+
+
+def _keys_of(cls: type, prefix: str) -> list[str]:
+    keys = []
+    for name, hint in field_types(cls).items():
+        nested = nested_section(hint)
+        keys += _keys_of(nested, f"{prefix}.{name}") if nested is not None else [f"{prefix}.{name}"]
+    return keys

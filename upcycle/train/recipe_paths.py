@@ -20,7 +20,7 @@ from upcycle.train.documents import TEXT_SUFFIXES
 ASSET_PREFIX = "asset:"
 DATA_ASSETS = ("shakespeare/train", "shakespeare/heldout")
 MODEL_ASSETS = ("smollm2", "smollm2-bf16")
-PATH_KEYS = ("model.path", "data.train", "data.eval", "data.cache_dir", "run.output_dir")
+PATH_KEYS = ("model.path", "model.source", "data.train", "data.eval", "data.cache_dir", "run.output_dir")
 """The recipe keys that hold paths."""
 
 _GLOB_CHARS = frozenset("*?[")
@@ -41,14 +41,15 @@ def command_line_path(value: Any) -> Any:
     return value
 
 
-def model_path(path: str, base: Path, resolve_assets: bool) -> str:
-    """``model.path`` made absolute, or the folder of a model asset (installed first when ``resolve_assets``)."""
+def model_path(path: str, base: Path, resolve_assets: bool, key: str = "model.path") -> str:
+    """``model.path`` (or ``model.source``, named by ``key``) made absolute, or the folder of a model asset
+    (installed first when ``resolve_assets``)."""
     if not path.startswith(ASSET_PREFIX):
         return absolute_path(path, base)
     name = path[len(ASSET_PREFIX) :]
     if name not in MODEL_ASSETS:
         raise OptionError(
-            f"model.path: unknown asset {path!r}.", f"use one of {', '.join(ASSET_PREFIX + a for a in MODEL_ASSETS)}."
+            f"{key}: unknown asset {path!r}.", f"use one of {', '.join(ASSET_PREFIX + a for a in MODEL_ASSETS)}."
         )
     if not resolve_assets:
         return path

@@ -7,10 +7,14 @@ as written; :mod:`upcycle.train.recipe` resolves them when it loads a recipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from upcycle.errors import OptionError
 from upcycle.train.recipe_fields import Section, one_of, require
+
+if TYPE_CHECKING:
+    from upcycle.convert.options import UpcycleOptions
 
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -19,17 +23,75 @@ EXPERTS_IMPLEMENTATIONS = ("auto", "upcycle", "grouped_mm", "eager")
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpcycleSection(Section):
+    """The conversion a recipe asks for: ``upcycle convert``'s options, under ``model.upcycle``."""
+
+    _name = "model.upcycle"
+    experts: int = 8  # expansion rate E: copies of each dense MLP
+    granularity: int = 1  # G: shards per copy (virtual groups when > 1)
+    top_k: int = 2
+    router: str = "renorm"  # renorm (exact) | softmax-topk (the paper's router, approximate at step 0)
+    router_init: str = "random"  # random | zero | tied
+    weight_scale: str = "auto"  # auto | none | a number
+    drop_upcycling: float = 0.0  # Drop-Upcycling ratio r (0 = off)
+    noise: float = 0.0  # Gaussian noise std relative to each tensor's std
+    layers: str = "all"  # which decoder layers become MoE: all, 0-11, 0,2,4 ...
+    target: str = "auto"  # auto, or a target class from `upcycle families`
+    dtype: str = "auto"  # auto (as the source) | float32 | bfloat16 | float16
+    seed: int = 0  # routers, Drop-Upcycling and noise
+
+    def __post_init__(self) -> None:
+        for name in ("weight_scale", "layers"):  # YAML reads `weight_scale: 1.5` and `layers: 7` as numbers
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, str(value))
+        super().__post_init__()
+
+    def options(self) -> UpcycleOptions:
+        """The same choices as `upcycle convert` takes them."""
+        from upcycle.convert.options import UpcycleOptions
+
+        return UpcycleOptions(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def _check(self) -> None:
+        try:
+            self.options().validate()
+        except OptionError as error:
+            raise OptionError(f"model.upcycle: {error.problem}", error.fix) from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSection(Section):
-    """Which model to train and how to run it."""
+    """Which model to train: a folder as it is (``path``), or a dense ``source`` upcycled first (``upcycle``)."""
 
     _name = "model"
-    path: str  # HF folder (dense or upcycled) or asset:smollm2; relative to the recipe's folder
+    path: str | None = None  # HF folder (MoE or dense) or asset:smollm2; relative to the recipe's folder
+    # a dense folder, .gguf file or asset:smollm2, converted before training; its conversion's folder then
+    # becomes `path` (a recipe file sets one of the two)
+    source: str | None = None
+    upcycle: UpcycleSection | None = None  # the conversion of `source` (cached, verified, reused)
     experts_implementation: str = "auto"  # auto | upcycle | grouped_mm | eager
     activation_checkpointing: bool = False
     trust_remote_code: bool = False
 
     def _check(self) -> None:
-        require(bool(self.path.strip()), "model.path", "is empty", "set model.path to a model folder.")
+        if self.source is None and self.path is None:
+            raise OptionError(
+                "the recipe sets neither model.path nor model.source.",
+                "set model.path to a model folder, or model.source and model.upcycle to upcycle a dense model.",
+            )
+        if self.source is not None and self.upcycle is None:
+            raise OptionError(
+                "model.source is set without model.upcycle, so there is nothing to convert.",
+                "add model.upcycle (e.g. {experts: 8, top_k: 2}), or use model.path to train the dense model itself.",
+            )
+        if self.upcycle is not None and self.source is None:
+            raise OptionError(
+                "model.upcycle is set without model.source.", "set model.source to the dense model to upcycle."
+            )
+        for name in ("path", "source"):
+            value = getattr(self, name)
+            require(value is None or bool(value.strip()), f"model.{name}", "is empty", f"set model.{name} or omit it.")
         one_of(self.experts_implementation, EXPERTS_IMPLEMENTATIONS, "model.experts_implementation")
 
 
@@ -157,7 +219,7 @@ class RunSection(Section):
     """Where results go, how often to evaluate, checkpoint and log, and at what precision."""
 
     _name = "run"
-    output_dir: str  # relative to the recipe's folder
+    output_dir: str | None = None  # relative to the recipe's folder (default: ./runs/<recipe name>)
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_interval: int = 100  # 0 = only at start and end
@@ -172,7 +234,12 @@ class RunSection(Section):
     compile: bool = False
 
     def _check(self) -> None:
-        require(bool(self.output_dir.strip()), "run.output_dir", "is empty", "set run.output_dir to a folder.")
+        require(
+            self.output_dir is None or bool(self.output_dir.strip()),
+            "run.output_dir",
+            "is empty",
+            "set run.output_dir to a folder.",
+        )
         one_of(self.export_dtype, EXPORT_DTYPES, "run.export_dtype")
         require(0 <= self.seed < 2**63, "run.seed", f"must be in [0, 2**63), got {self.seed}", "use e.g. 0.")
         one_of(self.precision, PRECISIONS, "run.precision")

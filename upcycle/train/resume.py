@@ -18,7 +18,7 @@ from upcycle.errors import OptionError
 
 # name for --allow-changes -> the recipe keys it covers (dotted); "global_batch" is the resolved sequences per step
 GUARDED = {
-    "model": ("model.path",),
+    "model": ("model.path", "model.source"),  # a changed upcycle option changes model.path (its cache folder)
     "data": ("data.train", "data.text_field"),
     "seq_len": ("data.seq_len",),
     "seed": ("run.seed",),

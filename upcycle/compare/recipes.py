@@ -1,0 +1,86 @@
+"""A comparison's runs as training recipes: one base recipe per arm, each run derived from it.
+
+The paper's arms share one base recipe (the dense model or its upcycle, the fixed text, the size's learning-rate
+schedule, the paper's router losses); a user recipe is its own base (its model, data, optimiser and MoE
+settings). :func:`sized` then sets what must be equal across arms (sequence length, batch, steps, evaluation)
+and the run section, so every run of a comparison sees the same tokens. Runs are :class:`TrainRecipe` objects
+throughout: what a recipe is, and how it is checked, is defined once, in :mod:`upcycle.train.recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from upcycle.compare.sizes import Size
+from upcycle.train.recipe import TrainRecipe
+from upcycle.train.recipe_paths import data_files
+from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, MoESection, OptimSection, RunSection
+
+DataEntries = str | Path | Sequence[str | Path]
+"""Training or held-out text as compare takes it: files, folders, globs or ``asset:`` names."""
+
+PAPER_MOE = MoESection(aux_loss_coef=0.01, z_loss_coef=0.0, capacity_factor=None)
+"""The paper's router losses: its best load-balancing coefficient, no z-loss, dropless."""
+
+
+def measurement_run(output_dir: Path | str, seed: int, precision: str = "auto", eval_interval: int = 0) -> RunSection:
+    """A run that only measures: metrics every step, and no checkpoint, export or TensorBoard to wait for."""
+    return RunSection(
+        output_dir=str(output_dir),
+        seed=seed,
+        precision=precision,
+        eval_interval=eval_interval,
+        checkpoints=False,
+        export=False,
+        tensorboard=False,
+        log_interval=1,
+    )
+
+
+def paper_recipe(size: Size, model: Path, train: DataEntries, heldout: DataEntries, runs_dir: Path) -> TrainRecipe:
+    """The recipe every paper arm trains with (an upcycle swaps in its own model folder).
+
+    Data entries are expanded into absolute files here, once, so every run reads the same files whatever process
+    runs it; relative paths are taken against the current directory, as any command-line path.
+    """
+    cwd = Path.cwd()
+    return TrainRecipe(
+        model=ModelSection(path=str(model), experts_implementation=size.experts_implementation),
+        data=DataSection(
+            train=data_files(_entries(train), "data.train", cwd, resolve_assets=True),
+            eval=data_files(_entries(heldout), "data.eval", cwd, resolve_assets=True),
+            seq_len=size.seq_len,
+            eval_sequences=size.eval_sequences,
+        ),
+        batch=size_batch(size),
+        optim=OptimSection(lr=size.lr, min_lr=size.min_lr, warmup_steps=size.warmup_steps, schedule="cosine"),
+        moe=PAPER_MOE,
+        run=measurement_run(runs_dir, 0, size.precision, size.eval_interval),  # each run's own: see sized()
+    )
+
+
+def size_batch(size: Size) -> BatchSection:
+    """The size's batch and steps (a recipe's own tokens or global batch give way to them)."""
+    return BatchSection(micro_batch_size=size.micro_batch_size, grad_accum=size.grad_accum, steps=size.steps)
+
+
+def sized(recipe: TrainRecipe, size: Size, run_dir: Path, seed: int) -> TrainRecipe:
+    """``recipe`` as one run of the comparison: the size's tokens and evaluation, in ``run_dir``, with ``seed``."""
+    return dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(recipe.data, seq_len=size.seq_len, eval_sequences=size.eval_sequences),
+        batch=size_batch(size),
+        run=measurement_run(run_dir, seed, size.precision, size.eval_interval),
+    )
+
+
+def with_model(recipe: TrainRecipe, model: Path) -> TrainRecipe:
+    """``recipe`` training another model folder (an upcycle converted before its run)."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model)))
+
+
+def _entries(value: DataEntries) -> tuple[str, ...]:
+    values = [value] if isinstance(value, (str, Path)) else list(value)
+    return tuple(str(v) for v in values)

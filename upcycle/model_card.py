@@ -1,0 +1,464 @@
+"""The model card (README.md) of every folder `convert` and `export` write: a short human summary of upcycle.json.
+
+upcycle.json stays the machine-readable record; the card is rendered from that same record (plus, when given, the
+figures of a verify run and the held-out losses of a training run), so the two cannot disagree. It states only what
+the record holds or what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from upcycle.errors import SourceError
+from upcycle.output_safety import remove, temporary_sibling
+
+CARD_NAME = "README.md"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+MOE_TAGS = ["moe", "mixture-of-experts", "upcycled"]
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+ROUTERS = {
+    "renorm": "softmax, top-k, renormalised",
+    "softmax-topk": "softmax, top-k, not renormalised",
+}
+
+
+# ---------------------------------------------------------------------------------------------- what the source says
+
+
+def source_identity(folder: Path, gguf: Path | None = None) -> dict[str, str]:
+    """The source model's name and license as the source itself states them, for upcycle.json's provenance.
+
+    A GGUF's metadata comes first, then the folder's config.json, then its README.md front matter; a key is absent
+    when nothing states it, so the card never names a model or a license the source did not.
+    """
+    statements = [_gguf_identity(gguf) if gguf is not None else {}, _config_identity(folder), _readme_identity(folder)]
+    found: dict[str, str] = {}
+    name = next((stated["name"] for stated in statements if "name" in stated), None)
+    if name is not None:
+        found["name"] = name
+    # the license fields come together from one statement; a name or link without a license says nothing usable
+    licensed = next((stated for stated in statements if "license" in stated), {})
+    found.update({key: licensed[key] for key in LICENSE_FIELDS if key in licensed})
+    return found
+
+
+def _config_identity(folder: Path) -> dict[str, str]:
+    """The hub id config.json was loaded from (older transformers save it), or the name transformers took from a
+    GGUF; a local path names no model and is ignored."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    for key in ("_name_or_path", "_model_name_or_path"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, str) and _names_a_model(value):
+            return {"name": value.strip()}
+    return {}
+
+
+def _names_a_model(value: str) -> bool:
+    """A hub id or a model's name, not a filesystem path (absolute, relative to here or home, or nested)."""
+    text = value.strip()
+    return bool(text) and not re.match(r"^([./~\\]|[A-Za-z]:)", text) and text.count("/") <= 1
+
+
+def _readme_identity(folder: Path) -> dict[str, str]:
+    """The name and license a Hugging Face README's front matter declares. Its `base_model` is the source's own
+    parent, not the source, so it is not taken as the name."""
+    matter = read_front_matter(folder / CARD_NAME)
+    found = {key: matter[key].strip() for key in LICENSE_FIELDS if isinstance(matter.get(key), str) and matter[key]}
+    index = matter.get("model-index")
+    name = matter.get("model_name")
+    if not isinstance(name, str) and isinstance(index, list) and index and isinstance(index[0], dict):
+        name = index[0].get("name")
+    if isinstance(name, str) and name.strip():
+        found["name"] = name.strip()
+    return found
+
+
+def _gguf_identity(path: Path) -> dict[str, str]:
+    """Name and license from a GGUF's general.* metadata; nothing when the gguf package cannot read it."""
+    fields = _gguf_metadata(path)
+    keys = {
+        "name": ("general.source.huggingface.repository", "general.name", "general.basename"),
+        "license": ("general.license",),
+        "license_name": ("general.license.name",),
+        "license_link": ("general.license.link",),
+    }
+    found = {}
+    for key, candidates in keys.items():
+        value = next((fields[c] for c in candidates if isinstance(fields.get(c), str) and fields[c].strip()), None)
+        if value is not None:
+            found[key] = value.strip()
+    return found
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("general.")}
+    except Exception:  # metadata is optional: an unreadable or old-format header just names nothing
+        return {}
+
+
+def read_front_matter(path: Path) -> dict[str, Any]:
+    """The YAML block a model card opens with (between two `---` lines); empty when there is none or it is bad."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    match = re.match(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*$", text, re.DOTALL | re.MULTILINE)
+    if match is None:
+        return {}
+    try:
+        matter = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return matter if isinstance(matter, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------------------- rendering
+
+
+def conversion_card(
+    record: dict[str, Any], *, model_id: str, tokenizer: bool = True, verify: dict[str, Any] | None = None
+) -> str:
+    """The card of a converted folder, from its upcycle.json record and optionally a verify report's to_json()."""
+    source = record.get("source") or {}
+    name = source.get("name")
+    origin = f"the dense model {name}" if name else f"a dense {record['family']} model"
+    parts = [
+        front_matter(source, moe=True),
+        f"# {model_id}\n",
+        f"A Mixture-of-Experts model upcycled from {origin} by upcycle {_tool_version(record)}, without training: "
+        "each expert starts from the dense model's MLP weights.\n",
+        "## What was done\n",
+        _table(_conversion_rows(record, with_dtype=True)),
+        _exactness_section(record["exactness"]),
+        _verify_section(verify) if verify is not None else _not_verified_section(),
+        _loading_section(model_id, tokenizer),
+        "`upcycle.json` in this folder is the machine-readable record of the conversion: the options, every tensor's "
+        "recipe and the sha256 of the source files. This card summarises it.\n",
+    ]
+    return "\n".join(parts)
+
+
+def training_card(
+    record: dict[str, Any],
+    held_out: list[tuple[int, float]],
+    *,
+    model_id: str,
+    config: dict[str, Any],
+    tokenizer: bool = True,
+    base: dict[str, str] | None = None,
+) -> str:
+    """The card of an exported training run: what was trained, the held-out loss by step, and the conversion it
+    started from when upcycle converted it. `base` names the source when the record does not (no conversion)."""
+    conversion = record.get("conversion")
+    source = (conversion or {}).get("source") or base or {}
+    name = source.get("name")
+    architecture = (config.get("architectures") or ["?"])[0]
+    if conversion:
+        what = f"A Mixture-of-Experts model upcycled from {f'the dense model {name}' if name else 'a dense model'}"
+        what += f" and then trained with upcycle {_tool_version(record)}.\n"
+    else:
+        what = f"A `{architecture}` model{f' based on {name}' if name else ''}, trained with upcycle "
+        what += f"{_tool_version(record)}.\n"
+    parts = [
+        front_matter(source, moe=bool(conversion)),
+        f"# {model_id}\n",
+        what,
+        "## Training\n",
+        _table(_training_rows(record, architecture, config)),
+        _held_out_section(held_out),
+    ]
+    if conversion:
+        parts += ["## Upcycled from\n", _table(_conversion_rows(conversion, with_dtype=False))]
+        parts.append(_conversion_exactness_after_training(conversion["exactness"]))
+    parts += [
+        _loading_section(model_id, tokenizer),
+        "`upcycle.json` in this folder is the machine-readable record of the training and of the conversion it "
+        "started from. This card summarises it.\n",
+    ]
+    return "\n".join(parts)
+
+
+def front_matter(source: dict[str, Any], moe: bool) -> str:
+    """Hugging Face card metadata: what the source states about itself, never a guess."""
+    matter: dict[str, Any] = {}
+    if HUB_ID.fullmatch(source.get("name") or ""):  # the Hub links base_model only as a repo id (owner/name)
+        matter["base_model"] = source["name"]
+    matter["library_name"] = "transformers"
+    for key in LICENSE_FIELDS:
+        if source.get(key):
+            matter[key] = source[key]
+    if moe:
+        matter["tags"] = list(MOE_TAGS)
+    return "---\n" + yaml.safe_dump(matter, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _tool_version(record: dict[str, Any]) -> str:
+    return str((record.get("tool") or {}).get("version", "")).strip() or "(unknown version)"
+
+
+def _conversion_rows(record: dict[str, Any], with_dtype: bool) -> list[tuple[str, str]]:
+    options = record["options"]
+    copies, shards = options["experts"], options["granularity"]
+    rows = [
+        ("Target class", f"`{record['architecture']}`"),
+        ("Experts", _experts_text(copies, shards)),
+        ("Experts per token (top-k)", str(options["top_k"])),
+        ("MoE layers", _layers_text(record["moe_layers"], (record.get("config") or {}).get("num_hidden_layers"))),
+        ("Router", f"{ROUTERS.get(options['router'], options['router'])}; {options['router_init']} init"),
+        ("Method", str(record["exactness"]["method"])),
+    ]
+    if options["router"] == "softmax-topk" or options["weight_scale"] != "auto":
+        rows.append(("Weight scale", str(options["weight_scale"])))
+    if options.get("drop_upcycling"):
+        ratio = options["drop_upcycling"]
+        rows.append(("Drop-Upcycling", f"ratio {ratio:g}: {ratio:.0%} of each expert's intermediate neurons re-drawn"))
+    if options.get("noise"):
+        rows.append(("Noise", f"Gaussian, {options['noise']:g} x each tensor's std"))
+    if with_dtype:
+        rows.append(("dtype", str(record["dtype"])))
+    rows.append(("Seed", str(options["seed"])))
+    return rows
+
+
+def _experts_text(copies: int, shards: int) -> str:
+    """Total experts and where they come from: E copies of the dense MLP, each cut into G shards."""
+    if shards == 1:
+        return f"{copies} copies of the dense MLP (E = {copies}, G = 1)"
+    return f"{copies * shards} = {copies} copies of the dense MLP x {shards} shards each (E = {copies}, G = {shards})"
+
+
+def _layers_text(moe_layers: list[int], num_layers: int | None) -> str:
+    spans = _spans(list(moe_layers))
+    if num_layers is None:
+        return spans
+    if len(moe_layers) == num_layers:
+        return f"all {num_layers} ({spans})"
+    return f"{spans} of {num_layers} layers (the others keep the dense MLP)"
+
+
+def _spans(layers: list[int]) -> str:
+    """0,1,2,5 -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "| | |\n|---|---|\n" + "".join(f"| {key} | {_cell(value)} |\n" for key, value in rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _exactness_section(exactness: dict[str, Any]) -> str:
+    if exactness["exact"]:
+        head = "**Exact by design**: the MoE computes the same function as the dense model it was upcycled from."
+    else:
+        why = "because:" if exactness.get("notes") else f"({exactness['method']})."
+        head = f"**Approximate by design**: the MoE does not equal the dense model, {why}"
+    notes = "".join(f"- {note}\n" for note in exactness.get("notes") or [])
+    return f"## Exactness\n\n{head}\n" + (f"\n{notes}" if notes else "")
+
+
+def _conversion_exactness_after_training(exactness: dict[str, Any]) -> str:
+    kind = "exact" if exactness["exact"] else "approximate"
+    return (
+        f"At conversion the model was {kind} by design ({exactness['method']}); training has changed its weights "
+        "since, so it no longer equals the dense model.\n"
+    )
+
+
+def _not_verified_section() -> str:
+    return (
+        "## Verification\n\n"
+        "Not verified when this card was written: `upcycle verify DENSE THIS_FOLDER` checks the config, every "
+        "tensor and the model's output against the dense model.\n"
+    )
+
+
+def _verify_section(report: dict[str, Any]) -> str:
+    """The figures of an `upcycle verify` report (VerifyReport.to_json()), only those the report holds."""
+    lines = [f"- Verdict: {'passed' if report.get('equivalent') else 'failed'}: {report.get('verdict', '')}"]
+    config = report.get("config") or {}
+    if config:
+        layers = len(config.get("layers") or [])
+        lines.append(
+            f"- Config check: {layers} layers compute the same in transformers: {_yes(config.get('equivalent'))}"
+        )
+    if report.get("config_matches_plan") is not None:
+        lines.append(f"- config.json as recorded in upcycle.json: {_yes(report['config_matches_plan'])}")
+    weights = report.get("weights")
+    if weights:
+        mismatches = len(weights.get("mismatches") or [])
+        lines.append(
+            f"- Weights: {weights.get('tensors_checked', 0)} tensors re-made from the dense model, {mismatches} "
+            "differing"
+        )
+        provenance = weights.get("source_matches_provenance")
+        lines.append(
+            "- Source sha256 as recorded in upcycle.json: "
+            + ("not comparable" if provenance is None else _yes(provenance))
+        )
+    lines.append(_function_line(report))
+    if report.get("tolerance") is not None:
+        explicit = " (given explicitly)" if report.get("tolerance_explicit") else ""
+        lines.append(f"- Tolerance: {report['tolerance']:g} relative{explicit}")
+    return "## Verification\n\n" + "\n".join(lines) + "\n"
+
+
+def _function_line(report: dict[str, Any]) -> str:
+    full, streamed = report.get("function"), report.get("streaming")
+    if full:
+        return (
+            f"- Function check (whole model, {full['dtype']}, {full['tokens']} tokens): max logit relative difference "
+            f"{full['logits_rel_diff']:.3g}, top-1 agreement {full['top1_agreement']:.2%}"
+        )
+    if streamed:
+        worst = max([layer["rel_diff"] for layer in streamed.get("layers") or []] + [streamed["final_norm_rel_diff"]])
+        return (
+            f"- Function check (layer by layer, {streamed['dtype']}, {streamed['tokens']} tokens): max layer-output "
+            f"relative difference {worst:.3g}"
+        )
+    return "- Function check: not run"
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _training_rows(record: dict[str, Any], architecture: str, config: dict[str, Any]) -> list[tuple[str, str]]:
+    training = record["training"]
+    rows = [("Class", f"`{architecture}`"), ("dtype", str(config.get("dtype") or config.get("torch_dtype") or "?"))]
+    rows.append(("Steps", str(training.get("steps"))))
+    if training.get("tokens") is not None:
+        rows.append(("Training tokens", f"{training['tokens']:,}"))
+    if training.get("final_loss") is not None:
+        rows.append(("Last training loss", f"{training['final_loss']:.4f}"))
+    earlier = len(record.get("trainings") or []) - 1
+    if earlier > 0:
+        rows.append(("Earlier training runs", f"{earlier} (listed in upcycle.json)"))
+    return rows
+
+
+def _held_out_section(held_out: list[tuple[int, float]]) -> str:
+    if not held_out:
+        return "No held-out loss was measured (the run had no eval data).\n"
+    rows = "".join(f"| {step} | {loss:.4f} |\n" for step, loss in held_out)
+    return "Held-out loss (mean cross-entropy per token) by step:\n\n| Step | Held-out loss |\n|---:|---:|\n" + rows
+
+
+def _loading_section(model_id: str, tokenizer: bool) -> str:
+    lines = ["from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), ""]
+    quoted = json.dumps(model_id)
+    lines.append(f"model = AutoModelForCausalLM.from_pretrained({quoted})  # this folder, or its Hub repo id")
+    if tokenizer:
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({quoted})")
+    code = "\n".join(lines)
+    return f"## How to load\n\nPlain transformers, no custom code:\n\n```python\n{code}\n```\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def held_out_losses(run_dir: Path | None, training: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, eval loss) of the run's metrics.jsonl up to the exported step; the training record's own eval
+    history (the same records) when the run folder has no log."""
+    from upcycle.train.metrics import read_metrics
+
+    records = read_metrics(run_dir) if run_dir is not None else []
+    if not any("eval_loss" in r for r in records):
+        records = training.get("eval_history") or []
+    last = training.get("steps")
+    return [
+        (int(r["step"]), float(r["eval_loss"]))
+        for r in records
+        if "eval_loss" in r and "step" in r and (last is None or r["step"] <= last)
+    ]
+
+
+def write_conversion_card(
+    folder: Path, record: dict[str, Any], *, model_id: str | None = None, verify: dict[str, Any] | None = None
+) -> Path:
+    """Write FOLDER/README.md for a conversion; `model_id` is the name the folder will have (default: its own)."""
+    text = conversion_card(record, model_id=model_id or folder.name, tokenizer=_has_tokenizer(folder), verify=verify)
+    return write_card(folder, text)
+
+
+def write_training_card(
+    folder: Path, record: dict[str, Any], run_dir: Path | None, trained_from: Path, *, model_id: str | None = None
+) -> Path:
+    """Write FOLDER/README.md for an export; the held-out losses come from RUN_DIR's metrics.jsonl."""
+    config = json.loads((folder / "config.json").read_text())
+    base = None if record.get("conversion") else source_identity(trained_from)
+    text = training_card(
+        record,
+        held_out_losses(run_dir, record["training"]),
+        model_id=model_id or folder.name,
+        config=config,
+        tokenizer=_has_tokenizer(folder),
+        base=base,
+    )
+    return write_card(folder, text)
+
+
+def rewrite_conversion_card(folder: Path, verify: dict[str, Any] | None = None) -> Path:
+    """Re-render the card of an existing converted folder from its upcycle.json, with verify figures when given."""
+    try:
+        record = json.loads((folder / "upcycle.json").read_text())
+    except (OSError, ValueError):
+        raise SourceError(
+            f"{folder} has no readable upcycle.json.", "pass the OUT folder of `upcycle convert`."
+        ) from None
+    if record.get("kind") == "trained" or "options" not in record:
+        raise SourceError(f"{folder} is not a conversion (it was trained or written otherwise).", "pass a convert OUT.")
+    return write_conversion_card(folder, record, verify=verify)
+
+
+def write_card(folder: Path, text: str) -> Path:
+    """FOLDER/README.md replaced in one rename, so a reader sees the old card or the new one, never half of one."""
+    path = folder / CARD_NAME
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+    return path
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+__all__ = [
+    "CARD_NAME",
+    "conversion_card",
+    "held_out_losses",
+    "read_front_matter",
+    "rewrite_conversion_card",
+    "source_identity",
+    "training_card",
+    "write_card",
+    "write_conversion_card",
+    "write_training_card",
+]

@@ -1,0 +1,192 @@
+"""A recipe's ``model.source`` upcycled once: converted into a content-addressed cache, verified, then reused.
+
+The cache key is a sha256 over the source's files (their own sha256), the conversion options and upcycle's
+version, so a changed weight file, option or release converts again and nothing else does. Each entry is the
+folder ``upcycle convert`` writes plus a record beside it (``<key>.json``) that is written only after the folder
+passed the config and weight checks of ``upcycle verify``: an entry without its record is converted again. One
+lock per key makes the ranks of a node (or two runs started together) convert it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from upcycle import __version__
+from upcycle.assets import cache_dir, cache_lock
+from upcycle.errors import SourceError, UpcycleError
+from upcycle.output_safety import remove
+from upcycle.train.recipe import TrainRecipe
+from upcycle.train.source_hashes import source_hashes
+
+KEY_FORMAT = 1  # bump when what goes into the key changes
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Where a recipe's upcycle lives and what it cost this time."""
+
+    folder: Path
+    key: str
+    reused: bool
+    hash_seconds: float
+    convert_seconds: float  # 0 when reused
+    verify_seconds: float  # 0 when reused
+    record: dict[str, Any]  # the entry's record: key inputs, the verify figures
+
+    @property
+    def seconds(self) -> float:
+        return self.hash_seconds + self.convert_seconds + self.verify_seconds
+
+
+def conversions_dir() -> Path:
+    return cache_dir() / "conversions"
+
+
+def conversion_key(hashes: dict[str, str], options: dict[str, Any]) -> str:
+    """sha256 of everything that decides the converted checkpoint's content."""
+    inputs = {"format": KEY_FORMAT, "tool": __version__, "source_sha256": hashes, "options": options}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_model(
+    recipe: TrainRecipe, echo: Callable[[str], None] = lambda _: None
+) -> tuple[TrainRecipe, Conversion | None]:
+    """The recipe with ``model.path`` pointing at its verified conversion (unchanged when it names no source)."""
+    model = recipe.model
+    if model.upcycle is None or model.source is None:
+        return recipe, None
+    source = Path(model.source)
+    if not source.exists():
+        raise SourceError(f"model.source {source} does not exist.", "point model.source at a dense folder or .gguf.")
+    started = time.perf_counter()
+    hashes = source_hashes(source)
+    hash_seconds = time.perf_counter() - started
+    options = model.upcycle.options()
+    key = conversion_key(hashes, options.to_json())
+    folder = conversions_dir() / key[:32]
+    with cache_lock(f"conversion-{key[:32]}"):
+        record = read_record(folder, key)
+        if record is not None:
+            echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s)")
+            conversion = Conversion(folder, key, True, hash_seconds, 0.0, 0.0, record)
+        else:
+            echo(f"converting {source} -> {folder}")
+            conversion = _convert_and_verify(source, folder, key, hashes, options, model.trust_remote_code, echo)
+            conversion = dataclasses.replace(conversion, hash_seconds=hash_seconds)
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, path=str(folder))), conversion
+
+
+def cached_conversion(recipe: TrainRecipe) -> Path | None:
+    """The verified conversion of the recipe's source, if the cache holds it; nothing is converted."""
+    model = recipe.model
+    if model.upcycle is None or model.source is None or not Path(model.source).exists():
+        return None
+    key = conversion_key(source_hashes(Path(model.source)), model.upcycle.options().to_json())
+    folder = conversions_dir() / key[:32]
+    return folder if read_record(folder, key) is not None else None
+
+
+def planned_config(recipe: TrainRecipe) -> dict[str, Any]:
+    """The config.json the recipe's conversion will write, from its plan alone (headers and config read)."""
+    from upcycle.convert import convert
+
+    model = recipe.model
+    assert model.upcycle is not None and model.source is not None
+    scratch = conversions_dir() / "planned"  # never written: a dry run only checks where it would write
+    plan = convert(
+        Path(model.source), scratch, model.upcycle.options(), dry_run=True, trust_remote_code=model.trust_remote_code
+    ).plan
+    return plan.config
+
+
+def record_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.json"
+
+
+def read_record(folder: Path, key: str) -> dict[str, Any] | None:
+    """The entry's record when the entry is complete and verified under this very key, else None."""
+    path = record_path(folder)
+    if not path.is_file() or not (folder / "upcycle.json").is_file() or not (folder / "config.json").is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def _convert_and_verify(
+    source: Path,
+    folder: Path,
+    key: str,
+    hashes: dict[str, str],
+    options: Any,
+    trust_remote_code: bool,
+    echo: Callable[[str], None],
+) -> Conversion:
+    from upcycle.convert import convert
+    from upcycle.model_card import rewrite_conversion_card
+    from upcycle.verify import verify
+
+    remove(record_path(folder))  # a stale record must never vouch for the folder written now
+    result = convert(source, folder, options, force=True, trust_remote_code=trust_remote_code)
+    echo(f"converted in {result.seconds:.1f} s; verifying config and weights")
+    started = time.perf_counter()
+    report = verify(source, folder, function=False, trust_remote_code=trust_remote_code)
+    verify_seconds = time.perf_counter() - started
+    if not checks_hold(report):
+        remove(folder)
+        raise UpcycleError(
+            f"the conversion of {source} failed its own check: {report.verdict}.",
+            "report this as a bug in upcycle, with the recipe; nothing was kept in the cache.",
+        )
+    rewrite_conversion_card(folder, report.to_json())  # the folder's README.md now carries the figures
+    record = {
+        "key": key,
+        "source": str(source),
+        "source_sha256": hashes,
+        "options": options.to_json(),
+        "tool_version": __version__,
+        "exact": report.exact_by_design,
+        "method": report.method,
+        "verify": verify_summary(report),
+        "convert_seconds": round(result.seconds, 3),
+        "verify_seconds": round(verify_seconds, 3),
+    }
+    _write_json_atomically(record_path(folder), record)
+    echo(f"verified in {verify_seconds:.1f} s: {', '.join(record['verify']['proof'])}")
+    return Conversion(folder, key, False, 0.0, result.seconds, verify_seconds, record)
+
+
+def checks_hold(report: Any) -> bool:
+    """The config and weight checks passed (the function check is not run here: it needs minutes, not seconds)."""
+    weights = report.weights
+    config_ok = report.config.equivalent and report.config_matches_plan is not False
+    return bool(config_ok and weights is not None and weights.ok)
+
+
+def verify_summary(report: Any) -> dict[str, Any]:
+    """The figures of a config-and-weights verification, as recorded and shown in the model card."""
+    return {
+        "proof": report.proof,
+        "config_equivalent": report.config.equivalent,
+        "config_matches_plan": report.config_matches_plan,
+        "tensors_checked": report.weights.tensors_checked,
+        "tensor_mismatches": len(report.weights.mismatches),
+        "source_matches_provenance": report.weights.source_matches_provenance,
+        "function_check": "not run (config and weights only)",
+    }
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
