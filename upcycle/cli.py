@@ -607,6 +607,65 @@ def compare_cmd(
         raise fail(error) from None
 
 
+@app.command("sweep")
+def sweep_cmd(
+    recipe: Annotated[
+        str,
+        typer.Argument(help="A YAML recipe file, or the name of a recipe that ships with upcycle (upcycle recipes)."),
+    ],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="Repeatable: a recipe key and its values, KEY=v1,v2,... (YAML, as --set takes them), e.g. "
+            "--grid optim.lr=1e-4,3e-4 --grid model.upcycle.experts=4,8.",
+        ),
+    ] = None,
+    zip_: Annotated[
+        bool, typer.Option("--zip", help="Pair the i-th values of every --grid instead of every combination.")
+    ] = False,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Run every point at seeds 0..N-1 (default: the recipe's run.seed).")
+    ] = None,
+    with_dense: Annotated[
+        bool,
+        typer.Option(
+            "--with-dense", help="Also train the dense control: the recipe's model.source as it is, same settings."
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key for every run: --set batch.steps=50.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for the runs, sweep.md/.json and sweep-KEY.png (runs/sweep-NAME)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
+    ] = False,
+) -> None:
+    """Train a recipe at every point of a grid of recipe keys; held-out loss table, a plot per key, and JSON.
+
+    One process per run, in OUT/runs; run it again to continue: finished runs reused, a killed one resumed.
+    """
+    from upcycle.sweep import sweep_main
+
+    try:
+        sweep_main(
+            recipe,
+            list(grid or []),
+            zip_axes=zip_,
+            seeds=seeds,
+            with_dense=with_dense,
+            sets=list(set_ or []),
+            out=out,
+            force=force,
+            echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+        )
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+
+
 @app.command("plot")
 def plot_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders written by upcycle train or upcycle compare.")],

@@ -125,7 +125,7 @@ def compare_main(
         "size": dataclasses.asdict(size),
         "size_description": size.describe(),
         "budget": size.budget,
-        "environment": _environment(),
+        "environment": environment(),
         "base_model": str(dense_model) if dense_model else None,
         "data": {"train": train, "heldout": heldout},
         "seconds": seconds,
@@ -154,7 +154,8 @@ def _best(specs: Sequence[RunSpec]) -> RunSpec:
     return min(specs, key=lambda s: load_run(s.run_dir).evals[-1]["eval_loss"])
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured: date, machine, library versions, device."""
     import torch
     import transformers
 

@@ -1,13 +1,15 @@
 """What compare may write, and where: OUT is compare's own folder, and never lies over or inside what it reads.
 
-Compare resumes and replaces what it wrote into OUT, so it must know its own names (a folder holding anything
-else is someone else's), and it must keep OUT clear of its inputs (recipe files, model folders, data files), which
+Compare (and sweep) resume and replace what they wrote into OUT, so each must know its own names (a folder holding
+anything else is someone else's), and keep OUT clear of its inputs (recipe files, model folders, data files), which
 a run folder or a replaced file could otherwise swallow.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,28 @@ COMPARE_FOLDERS = ("runs", "models")
 COMPARE_FILES = ("compare.md", "compare.png", "compare.json")
 
 
-def _is_compare_entry(path: Path) -> bool:
-    """A name compare writes into OUT (or the temporary sibling of one left by a killed run)."""
-    names = (*COMPARE_FOLDERS, *COMPARE_FILES)
-    return path.name in names or any(path.name.startswith(f".{n}.upcycle-") for n in names)
+@dataclass(frozen=True)
+class OwnedNames:
+    """The names a command writes into its OUT folder: it resumes and replaces those, and only those."""
+
+    command: str  # as the user types it: compare, sweep
+    folders: tuple[str, ...]
+    files: tuple[str, ...]
+    file_patterns: tuple[str, ...] = ()  # files whose names vary, e.g. sweep-*.png (one per swept key)
+
+    def is_file(self, name: str) -> bool:
+        return name in self.files or any(fnmatch.fnmatchcase(name, p) for p in self.file_patterns)
+
+    def owns(self, path: Path) -> bool:
+        """A name the command writes into OUT (or the temporary sibling of one left by a killed run)."""
+        name = path.name
+        if name in self.folders or self.is_file(name):
+            return True
+        stem, mark, _ = name[1:].partition(".upcycle-")  # .NAME.upcycle-tmp-PID, written beside NAME
+        return name.startswith(".") and bool(mark) and (stem in self.folders or self.is_file(stem))
+
+
+COMPARE_NAMES = OwnedNames("compare", COMPARE_FOLDERS, COMPARE_FILES)
 
 
 def check_compare_out(out: Path, force: bool = False) -> None:
@@ -33,6 +53,11 @@ def check_compare_out(out: Path, force: bool = False) -> None:
     folder holding anything else is someone else's: with ``force`` compare writes its own names beside those
     files and never touches them.
     """
+    check_owned_out(out, force, COMPARE_NAMES)
+
+
+def check_owned_out(out: Path, force: bool, names: OwnedNames) -> None:
+    """Refuse an OUT that holds files ``names.command`` did not write, unless ``force`` (see check_compare_out)."""
     if not exists(out):
         return
     if not out.is_dir():
@@ -40,18 +65,19 @@ def check_compare_out(out: Path, force: bool = False) -> None:
     wrong_kind = [
         p.name
         for p in out.iterdir()
-        if (p.name in COMPARE_FOLDERS and not p.is_dir()) or (p.name in COMPARE_FILES and not p.is_file())
+        if (p.name in names.folders and not p.is_dir()) or (names.is_file(p.name) and not p.is_file())
     ]
     if wrong_kind:
         raise OutputError(
-            f"--out {out} holds {', '.join(wrong_kind)} of a kind compare does not write there.",
+            f"--out {out} holds {', '.join(wrong_kind)} of a kind {names.command} does not write there.",
             "move it away or choose another --out folder.",
         )
-    foreign = sorted(p.name for p in out.iterdir() if not _is_compare_entry(p))
+    foreign = sorted(p.name for p in out.iterdir() if not names.owns(p))
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(
-            f"--out {out} holds files compare did not write ({shown}); compare only continues its own folders.",
+            f"--out {out} holds files {names.command} did not write ({shown}); {names.command} only continues its "
+            "own folders.",
             "choose a new or empty --out folder, or pass --force to write beside them (they are left untouched).",
         )
 

@@ -27,14 +27,20 @@ class RunSpec:
     convert_from: str | None = None  # dense folder to upcycle into recipe.model.path first
     convert_options: dict[str, Any] | None = None  # UpcycleOptions fields
     keep_model: bool = False  # keep the converted model folder after the run
+    sweep: dict[str, Any] | None = None  # a sweep's run: {"point": {key: value}, "control": bool}
+    resumable: bool = False  # checkpoints kept until the run finishes, so a killed run continues from them
 
     @property
     def run_dir(self) -> Path:
         return Path(self.recipe.run.output_dir)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready data; :meth:`from_json` rebuilds the same spec (in the worker process)."""
-        return {
+        """JSON-ready data; :meth:`from_json` rebuilds the same spec (in the worker process).
+
+        The sweep's fields appear only when set, so a comparison's spec (and the finished runs matched against
+        it) reads as it always did.
+        """
+        data = {
             "variant": self.variant,
             "label": self.label,
             "seed": self.seed,
@@ -43,6 +49,11 @@ class RunSpec:
             "convert_options": self.convert_options,
             "keep_model": self.keep_model,
         }
+        if self.sweep is not None:
+            data["sweep"] = self.sweep
+        if self.resumable:
+            data["resumable"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSpec:

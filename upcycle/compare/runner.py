@@ -1,9 +1,11 @@
-"""Executing a comparison's runs: convert (for an upcycle), then train, each in its own Python process by default.
+"""Executing runs: convert (for an upcycle), then train, each in its own Python process by default.
 
 A run in a process of its own hands the memory of its model back before the next one loads. A finished run
 (``result.json`` in its folder, written last and holding the spec it ran) is reused when the same spec comes
-again, so an interrupted comparison continues where it stopped. The process's entry is
-``python -m upcycle.compare --worker SPEC.json``; the spec crosses the process boundary as JSON
+again, so an interrupted comparison or sweep continues where it stopped. A resumable spec (a sweep's) also keeps
+checkpoints while it trains: a run killed midway continues from its latest checkpoint when the same spec comes
+again, and its checkpoints are removed once it has finished. The process's entry is
+``python -m upcycle.compare --worker SPEC.json [--resume]``; the spec crosses the process boundary as JSON
 (:meth:`RunSpec.to_json`), its recipe rebuilt and checked again on the other side.
 """
 
@@ -23,8 +25,11 @@ from upcycle.compare.flops import FLOPS_FORMULA, model_cost
 from upcycle.compare.plan import RunSpec
 from upcycle.compare.run_data import RESULT_FILE, RUN_INFO_FILE, load_run
 from upcycle.errors import UpcycleError
+from upcycle.output_safety import remove
 
 Echo = Callable[[str], None]
+SPEC_FILE = "spec.json"  # the spec the folder's checkpoints and log belong to
+CHECKPOINTS = "checkpoints"  # the training loop's checkpoint folder in a run folder
 
 
 class LineReporter:
@@ -49,8 +54,12 @@ class LineReporter:
         self.echo(text)
 
 
-def execute_run(spec: RunSpec, echo: Echo = print) -> dict[str, Any]:
-    """Convert (for an upcycle), train, and write ``result.json`` and ``run_info.json`` in the run folder."""
+def execute_run(spec: RunSpec, echo: Echo = print, resume: bool = False) -> dict[str, Any]:
+    """Convert (for an upcycle), train, and write ``result.json`` and ``run_info.json`` in the run folder.
+
+    ``resume`` continues from the latest checkpoint in the run folder (see :func:`start_run_dir`).
+    """
+    from upcycle.train.conversion import prepare_model
     from upcycle.train.loop import train
 
     started = time.perf_counter()
@@ -59,16 +68,24 @@ def execute_run(spec: RunSpec, echo: Echo = print) -> dict[str, Any]:
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     exact: bool | None = None
     convert_seconds = 0.0
-    model_dir = Path(spec.recipe.model.path)
+    recipe = spec.recipe
     if spec.convert_from is not None:
         from upcycle.convert import UpcycleOptions, convert
 
-        echo(f"convert {spec.convert_from} -> {model_dir} {spec.convert_options}")
-        result = convert(Path(spec.convert_from), model_dir, UpcycleOptions(**(spec.convert_options or {})), force=True)
+        echo(f"convert {spec.convert_from} -> {recipe.model.path} {spec.convert_options}")
+        result = convert(
+            Path(spec.convert_from), Path(recipe.model.path), UpcycleOptions(**(spec.convert_options or {})), force=True
+        )
         exact = bool(result.plan.exactness.exact)
         convert_seconds = result.seconds
+    elif recipe.model.path is None:  # the recipe names model.source: its cached, verified upcycle
+        recipe, conversion = prepare_model(recipe, echo)
+        assert conversion is not None
+        exact = conversion.record.get("exact")
+        convert_seconds = conversion.seconds
+    model_dir = Path(recipe.model.path)
     cost = model_cost(model_dir)
-    seq_len = spec.recipe.data.seq_len
+    seq_len = recipe.data.seq_len
     info = {
         "variant": spec.variant,
         "label": spec.label,
@@ -85,8 +102,16 @@ def execute_run(spec: RunSpec, echo: Echo = print) -> dict[str, Any]:
         "exact_at_init": exact,
         "convert_options": spec.convert_options,
     }
+    if spec.sweep is not None:
+        info["sweep"] = spec.sweep
     (run_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    summary = train(spec.recipe, LineReporter(echo))
+    if resume:
+        from upcycle.train.checkpoint import latest_checkpoint
+
+        echo(f"resuming from {latest_checkpoint(run_dir)}")
+    summary = train(recipe, LineReporter(echo), resume=resume)
+    if summary.resumed_from is not None:
+        echo(f"resumed from the checkpoint of step {summary.resumed_from}")
     if spec.convert_from is not None and not spec.keep_model:
         shutil.rmtree(model_dir, ignore_errors=True)
     result = {
@@ -98,8 +123,50 @@ def execute_run(spec: RunSpec, echo: Echo = print) -> dict[str, Any]:
         "convert_seconds": convert_seconds,
         "seconds": time.perf_counter() - started,
     }
-    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    if summary.resumed_from is not None:
+        result["resumed_from"] = summary.resumed_from
+    _write_json(run_dir / RESULT_FILE, result)  # all of it or nothing: a kill never leaves half a result
+    if spec.resumable:
+        remove(run_dir / CHECKPOINTS)  # they only served a resume; the finished run is reused from now on
     return result
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def start_run_dir(spec: RunSpec) -> int | None:
+    """Ready the run folder for ``spec``: the step to resume from, or None to train from the start.
+
+    Only a resumable spec resumes, and only from checkpoints that this very spec wrote (the folder's
+    ``spec.json`` equals it): checkpoints of another spec (a changed recipe or grid) would continue a different
+    run, so they are removed and the run starts over. The spec is then recorded in the folder.
+    """
+    from upcycle.train.checkpoint import list_checkpoints
+
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / SPEC_FILE
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and not (spec.resumable and _read_json(spec_path) == _plain(spec.to_json())):
+        remove(run_dir / CHECKPOINTS)
+        checkpoints = []
+    _write_json(spec_path, spec.to_json())
+    return int(checkpoints[-1].name.split("-")[-1]) if checkpoints else None
+
+
+def _plain(data: dict[str, Any]) -> Any:
+    """``data`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(data))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def finished(spec: RunSpec) -> dict[str, Any] | None:
@@ -107,23 +174,23 @@ def finished(spec: RunSpec) -> dict[str, Any] | None:
     path = spec.run_dir / RESULT_FILE
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return result if result.get("spec") == json.loads(json.dumps(spec.to_json())) else None
+    result = _read_json(path)
+    return result if isinstance(result, dict) and result.get("spec") == _plain(spec.to_json()) else None
 
 
-def run_isolated(spec: RunSpec, echo: Echo) -> dict[str, Any]:
-    """One run in its own interpreter (its memory is freed when it exits); its output goes to run_dir/log.txt."""
+def run_isolated(spec: RunSpec, echo: Echo, resume: bool = False) -> dict[str, Any]:
+    """One run in its own interpreter (its memory is freed when it exits); its output goes to run_dir/log.txt.
+
+    A resumed run adds to the log of the attempt it continues.
+    """
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = run_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    spec_path = run_dir / SPEC_FILE
+    _write_json(spec_path, spec.to_json())
     log_path = run_dir / "log.txt"
-    with log_path.open("w") as log:
+    with log_path.open("a" if resume else "w") as log:
         code = subprocess.call(
-            [sys.executable, "-m", "upcycle.compare", "--worker", str(spec_path)],
+            [sys.executable, "-m", "upcycle.compare", "--worker", str(spec_path), *(["--resume"] if resume else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -150,21 +217,34 @@ class Runner:
         previous = finished(spec)
         if previous is not None:
             self.echo(f"{what}: reusing the finished run in {spec.run_dir}")
+            if spec.resumable:
+                remove(spec.run_dir / CHECKPOINTS)  # left by a kill between the result and their removal
             self.results[spec.run_dir] = previous
             return
+        resume_step = start_run_dir(spec)
+        resume = resume_step is not None
         converting = "converting and " if spec.convert_from else ""
-        self.echo(f"{what}: {converting}training ({time.perf_counter() - self.started:.0f} s elapsed)")
-        result = run_isolated(spec, self.echo) if self.isolate else execute_run(spec, echo=lambda _text: None)
+        doing = f"resuming from step {resume_step}" if resume else f"{converting}training"
+        self.echo(f"{what}: {doing} ({time.perf_counter() - self.started:.0f} s elapsed)")
+        if self.isolate:
+            result = run_isolated(spec, self.echo, resume)
+        else:
+            result = execute_run(spec, echo=lambda _text: None, resume=resume)
         self.results[spec.run_dir] = result
         losses = " -> ".join(f"{e['eval_loss']:.4f}" for e in load_run(spec.run_dir).evals)
         self.echo(f"    held-out loss {losses}; {result['seconds']:.0f} s")
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m upcycle.compare --worker SPEC.json``: execute one run spec, its progress on stdout."""
-    if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m upcycle.compare --worker SPEC.json (internal; use `upcycle compare`)", file=sys.stderr)
+    """``python -m upcycle.compare --worker SPEC.json [--resume]``: execute one run spec, its progress on stdout."""
+    resume = argv[2:] == ["--resume"]
+    if len(argv) not in (2, 3) or argv[0] != "--worker" or (len(argv) == 3 and not resume):
+        print(
+            "usage: python -m upcycle.compare --worker SPEC.json [--resume] (internal; use `upcycle compare` or "
+            "`upcycle sweep`)",
+            file=sys.stderr,
+        )
         return 0 if argv in (["--help"], ["-h"]) else 2
     spec = RunSpec.from_json(json.loads(Path(argv[1]).read_text()))
-    execute_run(spec, echo=lambda text: print(text, flush=True))
+    execute_run(spec, echo=lambda text: print(text, flush=True), resume=resume)
     return 0

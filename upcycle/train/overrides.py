@@ -22,31 +22,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     """``data`` with each ``key=value`` applied (value parsed as YAML); relative paths become cwd-relative."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise OptionError(f"--set {item!r} is not key=value.", "write e.g. --set optim.lr=1e-4.")
-        section, dot, leaf = key.partition(".")
-        if section in SECTIONS and not dot:
-            raise OptionError(
-                f"--set {key}: {key} is a section.",
-                f"set one of its keys, e.g. --set {key}.{next(iter(field_types(SECTIONS[section])))}=...",
-            )
-        if key not in dotted_keys() and not _is_nested_section(key):  # model.upcycle=null or ={experts: 4} too
-            if key == "source":
-                raise OptionError("--set source: source is set from the recipe file.", "remove this --set.")
-            origin = f" in --set {item}"
-            nested = _nested_keys(key)
-            if nested is not None:
-                parent, known = nested
-                raise unknown_key(key, known, parent, origin)
-            if section in SECTIONS:
-                raise unknown_key(key, list(field_types(SECTIONS[section])), section, origin)
-            raise unknown_key(key, list(SECTIONS), None, origin)
-        try:
-            value = yaml.load(text, Loader=StrictLoader) if text.strip() else None
-        except yaml.YAMLError:
-            value = text  # not YAML: take it literally; type checks still apply
+        key, text = split_override(item)
+        value = parse_value(text)
         if key in PATH_KEYS:
             value = command_line_path(value)
         *parents, name = key.split(".")
@@ -57,6 +34,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             target = target[part]
         target[name] = value
     return out
+
+
+def split_override(item: str, option: str = "--set") -> tuple[str, str]:
+    """``key=value`` split into a checked key (a recipe key, or a nested section) and the value's text."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise OptionError(f"{option} {item!r} is not key=value.", f"write e.g. {option} optim.lr=1e-4.")
+    check_key(key, item, option)
+    return key, text
+
+
+def check_key(key: str, item: str, option: str = "--set") -> None:
+    """Refuse a key no recipe has (naming the nearest valid one), a whole section, or ``source``."""
+    section, dot, _ = key.partition(".")
+    if section in SECTIONS and not dot:
+        raise OptionError(
+            f"{option} {key}: {key} is a section.",
+            f"set one of its keys, e.g. {option} {key}.{next(iter(field_types(SECTIONS[section])))}=...",
+        )
+    if key in dotted_keys() or _is_nested_section(key):  # model.upcycle=null or ={experts: 4} too
+        return
+    if key == "source":
+        raise OptionError(f"{option} source: source is set from the recipe file.", f"remove this {option}.")
+    origin = f" in {option} {item}"
+    nested = _nested_keys(key)
+    if nested is not None:
+        parent, known = nested
+        raise unknown_key(key, known, parent, origin)
+    if section in SECTIONS:
+        raise unknown_key(key, list(field_types(SECTIONS[section])), section, origin)
+    raise unknown_key(key, list(SECTIONS), None, origin)
+
+
+def parse_value(text: str) -> Any:
+    """A value as YAML (empty: null); text that is not YAML is taken literally (type checks still apply)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader) if text.strip() else None
+    except yaml.YAMLError:
+        return text
 
 
 def _is_nested_section(key: str) -> bool:

@@ -1,0 +1,136 @@
+"""``upcycle sweep``: the steps of a sweep in order, and what it writes at the end.
+
+Parse the grid, validate every point against the recipe, check OUT, run every point at every seed (each in its
+own process, finished runs reused, an interrupted one resumed), then summarise, render and write ``sweep.json``,
+``sweep.md`` and one ``sweep-KEY.png`` per swept key. Each step is its own module; this one only sequences them
+and talks to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from upcycle.compare.main import environment
+from upcycle.compare.output import OwnedNames, check_owned_out
+from upcycle.compare.render import plot_runs
+from upcycle.compare.run_data import load_run
+from upcycle.compare.runner import Runner
+from upcycle.errors import OptionError
+from upcycle.output_safety import refuse_overlap
+from upcycle.sweep.analysis import summarise_sweep
+from upcycle.sweep.control import applies_to_dense
+from upcycle.sweep.grid import parse_axis
+from upcycle.sweep.plan import SweepPlan
+from upcycle.sweep.points import grid_points
+from upcycle.sweep.render import key_plot_path, plot_key, sweep_table
+
+SWEEP_NAMES = OwnedNames("sweep", ("runs",), ("sweep.md", "sweep.json"), ("sweep-*.png",))
+"""What a sweep writes into OUT: it resumes and replaces these, and refuses a folder holding anything else."""
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    summary: dict[str, Any]
+    markdown: str
+    json_path: Path
+    table_path: Path
+    plot_paths: list[Path]
+    seconds: float
+
+
+def default_out(recipe: Path | str) -> Path:
+    """``runs/sweep-<recipe name>``, under the current folder."""
+    return Path("runs") / f"sweep-{Path(recipe).stem}"
+
+
+def sweep_main(
+    recipe: Path | str,
+    grid: Sequence[str] = (),
+    *,
+    zip_axes: bool = False,
+    seeds: int | None = None,
+    with_dense: bool = False,
+    sets: Sequence[str] = (),
+    out: Path | str | None = None,
+    force: bool = False,
+    isolate: bool = True,
+    echo: Callable[[str], None] = print,
+) -> SweepResult:
+    """``upcycle sweep RECIPE --grid KEY=v1,v2,... [--zip] [--seeds N] [--with-dense] [--out DIR]``.
+
+    Trains the recipe at every point of the grid (the cartesian product of the ``--grid`` values, or the i-th
+    values together with ``zip_axes``), at seeds 0..N-1 (``seeds``; default: the recipe's own seed), plus the
+    dense control (``with_dense``: the recipe's model.source trained as it is). Every point is validated before
+    the first run. Writes ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep-KEY.png`` per key.
+
+    OUT is the sweep's own folder: a sweep run again continues there (finished runs reused, an interrupted run
+    resumed from its latest checkpoint); a folder holding other files is refused unless ``force``, and OUT never
+    lies over or inside what the runs read.
+    """
+    from upcycle.train.shipped_recipes import find_recipe
+
+    started = time.perf_counter()
+    recipe_path = find_recipe(recipe).absolute()
+    if seeds is not None and seeds < 1:
+        raise OptionError(f"--seeds must be at least 1, got {seeds}.", "use 2 or more to measure seed noise.")
+    axes = [parse_axis(text) for text in grid]
+    keys = tuple(axis.key for axis in axes)
+    if seeds is not None and "run.seed" in keys:
+        raise OptionError("--seeds and --grid run.seed both set the seeds.", "keep one of them.")
+    out = Path(out if out is not None else default_out(recipe_path)).absolute()
+    points = grid_points(recipe_path, axes, zip_axes=zip_axes, sets=sets, with_dense=with_dense)
+    plan = SweepPlan(recipe_path, keys, tuple(points), tuple(range(seeds)) if seeds else None, out, zip_axes)
+    refuse_overlap(out, plan.inputs(), option="--out")
+    check_owned_out(out, force, SWEEP_NAMES)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    echo(f"recipe: {recipe_path}")
+    echo(plan.describe(isolate))
+    fixed = [k for k in keys if not applies_to_dense(k)]
+    if with_dense and fixed:
+        echo(f"dense control: one run for every value of {', '.join(fixed)} (they do not apply to a dense model)")
+
+    specs = plan.specs()
+    runner = Runner(len(specs), isolate, echo)
+    for spec in specs:
+        runner.run(spec)
+
+    runs = [load_run(d) for d in runner.results]
+    summary = summarise_sweep(runs, keys)
+    markdown = sweep_table(summary)
+    plots = [plot_key(runs, summary, key, key_plot_path(out, key)) for key in keys]
+    if not keys:
+        plots.append(plot_runs(runs, out / "sweep-curves.png", f"upcycle sweep: {recipe_path.stem}", force=True))
+    seconds = time.perf_counter() - started
+    payload = {
+        "recipe": str(recipe_path),
+        "grid": [{"key": axis.key, "values": list(axis.texts)} for axis in axes],
+        "zip": zip_axes,
+        "seeds": list(plan.seeds) if plan.seeds is not None else None,
+        "with_dense": with_dense,
+        "set": list(sets),
+        "plan": plan.describe(isolate),
+        "environment": environment(),
+        "seconds": seconds,
+        "summary": summary,
+        "runs": [dataclasses.asdict(r) for r in runs],
+        "markdown": markdown,
+    }
+    json_path = out / "sweep.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    table_path = out / "sweep.md"
+    findings = "\n".join(f"- {line}" for line in summary["findings"])
+    table_path.write_text(f"Recipe {recipe_path.name}; {plan.describe(isolate)}.\n\n{markdown}\n{findings}\n")
+    echo("")
+    echo(markdown)
+    for line in summary["findings"]:
+        echo(f"- {line}")
+    echo(f"wall time {seconds / 60:.1f} min")
+    echo(f"wrote {table_path}, {json_path}, {', '.join(str(p) for p in plots)}")
+    return SweepResult(out, summary, markdown, json_path, table_path, plots, seconds)
