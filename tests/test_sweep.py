@@ -193,6 +193,7 @@ def test_every_point_is_validated_before_anything_runs(tiny_pair, texts, tmp_pat
         upcycling, ["model.upcycle={experts: 2},{experts: 4}"], with_dense=True
     )
     assert "--seeds and --grid run.seed both set the seeds" in refused(recipe, ["run.seed=1,2"], seeds=2)
+    assert "--seeds and --set run.seed both set the seed" in refused(recipe, [], seeds=2, sets=["run.seed=3"])
     assert "--set optim.lr and --grid optim.lr are both given" in refused(
         recipe, ["optim.lr=1e-3"], sets=["optim.lr=1e-2"]
     )

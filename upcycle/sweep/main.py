@@ -84,6 +84,8 @@ def sweep_main(
     keys = tuple(axis.key for axis in axes)
     if seeds is not None and "run.seed" in keys:
         raise OptionError("--seeds and --grid run.seed both set the seeds.", "keep one of them.")
+    if seeds is not None and any(item.partition("=")[0].strip() == "run.seed" for item in sets):
+        raise OptionError("--seeds and --set run.seed both set the seed.", "keep one of them.")
     out = Path(out if out is not None else default_out(recipe_path)).absolute()
     points = grid_points(recipe_path, axes, zip_axes=zip_axes, sets=sets, with_dense=with_dense)
     plan = SweepPlan(recipe_path, keys, tuple(points), tuple(range(seeds)) if seeds else None, out, zip_axes)
