@@ -72,3 +72,14 @@ def texts():
     from train_helpers import shakespeare_texts
 
     return shakespeare_texts()
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """A conversion cache of the test module's own (seen by the runs' processes too), sharing the real assets."""
+    from train_helpers import isolated_cache
+
+    root = isolated_cache(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UPCYCLE_CACHE", str(root))
+        yield root

@@ -16,9 +16,9 @@ from upcycle.compare import (
     RUN_INFO_FILE,
     SIZES,
     VARIANTS,
-    Plan,
     RunSpec,
     Size,
+    arm_points,
     compare_main,
     load_run,
     model_cost,
@@ -27,6 +27,7 @@ from upcycle.compare import (
 )
 from upcycle.convert import UpcycleOptions, convert
 from upcycle.convert.writer import COPIED_FILES
+from upcycle.sweep.plan import SweepPlan
 from upcycle.train.metrics import read_metrics
 
 VOCAB = 49152  # SmolLM2's tokenizer: the text is real tokens
@@ -48,6 +49,11 @@ TINY = Size(
     budget="a CI test: seconds",
     experts_implementation="grouped_mm",
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(module_cache):
+    return module_cache
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +143,8 @@ def test_compare_writes_consistent_table_plot_and_json(compared):
     assert all(
         (out / "runs" / n / RESULT_FILE).is_file() and (out / "runs" / n / RUN_INFO_FILE).is_file() for n in run_names
     )
-    assert not any((out / "models").glob("*-s*"))  # converted models are removed after their run
+    assert not (out / "models").exists()  # upcycles are converted into the verified cache, not into OUT
+    assert not list((out / "runs").glob("*/checkpoints"))  # they only served a resume
     png = result.plot_path.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert any("tiny size" in line for line in lines) and any("FLOPs/token" in line for line in lines)
@@ -210,17 +217,13 @@ def test_compare_runs_each_run_in_its_own_process(tiny_dense, texts, tmp_path):
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_every_size_plans_runs_of_equal_tokens_that_survive_the_process_boundary(name, tiny_dense, texts, tmp_path):
     size = SIZES[name]
-    plan = Plan(
-        size=size,
-        out=tmp_path,
-        arms=tuple(VARIANTS.values()),
-        control=VARIANTS["dense"],
-        seeds=2,
-        paper=paper_recipe(size, tiny_dense, texts[0], texts[1], tmp_path / "runs"),
-        dense_model=tiny_dense,
-    )
-    specs = plan.first() + plan.more_seeds(VARIANTS["e8g1t2-renorm"])
+    paper = paper_recipe(size, tiny_dense, texts[0], texts[1], tmp_path / "runs")
+    points = arm_points(tuple(VARIANTS.values()), VARIANTS["dense"], size, paper)
+    plan = SweepPlan(None, (), tuple(points), (0, 1), tmp_path, seeds_for="best")
+    best = next(p for p in points if p.name == "e8g1t2-renorm")
+    specs = plan.first() + plan.then(best)
     assert len(specs) == plan.total == len(VARIANTS) + 2
+    assert sorted((s.variant, s.seed) for s in specs if s.seed == 1) == [("dense", 1), ("e8g1t2-renorm", 1)]
     for spec in specs:
         recipe = spec.recipe
         batch = recipe.batch
@@ -228,12 +231,13 @@ def test_every_size_plans_runs_of_equal_tokens_that_survive_the_process_boundary
         assert (recipe.optim.lr, recipe.run.precision, recipe.run.seed) == (size.lr, size.precision, spec.seed)
         assert spec.run_dir == tmp_path / "runs" / f"{spec.variant}-s{spec.seed}"
         assert RunSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
-        if spec.convert_from is None:
-            assert recipe.model.path == str(tiny_dense)
+        if spec.variant == "dense":
+            assert recipe.model.path == str(tiny_dense) and recipe.model.upcycle is None
             continue
-        options = UpcycleOptions(**spec.convert_options)  # what the worker converts with
-        assert options.layers == size.moe_layers and options.seed == spec.seed
-        assert recipe.model.path == str(tmp_path / "models" / f"{spec.variant}-s{spec.seed}")
+        upcycle = recipe.model.upcycle  # what the worker converts with, into the verified cache
+        assert recipe.model.source == str(tiny_dense) and recipe.model.path is None
+        assert (upcycle.layers, upcycle.seed, upcycle.dtype) == (size.moe_layers, spec.seed, "float32")
+        assert {k: getattr(upcycle, k) for k in VARIANTS[spec.variant].options} == VARIANTS[spec.variant].options
 
 
 def test_bad_input(tmp_path):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import isolated_cache, recipe_dict, run_cli, write_recipe
+from train_helpers import moe_recipe, run_cli, source_recipe
 
 from upcycle.compare import RESULT_FILE, RunSpec, load_run
 from upcycle.errors import OptionError, OutputError
@@ -38,30 +38,9 @@ from upcycle.train.metrics import read_metrics
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A conversion cache of the module's own (also for the runs' processes), sharing the real assets."""
-    root = isolated_cache(tmp_path_factory.mktemp("sweep-cache"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UPCYCLE_CACHE", str(root))
-        yield root
-
-
-def moe_recipe(moe: Path, folder: Path, texts, **sections) -> Path:
-    """A recipe training the tiny MoE folder as it is (nothing to convert): the fastest real runs."""
-    data = recipe_dict(moe, folder / "unused", texts, **sections)
-    return write_recipe(folder / "tiny-moe.yaml", data)
-
-
-def source_recipe(dense: Path, folder: Path, texts, **sections) -> Path:
-    """A recipe upcycling the tiny dense model (E4 top-2, exact) before it trains."""
-    data = recipe_dict(dense, folder / "unused", texts, **sections)
-    data["model"] = {
-        "source": str(dense),
-        "upcycle": {"experts": 4, "top_k": 2},
-        "experts_implementation": "grouped_mm",
-    }
-    return write_recipe(folder / "tiny-upcycle.yaml", data)
+@pytest.fixture(scope="module", autouse=True)
+def cache(module_cache):
+    return module_cache
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -245,16 +224,14 @@ def swept(tiny_pair, texts, tmp_path_factory, cache):
     folder = tmp_path_factory.mktemp("sweep")
     recipe = source_recipe(dense, folder, texts, batch={"steps": 2}, run={"eval_interval": 1, "checkpoint_interval": 1})
     lines: list[str] = []
-    result = sweep_main(
-        recipe,
-        ["model.upcycle.experts=2,4"],
-        seeds=2,
-        with_dense=True,
-        out=folder / "out",
-        isolate=False,
-        echo=lines.append,
+    return sweep_experts(recipe, folder / "out", lines.append), lines, recipe
+
+
+def sweep_experts(recipe: Path, out: Path, echo):
+    """E2 and E4 with their dense control, seeds 0 and 1, in this process."""
+    return sweep_main(
+        recipe, ["model.upcycle.experts=2,4"], seeds=2, with_dense=True, out=out, isolate=False, echo=echo
     )
-    return result, lines, recipe
 
 
 def test_sweep_writes_table_json_and_a_plot_per_key(swept):
@@ -302,15 +279,7 @@ def test_sweep_writes_table_json_and_a_plot_per_key(swept):
 def test_a_sweep_run_again_reuses_every_finished_run(swept):
     result, _, recipe = swept
     lines: list[str] = []
-    again = sweep_main(
-        recipe,
-        ["model.upcycle.experts=2,4"],
-        seeds=2,
-        with_dense=True,
-        out=result.out,
-        isolate=False,
-        echo=lines.append,
-    )
+    again = sweep_experts(recipe, result.out, lines.append)
     assert sum("reusing the finished run" in line for line in lines) == 6
     assert again.summary == result.summary
 
@@ -332,6 +301,11 @@ def test_zipped_keys_with_a_capacity_factor_report_dropped_tokens(tiny_pair, tex
         {"optim.lr": 0.003, "moe.capacity_factor": 0.5},
     ]
     assert rows[0]["dropped_fraction"] is None and rows[1]["dropped_fraction"] > 0
+    # capacity 0.5 leaves room for half of the T*k assignments: every layer drops at least half of them
+    per_layer = rows[1]["dropped_per_layer"]
+    assert list(per_layer) == ["0", "1"] and all(0.5 <= d < 1.0 for d in per_layer.values())
+    assert rows[1]["dropped_fraction"] == pytest.approx(sum(per_layer.values()) / 2, abs=1e-6)
+    assert "| setting | layer 0 | layer 1 |" in result.markdown
     assert "| dropped |" in result.markdown.splitlines()[0] and "Δ vs dense" not in result.markdown
     assert [p.name for p in result.plot_paths] == ["sweep-optim.lr.png", "sweep-moe.capacity_factor.png"]
 

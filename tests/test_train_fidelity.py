@@ -217,6 +217,19 @@ def test_router_terms_are_logged_per_layer_even_without_a_coefficient(tiny_pair,
         assert len(record["aux_loss_per_layer"]) == 2
         assert record["aux_loss"] == pytest.approx(sum(record["aux_loss_per_layer"]), rel=1e-5)
         assert 0.0 <= record["dropped_fraction"] < 1.0
+        per_layer = record["dropped_fraction_per_layer"]
+        assert len(per_layer) == 2 and all(0.0 <= d < 1.0 for d in per_layer)
+        assert record["dropped_fraction"] == pytest.approx(sum(per_layer) / 2, abs=1e-6)
+
+
+def test_dropped_tokens_are_counted_per_layer():
+    skewed = moe_losses.RouterRecord(torch.zeros(4, 2), torch.tensor([[0], [0], [0], [0]]))
+    balanced = moe_losses.RouterRecord(torch.zeros(4, 2), torch.tensor([[0], [1], [0], [1]]))
+    for record in (skewed, balanced):  # capacity ceil(1.0 * 4 tokens * 1 / 2 experts) = 2 per expert
+        record.kept_TK = moe_losses.within_capacity(record.index_TK, 2, 1.0)
+    assert moe_losses.dropped_fractions([skewed, balanced]).tolist() == [0.5, 0.0]
+    assert moe_losses.dropped_fraction([skewed, balanced]).item() == 0.25
+    assert moe_losses.dropped_fractions([moe_losses.RouterRecord(torch.zeros(4, 2), skewed.index_TK)]) is None
 
 
 def test_score_biases_move_towards_balance(tmp_path, texts):

@@ -101,3 +101,20 @@ def isolated_cache(root: Path) -> Path:
         if (real / name).exists() and not (root / name).exists():
             (root / name).symlink_to(real / name)
     return root
+
+
+def moe_recipe(moe: Path, folder: Path, texts, **sections) -> Path:
+    """A recipe training the tiny MoE folder as it is (nothing to convert): the fastest real runs."""
+    data = recipe_dict(moe, folder / "unused", texts, **sections)
+    return write_recipe(folder / "tiny-moe.yaml", data)
+
+
+def source_recipe(dense: Path, folder: Path, texts, **sections) -> Path:
+    """A recipe upcycling the tiny dense model (E4 top-2, exact) before it trains."""
+    data = recipe_dict(dense, folder / "unused", texts, **sections)
+    data["model"] = {
+        "source": str(dense),
+        "upcycle": {"experts": 4, "top_k": 2},
+        "experts_implementation": "grouped_mm",
+    }
+    return write_recipe(folder / "tiny-upcycle.yaml", data)

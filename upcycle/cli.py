@@ -584,12 +584,15 @@ def compare_cmd(
         list[str] | None,
         typer.Option("--variant", help="Repeatable: dense, e8g1t2-renorm, e8g1t2-softmax, e8g8t8, drop-upcycling."),
     ] = None,
-    keep_models: Annotated[bool, typer.Option("--keep-models", help="Keep the converted MoE folders.")] = False,
+    parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
     force: Annotated[
         bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
     ] = False,
 ) -> None:
-    """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON."""
+    """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON.
+
+    The sweep preset of named arms (upcycle sweep --preset compare): finished runs reused, a killed one resumed.
+    """
     from upcycle.compare import compare_main
 
     try:
@@ -599,7 +602,7 @@ def compare_cmd(
             out=out,
             seeds=seeds,
             variants=variant,
-            keep_models=keep_models,
+            parallel=parallel,
             force=force,
             echo=lambda text: console.print(text, markup=False, highlight=False),
         )
@@ -607,12 +610,19 @@ def compare_cmd(
         raise fail(error) from None
 
 
+PARALLEL_HELP = "Runs at once, each in its own process with one GPU of its own (the i-th visible GPU)."
+
+
 @app.command("sweep")
 def sweep_cmd(
     recipe: Annotated[
-        str,
-        typer.Argument(help="A YAML recipe file, or the name of a recipe that ships with upcycle (upcycle recipes)."),
-    ],
+        str | None,
+        typer.Argument(
+            help="A YAML recipe file, or the name of a shipped recipe (upcycle recipes); with --preset, default "
+            "cpu-quickstart.",
+            show_default=False,
+        ),
+    ] = None,
     grid: Annotated[
         list[str] | None,
         typer.Option(
@@ -621,11 +631,37 @@ def sweep_cmd(
             "--grid optim.lr=1e-4,3e-4 --grid model.upcycle.experts=4,8.",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="A shipped sweep instead of --grid: lr, capacity, experts, or compare (the paper's variants, as "
+            "upcycle compare). --list-presets says what each asks."
+        ),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu or gpu: compare's batch, steps, schedule and MoE layers as --set overrides; recipe: none "
+            "(default: cpu for a preset on the shipped recipe, else recipe)."
+        ),
+    ] = None,
     zip_: Annotated[
         bool, typer.Option("--zip", help="Pair the i-th values of every --grid instead of every combination.")
     ] = False,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Run every point at seeds 0..N-1 (default: the recipe's run.seed).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Seeds 0..N-1, each setting the data order and the conversion's seed (default: the recipe's).",
+        ),
+    ] = None,
+    seeds_for: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds-for",
+            help="all: every point at every seed; best: every point at the first, the best one and its dense "
+            "control at the rest (presets: best).",
+        ),
     ] = None,
     with_dense: Annotated[
         bool,
@@ -638,32 +674,88 @@ def sweep_cmd(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Folder for the runs, sweep.md/.json and sweep-KEY.png (runs/sweep-NAME)."),
+        typer.Option(
+            "--out", "-o", help="Folder for the runs, sweep.md/.json and sweep-KEY.png (runs/sweep-NAME or -PRESET)."
+        ),
     ] = None,
+    parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
     force: Annotated[
         bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
     ] = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="Say what each preset asks, and stop.")] = False,
 ) -> None:
     """Train a recipe at every point of a grid of recipe keys; held-out loss table, a plot per key, and JSON.
 
     One process per run, in OUT/runs; run it again to continue: finished runs reused, a killed one resumed.
     """
     from upcycle.sweep import sweep_main
+    from upcycle.sweep.presets import COMPARE, describe_presets
 
+    if list_presets:
+        for line in describe_presets():
+            console.print(line, markup=False, highlight=False)
+        return
+    echo = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     try:
+        if preset == COMPARE:
+            from upcycle.compare import compare_main
+
+            refuse_for_compare(recipe, grid, zip_, seeds_for, with_dense, set_)
+            compare_main(
+                size=size or "cpu",
+                out=out or Path("runs/compare"),
+                seeds=seeds or 2,
+                parallel=parallel,
+                force=force,
+                echo=echo,
+            )
+            return
         sweep_main(
             recipe,
             list(grid or []),
+            preset=preset,
+            size=size,
             zip_axes=zip_,
             seeds=seeds,
+            seeds_for=seeds_for,
             with_dense=with_dense,
             sets=list(set_ or []),
             out=out,
             force=force,
-            echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+            parallel=parallel,
+            echo=echo,
         )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
+
+
+def refuse_for_compare(
+    recipe: str | None,
+    grid: list[str] | None,
+    zip_: bool,
+    seeds_for: str | None,
+    with_dense: bool,
+    sets: list[str] | None,
+) -> None:
+    """``--preset compare`` is upcycle compare: the paper's arms on its own recipe, so sweep's shaping options
+    have nothing to act on."""
+    given = [
+        name
+        for name, value in (
+            ("RECIPE", recipe),
+            ("--grid", grid),
+            ("--zip", zip_),
+            ("--seeds-for", seeds_for),
+            ("--with-dense", with_dense),
+            ("--set", sets),
+        )
+        if value
+    ]
+    if given:
+        raise OptionError(
+            f"--preset compare takes no {given[0]}: its arms are the paper's variants of SmolLM2 on its own recipe.",
+            "drop it, or use upcycle compare RECIPE... for recipe arms.",
+        )
 
 
 @app.command("plot")

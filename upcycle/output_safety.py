@@ -13,11 +13,12 @@ Every command that writes a folder or file (convert, export, train, compare, plo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from upcycle.errors import OutputError
 
@@ -96,6 +97,18 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small file whole or not at all: a kill mid-write leaves the old file (or none), never half."""
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """``data`` as indented JSON, written whole or not at all."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def publish_atomically(

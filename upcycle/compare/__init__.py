@@ -16,13 +16,16 @@ where N_active counts the weight-matrix parameters a token uses: attention proje
 MLP or only its top-k experts' MLPs (k/E of the expert weights), and the LM head; not the input-embedding
 lookup, norms or biases (the PaLM appendix B convention; attention scores and values without causal halving).
 
-Each run (convert, then train) runs in its own Python process by default, so the memory of one model is
-returned before the next loads; a finished run (``result.json`` in its folder) is reused when the command is
-run again with the same settings, so an interrupted comparison continues where it stopped.
+A comparison is the sweep of named arms (``upcycle sweep --preset compare``): each arm is a point of
+:class:`upcycle.sweep.plan.SweepPlan`, every arm runs at seed 0 and the dense control and the best MoE then run
+the other seeds. Each run (its upcycle converted into the verified cache, then trained) runs in its own Python
+process by default, so the memory of one model is returned before the next loads; a finished run
+(``result.json`` in its folder) is reused when the command is run again with the same settings, and a run killed
+midway resumes from its latest checkpoint.
 
 The modules, in the order a comparison uses them: :mod:`~upcycle.compare.sizes` and
 :mod:`~upcycle.compare.variants` (what is compared), :mod:`~upcycle.compare.recipes` and
-:mod:`~upcycle.compare.plan` (the runs, as training recipes), :mod:`~upcycle.compare.runner` (executing them),
+:mod:`~upcycle.compare.plan` (one run, as it crosses processes), :mod:`~upcycle.compare.runner` (executing runs),
 :mod:`~upcycle.compare.run_data` and :mod:`~upcycle.compare.analysis` (the numbers),
 :mod:`~upcycle.compare.render` (table and plot), :mod:`~upcycle.compare.main` (the commands);
 :mod:`~upcycle.compare.flops` counts FLOPs per token and :mod:`~upcycle.compare.output` guards OUT.
@@ -34,13 +37,13 @@ from upcycle.compare.analysis import findings, summarise
 from upcycle.compare.flops import FLOPS_FORMULA, ModelCost, model_cost
 from upcycle.compare.main import CompareResult, compare_main, plot_main
 from upcycle.compare.output import COMPARE_FILES, COMPARE_FOLDERS, check_compare_out
-from upcycle.compare.plan import Plan, RunSpec
+from upcycle.compare.plan import RunSpec
 from upcycle.compare.recipes import measurement_run, paper_recipe, sized
 from upcycle.compare.render import markdown_table, plot_runs
 from upcycle.compare.run_data import RESULT_FILE, RUN_INFO_FILE, RunData, load_run
 from upcycle.compare.runner import LineReporter, execute_run
 from upcycle.compare.sizes import SIZES, Size
-from upcycle.compare.variants import DEFAULT_VARIANTS, VARIANTS, Variant, recipe_variant
+from upcycle.compare.variants import DEFAULT_VARIANTS, VARIANTS, Variant, arm_points, recipe_variant
 
 __all__ = [
     "COMPARE_FILES",
@@ -54,11 +57,11 @@ __all__ = [
     "CompareResult",
     "LineReporter",
     "ModelCost",
-    "Plan",
     "RunData",
     "RunSpec",
     "Size",
     "Variant",
+    "arm_points",
     "check_compare_out",
     "compare_main",
     "execute_run",

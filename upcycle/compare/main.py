@@ -8,9 +8,6 @@ seed 0 earns the extra seeds), then summarise, render and write ``compare.json``
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,15 +17,18 @@ from typing import Any
 from upcycle.compare.analysis import summarise
 from upcycle.compare.flops import FLOPS_FORMULA
 from upcycle.compare.output import check_compare_out, compare_inputs
-from upcycle.compare.plan import Plan, RunSpec
 from upcycle.compare.recipes import DataEntries, paper_recipe
 from upcycle.compare.render import markdown_table, plot_runs
+from upcycle.compare.report import write_report
 from upcycle.compare.run_data import load_run
-from upcycle.compare.runner import Runner
+from upcycle.compare.runner import Runner, check_parallel
 from upcycle.compare.sizes import Size, get_size
-from upcycle.compare.variants import choose_arms, control_arm
+from upcycle.compare.variants import arm_points, choose_arms, control_arm
 from upcycle.errors import OptionError
 from upcycle.output_safety import refuse_existing, refuse_overlap
+from upcycle.sweep.execute import run_plan
+from upcycle.sweep.plan import SweepPlan
+from upcycle.sweep.points import plan_conversions
 
 
 @dataclass
@@ -53,7 +53,7 @@ def compare_main(
     train: DataEntries = "asset:shakespeare/train",
     heldout: DataEntries = "asset:shakespeare/heldout",
     isolate: bool = True,
-    keep_models: bool = False,
+    parallel: int = 1,
     force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> CompareResult:
@@ -74,6 +74,7 @@ def compare_main(
     size = get_size(size)
     if seeds < 1:
         raise OptionError(f"--seeds must be at least 1, got {seeds}.", "use 2 to measure seed noise.")
+    check_parallel(parallel)
     out = Path(out).absolute()
     arms = choose_arms(recipes, variants)
     echo(size.describe())
@@ -94,29 +95,17 @@ def compare_main(
     echo(f"text: train {train}, held out {heldout} (fixed split)")
     echo(f"{FLOPS_FORMULA}")
 
-    plan = Plan(
-        size=size,
-        out=out,
-        arms=tuple(arms),
-        control=control_arm(arms),
-        seeds=seeds,
-        paper=paper_recipe(size, dense_model, train, heldout, out / "runs") if dense_model is not None else None,
-        dense_model=dense_model,
-        keep_models=keep_models,
-    )
-    echo(plan.describe(isolate))
-    runner = Runner(plan.total, isolate, echo)
-    for spec in plan.first():
-        runner.run(spec)
-    others = [plan.spec(arm, 0) for arm in plan.arms if arm is not plan.control]
-    if others and seeds > 1:
-        best = _best(others)
-        echo(f"best MoE at seed 0: {best.variant}; running it with {seeds - 1} more seed(s)")
-        for spec in plan.more_seeds(next(a for a in plan.arms if a.name == best.variant)):
-            runner.run(spec)
+    control = control_arm(arms)
+    paper = paper_recipe(size, dense_model, train, heldout, out / "runs") if dense_model is not None else None
+    points = arm_points(arms, control, size, paper)
+    plan_conversions(points)
+    plan = SweepPlan(None, (), tuple(points), tuple(range(seeds)), out, seeds_for="best")
+    echo(f"plan: {plan.describe(isolate, parallel)}")
+    runner = Runner(plan.total, isolate, echo, parallel)
+    run_plan(plan, runner, echo)
 
     runs = [load_run(d) for d in runner.results]
-    summary = summarise(runs, plan.control.name)
+    summary = summarise(runs, control.name)
     markdown = markdown_table(summary)
     plot_path = plot_runs(runs, out / "compare.png", f"upcycle compare, {size.name} size", force=True)
     seconds = time.perf_counter() - started
@@ -125,51 +114,17 @@ def compare_main(
         "size": dataclasses.asdict(size),
         "size_description": size.describe(),
         "budget": size.budget,
-        "environment": environment(),
         "base_model": str(dense_model) if dense_model else None,
         "data": {"train": train, "heldout": heldout},
         "seconds": seconds,
-        "summary": summary,
         "runs": [dataclasses.asdict(r) for r in runs],
-        "markdown": markdown,
         "model_note": model_note,
     }
-    json_path = out / "compare.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    table_path = out / "compare.md"
-    header = f"{size.describe()}; sized for {size.budget}.\nModel: {model_note}.\n\n"
-    findings_text = "\n".join(f"- {line}" for line in summary["findings"])
-    table_path.write_text(header + markdown + "\n" + findings_text + "\n")
-    echo("")
-    echo(markdown)
-    for line in summary["findings"]:
-        echo(f"- {line}")
-    echo(f"wall time {seconds / 60:.1f} min ({size.budget})")
-    echo(f"wrote {table_path}, {plot_path}, {json_path}")
+    header = f"{size.describe()}; sized for {size.budget}.\nModel: {model_note}."
+    json_path, table_path = write_report(
+        out, "compare", header, payload, summary, markdown, [plot_path], echo, f" ({size.budget})"
+    )
     return CompareResult(out, summary, markdown, json_path, table_path, plot_path, seconds)
-
-
-def _best(specs: Sequence[RunSpec]) -> RunSpec:
-    """The run with the lowest final held-out loss."""
-    return min(specs, key=lambda s: load_run(s.run_dir).evals[-1]["eval_loss"])
-
-
-def environment() -> dict[str, Any]:
-    """Where the numbers were measured: date, machine, library versions, device."""
-    import torch
-    import transformers
-
-    from upcycle import __version__
-
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "upcycle": __version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
 
 
 def plot_main(

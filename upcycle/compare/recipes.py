@@ -12,11 +12,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from upcycle.compare.sizes import Size
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.recipe_paths import data_files
-from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, MoESection, OptimSection, RunSection
+from upcycle.train.recipe_sections import (
+    BatchSection,
+    DataSection,
+    ModelSection,
+    MoESection,
+    OptimSection,
+    RunSection,
+    UpcycleSection,
+)
 
 DataEntries = str | Path | Sequence[str | Path]
 """Training or held-out text as compare takes it: files, folders, globs or ``asset:`` names."""
@@ -66,19 +75,21 @@ def size_batch(size: Size) -> BatchSection:
     return BatchSection(micro_batch_size=size.micro_batch_size, grad_accum=size.grad_accum, steps=size.steps)
 
 
-def sized(recipe: TrainRecipe, size: Size, run_dir: Path, seed: int) -> TrainRecipe:
-    """``recipe`` as one run of the comparison: the size's tokens and evaluation, in ``run_dir``, with ``seed``."""
+def sized(recipe: TrainRecipe, size: Size) -> TrainRecipe:
+    """``recipe`` as one arm of the comparison: the size's tokens, evaluation and precision (runs set the rest)."""
     return dataclasses.replace(
         recipe,
         data=dataclasses.replace(recipe.data, seq_len=size.seq_len, eval_sequences=size.eval_sequences),
         batch=size_batch(size),
-        run=measurement_run(run_dir, seed, size.precision, size.eval_interval),
+        run=measurement_run(recipe.run.output_dir, recipe.run.seed, size.precision, size.eval_interval),
     )
 
 
-def with_model(recipe: TrainRecipe, model: Path) -> TrainRecipe:
-    """``recipe`` training another model folder (an upcycle converted before its run)."""
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model)))
+def with_upcycle(recipe: TrainRecipe, options: dict[str, Any]) -> TrainRecipe:
+    """``recipe`` (training a dense ``model.path``) as the upcycle of that model with convert's ``options``."""
+    model = recipe.model
+    upcycle = UpcycleSection(**options)
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, path=None, source=model.path, upcycle=upcycle))
 
 
 def _entries(value: DataEntries) -> tuple[str, ...]:

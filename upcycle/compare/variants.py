@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.compare.flops import model_cost
+from upcycle.compare.recipes import sized, with_upcycle
+from upcycle.compare.sizes import Size
 from upcycle.errors import OptionError
-from upcycle.train.conversion import prepare_model
+from upcycle.sweep.points import Point
 from upcycle.train.recipe import TrainRecipe, load_recipe
 
 
@@ -50,8 +52,7 @@ DEFAULT_VARIANTS = ("dense", "e8g1t2-renorm", "e8g1t2-softmax", "e8g8t8")
 
 def recipe_variant(path: Path | str) -> Variant:
     """A user recipe as one arm: its model, data, optimiser and MoE settings; the size sets batch and evaluation."""
-    # validates and resolves every path; a recipe naming a dense source gets its cached, verified conversion
-    recipe, _ = prepare_model(load_recipe(path))
+    recipe = load_recipe(path)  # validates and resolves every path; a model.source is converted by its runs
     stem = Path(path).stem
     return Variant(stem, f"{stem} (recipe)", recipe=recipe)
 
@@ -77,9 +78,29 @@ def control_arm(arms: Sequence[Variant]) -> Variant:
 
 
 def _is_dense_recipe(arm: Variant) -> bool:
-    if arm.recipe is None:
+    if arm.recipe is None or arm.recipe.model.upcycle is not None:
         return False
     try:
         return model_cost(arm.recipe.model.path).experts == 0
     except Exception:  # noqa: BLE001 - a model we cannot count is not taken for the control
         return False
+
+
+def arm_points(arms: Sequence[Variant], control: Variant, size: Size, paper: TrainRecipe | None) -> list[Point]:
+    """Each arm as a named point of a sweep: its recipe at the size (the paper's arms on ``paper``), the control marked.
+
+    A paper upcycle is the paper recipe with ``model.source`` = its dense model and the variant's options as
+    ``model.upcycle`` (float32, the size's MoE layers): converted once per seed into the verified cache.
+    """
+    points = []
+    for arm in arms:
+        if arm.recipe is not None:
+            recipe = sized(arm.recipe, size)
+        elif paper is None:
+            raise ValueError(f"arm {arm.name} needs the paper's base recipe")  # a programming error
+        elif arm.is_dense:
+            recipe = paper
+        else:
+            recipe = with_upcycle(paper, {**(arm.options or {}), "dtype": "float32", "layers": size.moe_layers})
+        points.append(Point({}, recipe, control=arm is control, arm=arm.name, arm_label=arm.label))
+    return points

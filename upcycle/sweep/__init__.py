@@ -25,11 +25,22 @@ from __future__ import annotations
 
 from upcycle.sweep.analysis import summarise_sweep
 from upcycle.sweep.grid import Axis, combine, parse_axis, split_values
-from upcycle.sweep.main import SWEEP_NAMES, SweepResult, default_out, sweep_main
 from upcycle.sweep.naming import label, run_name, safe_name, value_text, variant_name
 from upcycle.sweep.plan import SweepPlan, sweep_run
 from upcycle.sweep.points import Point, grid_points, recipe_value
 from upcycle.sweep.render import key_plot_path, plot_key, sweep_table
+
+_COMMAND = ("SWEEP_NAMES", "SweepResult", "default_out", "sweep_main")
+
+
+def __getattr__(name: str) -> object:
+    """The command's names load on first use: the command builds on upcycle.compare, which builds on the points."""
+    if name in _COMMAND:
+        from upcycle.sweep import main
+
+        return getattr(main, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SWEEP_NAMES",

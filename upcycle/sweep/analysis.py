@@ -32,7 +32,7 @@ def summarise_sweep(runs: Sequence[RunData], keys: Sequence[str]) -> dict[str, A
         row = variant_row(group, equal_tokens, equal_flops)
         row["point"] = sweep.get("point", {})
         row["control"] = bool(sweep.get("control", False))
-        row["dropped_fraction"] = _mean([d for d in map(_dropped_fraction, group) if d is not None])
+        row |= dropped_tokens(group)
         rows.append(row)
     controls = [row for row in rows if row["control"]]
     for row in rows:
@@ -100,13 +100,27 @@ def sweep_findings(rows: list[dict[str, Any]], best: dict[str, Any], best_flops:
     return out
 
 
-def _dropped_fraction(run: RunData) -> float | None:
-    """The mean share of token-to-expert assignments dropped per step (a capacity factor), None when dropless."""
+def dropped_tokens(group: Sequence[RunData]) -> dict[str, Any]:
+    """The share of token-to-expert assignments a capacity factor dropped, over every step of every seed.
+
+    ``dropped_fraction`` is the mean over MoE layers; ``dropped_per_layer`` maps each MoE layer's decoder index
+    (as the run's layout record names it) to its own mean. Both are None for a dropless run.
+    """
     from upcycle.train.metrics import read_metrics
 
-    values = [r["dropped_fraction"] for r in read_metrics(Path(run.run_dir)) if "dropped_fraction" in r]
-    return statistics.fmean(values) if values else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
+    means: list[float] = []
+    per_layer: list[list[float]] = []
+    layers: list[int | None] = []
+    for run in group:
+        records = read_metrics(Path(run.run_dir))
+        layers = next((r["moe_layers"] for r in records if r.get("kind") == "layout" and "moe_layers" in r), layers)
+        means += [r["dropped_fraction"] for r in records if "dropped_fraction" in r]
+        per_layer += [r["dropped_fraction_per_layer"] for r in records if "dropped_fraction_per_layer" in r]
+    by_layer = None
+    if per_layer:
+        names = layers if len(layers) == len(per_layer[0]) else list(range(len(per_layer[0])))
+        by_layer = {
+            str(name): statistics.fmean(column)
+            for name, column in zip(names, zip(*per_layer, strict=True), strict=True)
+        }
+    return {"dropped_fraction": statistics.fmean(means) if means else None, "dropped_per_layer": by_layer}

@@ -9,25 +9,26 @@ and talks to the user.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.main import environment
 from upcycle.compare.output import OwnedNames, check_owned_out
 from upcycle.compare.render import plot_runs
+from upcycle.compare.report import write_report
 from upcycle.compare.run_data import load_run
-from upcycle.compare.runner import Runner
+from upcycle.compare.runner import Runner, check_parallel
 from upcycle.errors import OptionError
 from upcycle.output_safety import refuse_overlap
 from upcycle.sweep.analysis import summarise_sweep
 from upcycle.sweep.control import applies_to_dense
+from upcycle.sweep.execute import run_plan
 from upcycle.sweep.grid import parse_axis
-from upcycle.sweep.plan import SweepPlan
+from upcycle.sweep.plan import UPCYCLE_SEED, SweepPlan
 from upcycle.sweep.points import grid_points
+from upcycle.sweep.presets import sweep_settings
 from upcycle.sweep.render import key_plot_path, plot_key, sweep_table
 
 SWEEP_NAMES = OwnedNames("sweep", ("runs",), ("sweep.md", "sweep.json"), ("sweep-*.png",))
@@ -45,64 +46,91 @@ class SweepResult:
     seconds: float
 
 
-def default_out(recipe: Path | str) -> Path:
-    """``runs/sweep-<recipe name>``, under the current folder."""
-    return Path("runs") / f"sweep-{Path(recipe).stem}"
+def default_out(recipe: Path | str, preset: str | None = None) -> Path:
+    """``runs/sweep-<preset>`` or ``runs/sweep-<recipe name>``, under the current folder."""
+    return Path("runs") / f"sweep-{preset or Path(recipe).stem}"
 
 
 def sweep_main(
-    recipe: Path | str,
+    recipe: Path | str | None,
     grid: Sequence[str] = (),
     *,
+    preset: str | None = None,
+    size: str | None = None,
     zip_axes: bool = False,
     seeds: int | None = None,
+    seeds_for: str | None = None,
     with_dense: bool = False,
     sets: Sequence[str] = (),
     out: Path | str | None = None,
     force: bool = False,
     isolate: bool = True,
+    parallel: int = 1,
     echo: Callable[[str], None] = print,
 ) -> SweepResult:
-    """``upcycle sweep RECIPE --grid KEY=v1,v2,... [--zip] [--seeds N] [--with-dense] [--out DIR]``.
+    """``upcycle sweep [RECIPE] --grid KEY=v1,v2,... | --preset NAME [--size S] [--zip] [--seeds N] [--with-dense]``.
 
     Trains the recipe at every point of the grid (the cartesian product of the ``--grid`` values, or the i-th
-    values together with ``zip_axes``), at seeds 0..N-1 (``seeds``; default: the recipe's own seed), plus the
-    dense control (``with_dense``: the recipe's model.source trained as it is). Every point is validated before
-    the first run. Writes ``OUT/sweep.json``, ``OUT/sweep.md`` and ``OUT/sweep-KEY.png`` per key.
+    values together with ``zip_axes``), at seeds 0..N-1 (``seeds``; default: the recipe's own seed; with
+    ``seeds_for="best"`` only the best setting and its control run the seeds after the first), plus the dense
+    control (``with_dense``: the recipe's model.source trained as it is). A ``preset``
+    (:mod:`upcycle.sweep.presets`) brings its grid, seeds and control; ``size`` (cpu, gpu) sets batch, steps,
+    schedule and MoE layers. Every point is validated before the first run. Writes ``OUT/sweep.json``,
+    ``OUT/sweep.md`` and ``OUT/sweep-KEY.png`` per key.
 
     OUT is the sweep's own folder: a sweep run again continues there (finished runs reused, an interrupted run
     resumed from its latest checkpoint); a folder holding other files is refused unless ``force``, and OUT never
-    lies over or inside what the runs read.
+    lies over or inside what the runs read. ``parallel`` runs that many runs at once, one GPU each.
     """
     from upcycle.train.shipped_recipes import find_recipe
 
     started = time.perf_counter()
-    recipe_path = find_recipe(recipe).absolute()
     if seeds is not None and seeds < 1:
         raise OptionError(f"--seeds must be at least 1, got {seeds}.", "use 2 or more to measure seed noise.")
-    axes = [parse_axis(text) for text in grid]
+    check_parallel(parallel)
+    settings = sweep_settings(
+        None if recipe is None else str(recipe),
+        list(grid),
+        list(sets),
+        preset=preset,
+        size=size,
+        seeds=seeds,
+        seeds_for=seeds_for,
+        with_dense=with_dense,
+    )
+    recipe_path = find_recipe(settings.recipe).absolute()
+    axes = [parse_axis(text) for text in settings.grid]
     keys = tuple(axis.key for axis in axes)
+    set_keys = {item.partition("=")[0].strip() for item in settings.sets}
     if seeds is not None and "run.seed" in keys:
         raise OptionError("--seeds and --grid run.seed both set the seeds.", "keep one of them.")
-    if seeds is not None and any(item.partition("=")[0].strip() == "run.seed" for item in sets):
+    if seeds is not None and "run.seed" in set_keys:
         raise OptionError("--seeds and --set run.seed both set the seed.", "keep one of them.")
-    out = Path(out if out is not None else default_out(recipe_path)).absolute()
-    points = grid_points(recipe_path, axes, zip_axes=zip_axes, sets=sets, with_dense=with_dense)
-    plan = SweepPlan(recipe_path, keys, tuple(points), tuple(range(seeds)) if seeds else None, out, zip_axes)
+    out = Path(out if out is not None else default_out(recipe_path, preset)).absolute()
+    points = grid_points(recipe_path, axes, zip_axes=zip_axes, sets=settings.sets, with_dense=settings.with_dense)
+    plan = SweepPlan(
+        recipe_path,
+        keys,
+        tuple(points),
+        tuple(range(settings.seeds)) if settings.seeds else None,
+        out,
+        zip_axes,
+        seeds_for=settings.seeds_for,
+        seed_upcycle=UPCYCLE_SEED not in keys and UPCYCLE_SEED not in set_keys,
+    )
     refuse_overlap(out, plan.inputs(), option="--out")
     check_owned_out(out, force, SWEEP_NAMES)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    echo(f"recipe: {recipe_path}")
-    echo(plan.describe(isolate))
+    echo(f"recipe: {recipe_path}" + (f" (preset {preset}, {settings.size} size)" if preset else ""))
+    if settings.sets:
+        echo(f"set: {' '.join(settings.sets)}")
+    echo(plan.describe(isolate, parallel))
     fixed = [k for k in keys if not applies_to_dense(k)]
-    if with_dense and fixed:
+    if settings.with_dense and fixed:
         echo(f"dense control: one run for every value of {', '.join(fixed)} (they do not apply to a dense model)")
 
-    specs = plan.specs()
-    runner = Runner(len(specs), isolate, echo)
-    for spec in specs:
-        runner.run(spec)
-
+    runner = Runner(plan.total, isolate, echo, parallel)
+    run_plan(plan, runner, echo)
     runs = [load_run(d) for d in runner.results]
     summary = summarise_sweep(runs, keys)
     markdown = sweep_table(summary)
@@ -112,27 +140,21 @@ def sweep_main(
     seconds = time.perf_counter() - started
     payload = {
         "recipe": str(recipe_path),
+        "preset": preset,
+        "size": settings.size,
         "grid": [{"key": axis.key, "values": list(axis.texts)} for axis in axes],
         "zip": zip_axes,
         "seeds": list(plan.seeds) if plan.seeds is not None else None,
-        "with_dense": with_dense,
-        "set": list(sets),
-        "plan": plan.describe(isolate),
-        "environment": environment(),
+        "seeds_for": plan.seeds_for,
+        "with_dense": settings.with_dense,
+        "set": list(settings.sets),
+        "plan": plan.describe(isolate, parallel),
+        "command": settings.command(zip_axes),
         "seconds": seconds,
-        "summary": summary,
         "runs": [dataclasses.asdict(r) for r in runs],
-        "markdown": markdown,
     }
-    json_path = out / "sweep.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    table_path = out / "sweep.md"
-    findings = "\n".join(f"- {line}" for line in summary["findings"])
-    table_path.write_text(f"Recipe {recipe_path.name}; {plan.describe(isolate)}.\n\n{markdown}\n{findings}\n")
-    echo("")
-    echo(markdown)
-    for line in summary["findings"]:
-        echo(f"- {line}")
-    echo(f"wall time {seconds / 60:.1f} min")
-    echo(f"wrote {table_path}, {json_path}, {', '.join(str(p) for p in plots)}")
+    how = f" (preset {preset}, {settings.size} size)" if preset else ""
+    header = f"Recipe {recipe_path.name}{how}; {plan.describe(isolate, parallel)}.\n\n"
+    header += f"As a plain command: `{settings.command(zip_axes)}`"
+    json_path, table_path = write_report(out, "sweep", header, payload, summary, markdown, plots, echo)
     return SweepResult(out, summary, markdown, json_path, table_path, plots, seconds)

@@ -19,7 +19,7 @@ from typing import Any
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.sweep.control import applies_to_dense, check_control_keys, dense_recipe
 from upcycle.sweep.grid import SWEEP_OWNED, Axis, combine
-from upcycle.sweep.naming import label, point_text, variant_name
+from upcycle.sweep.naming import label, point_text, run_name, variant_name
 from upcycle.train.overrides import split_override
 from upcycle.train.recipe import TrainRecipe, load_recipe
 
@@ -32,14 +32,20 @@ class Point:
     recipe: TrainRecipe  # the recipe with --set and this point applied; its run settings are the sweep's to set
     control: bool = False  # the dense control (--with-dense) rather than a point of the grid
     overrides: tuple[str, ...] = field(default=(), compare=False)  # the grid's values as typed, as --set takes them
+    arm: str | None = None  # a named arm (compare's variants and recipes): its name replaces the values'
+    arm_label: str | None = None
 
     @property
     def name(self) -> str:
-        return variant_name(self.values, self.control)
+        return self.arm or variant_name(self.values, self.control)
 
     @property
     def label(self) -> str:
-        return label(self.values, self.control)
+        return self.arm_label or label(self.values, self.control)
+
+    def run_name(self, seed: int) -> str:
+        """The run folder's name: ``optim.lr=0.0003,seed=0`` for a grid point, ``NAME-sSEED`` for a named arm."""
+        return f"{self.arm}-s{seed}" if self.arm else run_name(self.values, seed, self.control)
 
 
 def recipe_value(recipe: TrainRecipe, key: str) -> Any:
@@ -78,7 +84,7 @@ def grid_points(
                 "list each value once.",
             )
         points.append(Point(values, recipe, overrides=overrides))
-    _plan_conversions(points)
+    plan_conversions(points)
     if not with_dense:
         return points
     check_control_keys(keys)
@@ -103,7 +109,7 @@ def _load(recipe_path: Path, sets: Sequence[str], overrides: Sequence[str]) -> T
         raise OptionError(f"--grid {', '.join(overrides)}: {error.problem}", error.fix) from None
 
 
-def _plan_conversions(points: Sequence[Point]) -> None:
+def plan_conversions(points: Sequence[Point]) -> None:
     """Plan each distinct conversion the points ask for (nothing written): the model must take its options."""
     from upcycle.train.conversion import planned_config
 

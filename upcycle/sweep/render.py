@@ -43,7 +43,21 @@ def sweep_table(summary: dict[str, Any]) -> str:
         notes.append(
             "dropped: token-to-expert assignments over capacity (moe.capacity_factor), mean over steps and seeds."
         )
-    return "\n".join(markdown_rows(columns, rows) + notes) + "\n"
+    return "\n".join(markdown_rows(columns, rows) + notes) + "\n" + dropped_table(rows)
+
+
+def dropped_table(rows: list[dict[str, Any]]) -> str:
+    """Dropped assignments per MoE layer (decoder layer index), one row per setting with a capacity factor."""
+    dropping = [r for r in rows if r.get("dropped_per_layer")]
+    if not dropping:
+        return ""
+    layers = list(dropping[0]["dropped_per_layer"])
+    columns: list[Column] = [("setting", lambda r: r["label"])]
+    columns += [(f"layer {n}", lambda r, n=n: _percent(r["dropped_per_layer"].get(n))) for n in layers]
+    lines = markdown_rows(columns, dropping)
+    return (
+        "\nDropped token-to-expert assignments per MoE layer (mean over steps and seeds):\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _percent(fraction: float | None) -> str:

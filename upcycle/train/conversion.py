@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 from upcycle import __version__
 from upcycle.assets import cache_dir, cache_lock
 from upcycle.errors import SourceError, UpcycleError
-from upcycle.output_safety import remove
+from upcycle.output_safety import remove, write_json_atomically
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.source_hashes import source_hashes
 
@@ -161,7 +160,7 @@ def _convert_and_verify(
         "convert_seconds": round(result.seconds, 3),
         "verify_seconds": round(verify_seconds, 3),
     }
-    _write_json_atomically(record_path(folder), record)
+    write_json_atomically(record_path(folder), record)
     echo(f"verified in {verify_seconds:.1f} s: {', '.join(record['verify']['proof'])}")
     return Conversion(folder, key, False, 0.0, result.seconds, verify_seconds, record)
 
@@ -184,9 +183,3 @@ def verify_summary(report: Any) -> dict[str, Any]:
         "source_matches_provenance": report.weights.source_matches_provenance,
         "function_check": "not run (config and weights only)",
     }
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -178,6 +178,8 @@ def parallel_record(model: nn.Module, layout: Layout, placement: list[dict], inf
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "placement": placement,
         "experts_calls": all_gather_objects(calls, info),
+        # the decoder layer of each per-layer entry in the train records (aux loss, dropped tokens)
+        "moe_layers": moe_losses.router_layers(moe_losses.find_routers(model)),
     }
 
 
@@ -220,7 +222,8 @@ def run_micro_batch(
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch, the loss scaled so accumulated gradients are a mean.
 
-    Returns [lm, aux, z, dropped fraction, aux per MoE layer...] as one detached device tensor: reading it is left
+    Returns [lm, aux, z, dropped fraction, aux per MoE layer..., dropped per MoE layer (with a capacity factor)...]
+    as one detached device tensor: reading it is left
     to the end of the step, so the device never waits for the host in between. The router terms are computed
     (for the log) whatever their coefficients; they reach the loss only with a coefficient.
     """
@@ -236,10 +239,13 @@ def run_micro_batch(
         with torch.set_grad_enabled(moe.z_loss_coef > 0):
             z = moe_losses.z_loss(taps.records)
         loss = lm + moe.aux_loss_coef * aux_L.sum() + moe.z_loss_coef * z
-        dropped = moe_losses.dropped_fraction(taps.records)
+        dropped_L = moe_losses.dropped_fractions(taps.records)
         taps.count_assignments()
-        values += [aux_L.sum().detach(), z.detach(), (dropped if dropped is not None else lm.new_zeros(())).detach()]
+        dropped = dropped_L.mean() if dropped_L is not None else lm.new_zeros(())
+        values += [aux_L.sum().detach(), z.detach(), dropped.detach()]
         values += list(aux_L.detach().unbind())
+        if dropped_L is not None:
+            values += list(dropped_L.detach().unbind())
     else:
         values += [lm.new_zeros(()), lm.new_zeros(()), lm.new_zeros(())]
     (loss * scale).backward()
@@ -522,10 +528,13 @@ def _train(
             "step_seconds": seconds,
             "skipped": not finite,
         }
-        if len(means) > 4:
-            record["aux_loss_per_layer"] = [round(v, 6) for v in means[4:].tolist()]
-        if recipe.moe.capacity_factor is not None and taps.routers:
+        capacity = recipe.moe.capacity_factor is not None
+        moe_layers = (len(means) - 4) // (2 if capacity else 1)  # see run_micro_batch for the layout
+        if moe_layers:
+            record["aux_loss_per_layer"] = [round(v, 6) for v in means[4 : 4 + moe_layers].tolist()]
+        if capacity and moe_layers:
             record["dropped_fraction"] = means[3].item()
+            record["dropped_fraction_per_layer"] = [round(v, 6) for v in means[4 + moe_layers :].tolist()]
         if (step + 1) % max(1, recipe.run.log_interval) == 0 or step + 1 == batch.steps or not finite:
             log.write(record)
         report.step(record)

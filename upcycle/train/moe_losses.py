@@ -14,6 +14,7 @@ normalised over the experts (DeepSeek-V3's sequence-wise balance loss uses the s
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,12 @@ from upcycle.moe_modules import moe_blocks, router_of
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The router of every sparse block (see upcycle.moe_modules)."""
     return [(f"{name}.gate", router_of(module)) for name, module in moe_blocks(model)]
+
+
+def router_layers(routers: list[tuple[str, nn.Module]]) -> list[int | None]:
+    """The decoder layer index of each router, in model order, from its module name (None if it names none)."""
+    found = [re.search(r"(?:^|\.)layers\.(\d+)\.", name) for name, _ in routers]
+    return [int(match.group(1)) if match else None for match in found]
 
 
 @dataclass
@@ -130,12 +137,21 @@ def z_loss(records: list[RouterRecord]) -> torch.Tensor:
     return torch.stack([r.logits_TE.float().logsumexp(-1).square().mean() for r in records]).sum()
 
 
-def dropped_fraction(records: list[RouterRecord]) -> torch.Tensor | None:
-    """The fraction of token-to-expert assignments the capacity factor dropped (None when dropless)."""
+def dropped_fractions(records: list[RouterRecord]) -> torch.Tensor | None:
+    """Per MoE layer, the fraction of token-to-expert assignments its capacity dropped (None when dropless).
+
+    Per layer because capacity bites unevenly: a layer whose router is skewed drops far more than the mean shows.
+    """
     kept = [r.kept_TK for r in records if r.kept_TK is not None]
     if not kept:
         return None
-    return 1.0 - torch.stack([k.float().mean() for k in kept]).mean()
+    return 1.0 - torch.stack([k.float().mean() for k in kept])
+
+
+def dropped_fraction(records: list[RouterRecord]) -> torch.Tensor | None:
+    """The fraction of token-to-expert assignments dropped, averaged over MoE layers (None when dropless)."""
+    per_layer = dropped_fractions(records)
+    return None if per_layer is None else per_layer.mean()
 
 
 def update_score_biases(taps: RouterTaps, rate: float, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
+from upcycle.output_safety import write_json_atomically
 from upcycle.train.documents import check_text_file, iter_documents
 
 try:  # POSIX only; without it concurrent builds of one key each write the same file and the last rename wins
@@ -181,12 +182,6 @@ def _npy_from_raw(raw_path: Path, npy_path: Path, dtype: np.dtype, count: int) -
         os.fsync(out.fileno())
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _tokenize_to_raw(
     files: Sequence[Path],
     tokenizer_dir: Path,
@@ -312,7 +307,7 @@ def build_token_file(
             log.info("Tokenising %d file(s) into %s", len(files), final)
             meta = _tokenize_to_raw(files, Path(tokenizer_dir), text_field, raw, progress, max_piece_chars)
             _npy_from_raw(raw, tmp, np.dtype(meta["dtype"]).newbyteorder("<"), meta["tokens"])
-            _write_json_atomic(cache_dir / f"{key}.json", meta)
+            write_json_atomically(cache_dir / f"{key}.json", meta)
             os.replace(tmp, final)  # the .npy appearing is the commit point
         finally:
             raw.unlink(missing_ok=True)
