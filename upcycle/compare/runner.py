@@ -236,9 +236,6 @@ class Runner:
         self.results: dict[Path, dict[str, Any]] = {}  # run folder -> result.json, in the order given
         self.numbered = 0
 
-    def run(self, spec: RunSpec) -> None:
-        self.run_all([spec])
-
     def run_all(self, specs: list[RunSpec]) -> None:
         """Run ``specs``, ``parallel`` at a time; a failure stops new starts, waits for the others, and raises."""
         todo: list[tuple[RunSpec, str, bool]] = []

@@ -19,6 +19,7 @@ from upcycle.compare.analysis import equal_budget, group_runs, improvement, seed
 from upcycle.compare.flops import FLOPS_FORMULA
 from upcycle.compare.run_data import RunData
 from upcycle.errors import OptionError
+from upcycle.sweep.control import follows
 
 
 def summarise_sweep(runs: Sequence[RunData], keys: Sequence[str]) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def _control_of(row: dict[str, Any], controls: list[dict[str, Any]]) -> dict[str
     """The dense control run at the same setting of every key the control was swept along."""
     if row["control"]:
         return row
-    matching = [c for c in controls if all(row["point"].get(k) == v for k, v in c["point"].items())]
+    matching = [c for c in controls if follows(row["point"], c["point"])]
     return matching[0] if len(matching) == 1 else None
 
 

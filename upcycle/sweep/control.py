@@ -12,7 +12,8 @@ of their plots. Keys that would make the control something else than the source 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from upcycle.errors import OptionError
 from upcycle.train.recipe import TrainRecipe
@@ -28,6 +29,11 @@ REFUSED_WITH_DENSE = {
 def applies_to_dense(key: str) -> bool:
     """Whether a recipe key changes how the dense control trains (router, expert and conversion keys do not)."""
     return not (key.startswith(MOE_ONLY_PREFIXES) or key in MOE_ONLY_KEYS)
+
+
+def follows(point: Mapping[str, Any], control: Mapping[str, Any]) -> bool:
+    """Whether a dense control (its values) is the control of a point: equal on every key the control follows."""
+    return all(point.get(key) == value for key, value in control.items())
 
 
 def check_control_keys(keys: Iterable[str]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from upcycle.compare.plan import RunSpec
 from upcycle.compare.run_data import load_run
 from upcycle.errors import OptionError
+from upcycle.sweep.control import follows
 from upcycle.sweep.points import Point
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.recipe_paths import ASSET_PREFIX
@@ -121,7 +122,7 @@ class SweepPlan:
 
     def control_of(self, point: Point) -> Point | None:
         """The dense control at the same setting of every key the control follows."""
-        matching = [c for c in self.controls if all(point.values.get(k) == v for k, v in c.values.items())]
+        matching = [c for c in self.controls if follows(point.values, c.values)]
         return matching[0] if len(matching) == 1 else None
 
     @property
