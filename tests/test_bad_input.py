@@ -133,14 +133,25 @@ def test_existing_output_is_refused_and_kept(cli, llama, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_force_replaces_an_existing_output(cli, llama, tmp_path):
+def test_force_replaces_an_existing_model_folder(cli, llama, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert cli("convert", llama, out, "-e", "2", "-k", "1").exit_code == 0
     result = cli("convert", llama, out, "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "upcycle.json").is_file()
+    assert json.loads((out / "upcycle.json").read_text())["options"]["experts"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]
+
+
+def test_force_never_replaces_a_folder_of_anything_else(cli, llama, tmp_path):
+    out = tmp_path / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("years of work")
+    (out / "config.json").write_text("{}")  # a model-like file beside them does not make it a model folder
+    before = sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*"))
+    result = cli("convert", llama, out, "--force")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "holds sub/, thesis.txt" in " ".join(result.stderr.split()) and "never anything else" in result.stderr
+    assert sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*")) == before
 
 
 def test_source_with_remote_code_needs_opt_in(cli, llama, tmp_path):
@@ -190,6 +201,12 @@ def small_tmpfs(tmp_path):
 
     yield make
     subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_read_only_destination_is_named_as_such(cli, llama, small_tmpfs):
+    disk = small_tmpfs("ro,size=64m")  # room enough: only the mode stands in the way
+    out = disk / "out"
+    assert_refused(cli("convert", llama, out), out, "is not writable (a read-only file system, or no permission)")
 
 
 def test_disk_too_small_is_refused_before_writing(cli, llama, small_tmpfs):

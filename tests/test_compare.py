@@ -26,7 +26,7 @@ from upcycle.compare import (
     plot_main,
 )
 from upcycle.convert import UpcycleOptions, convert
-from upcycle.convert.writer import COPIED_FILES
+from upcycle.model_files import COPIED_FILES
 from upcycle.sweep.plan import SweepPlan
 from upcycle.train.metrics import read_metrics
 

@@ -260,8 +260,8 @@ def test_bit_exactness_holds_where_the_plan_says_it_does(dense_dir, tmp_path, ex
 
 @pytest.mark.parametrize(("family", "tolerance"), [("llama", 4e-3), ("qwen3", 3e-2)], ids=["mixtral", "qwen3_moe"])
 def test_bf16_verify_passes_correct_upcycles_at_the_measured_tolerance(cli, dense_dir, tmp_path, family, tolerance):
-    src = dense_dir(family)
-    convert(src, tmp_path / "moe", UpcycleOptions(dtype="bfloat16"))
+    src = dense_dir(family, dtype=torch.bfloat16)  # a bf16 model upcycled as it is: exact, computed in bf16
+    assert convert(src, tmp_path / "moe", UpcycleOptions()).plan.exactness.exact
     report = json.loads(cli("verify", src, tmp_path / "moe", "--dtype", "bfloat16", "--json").stdout)
     assert report["equivalent"] and report["tolerance"] == tolerance
     assert report["function"]["logits_rel_diff"] <= tolerance

@@ -40,7 +40,15 @@ def test_family_upcycles_exactly_and_verifies(tmp_path, family):
             family_of({"model_type": family})
         return
     src = save_hub_style(family_config(family), tmp_path / "dense")
-    result = convert(src, tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, **FAMILY_OPTIONS.get(family, {})))
+    options = UpcycleOptions(experts=4, top_k=2, **FAMILY_OPTIONS.get(family, {}))
+    try:
+        result = convert(src, tmp_path / "moe", options)
+    except UnsupportedModelError as refusal:
+        # Phi-3 generates through its own hook; some transformers releases (5.17) drop its cache past the original
+        # context without recomputing it, so generate() differs there. The refusal is checked against real
+        # generation in test_proof_integrity (test_the_probe_agrees_with_real_generation_for_a_default_phi3).
+        assert family == "phi3" and "greedy generate() with the cache" in str(refusal), refusal
+        return
     assert result.plan.exactness.exact and result.plan.target in FAMILIES[family].targets
     assert relative_difference(src, tmp_path / "moe", 40, 128) <= TOLERANCE
     report = verify(src, tmp_path / "moe", mode="streaming", max_tokens=40)

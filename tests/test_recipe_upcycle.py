@@ -99,7 +99,8 @@ def test_conversion_is_made_once_verified_and_reused(dense: Path, tmp_path: Path
     assert first.folder.parent == cache / "conversions" and first_recipe.model.path == str(first.folder)
     record = json.loads(conversion.record_path(first.folder).read_text())
     assert record["key"] == first.key and record["verify"]["tensor_mismatches"] == 0
-    assert set(record["verify"]["proof"]) == {"config", "weights"} and record["exact"] is True
+    assert set(record["verify"]["proof"]) == {"config", "tokenizer and generation settings", "weights"}
+    assert record["exact"] is True
     assert record["source_sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dense.iterdir()}
     card = (first.folder / "README.md").read_text()  # the model card carries the check's figures
     assert "## Verification" in card and f"{record['verify']['tensors_checked']} tensors re-made" in card

@@ -94,13 +94,13 @@ def test_streaming_catches_a_shared_tensor_that_differs(dense_dir, tmp_path):
 
 
 def test_auto_mode_says_which_check_it_chose(dense_dir, tmp_path, monkeypatch):
-    import upcycle.verify as verify_module
+    import upcycle.verify.modes as modes
 
     src = dense_dir("llama")
     convert(src, tmp_path / "moe", UpcycleOptions())
     report = verify(src, tmp_path / "moe", max_tokens=16)
     assert report.function_mode == "full" and "fit" in report.function_mode_reason
-    monkeypatch.setattr(verify_module, "available_memory", lambda: 10_000_000)
+    monkeypatch.setattr(modes, "available_memory", lambda: 10_000_000)
     report = verify(src, tmp_path / "moe", max_tokens=16)
     assert report.function_mode == "streaming" and "layer by layer" in report.function_mode_reason
 

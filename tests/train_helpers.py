@@ -14,7 +14,7 @@ from tiny_models import make_dense
 
 from upcycle import assets
 from upcycle.convert import UpcycleOptions, convert
-from upcycle.convert.writer import COPIED_FILES
+from upcycle.model_files import COPIED_FILES
 from upcycle.train.metrics import read_metrics
 
 VOCAB = 49152  # SmolLM2's tokenizer, so the text is real tokens

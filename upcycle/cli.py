@@ -164,7 +164,13 @@ def _print_plan(plan: Any, show_tensors: bool) -> None:
     table = Table(title="Upcycle plan", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    exact = "[green]exact[/]" if plan.exactness.exact else "[yellow]approximate by design[/]"
+    exact = f"[{'green' if plan.exactness.exact else 'yellow'}]{plan.exactness.label}[/]"
+    measured = plan.exactness.rounding_deviation or {}
+    rounding = (
+        [("rounding", f"{measured['what']} deviate {measured['relative']:.3g} relative from the dense model as stored")]
+        if "relative" in measured
+        else []
+    )
     rows = [
         ("source family", plan.family),
         ("target", f"{plan.architecture} ({plan.target})"),
@@ -175,6 +181,7 @@ def _print_plan(plan: Any, show_tensors: bool) -> None:
         ("method", f"{plan.exactness.method}: {exact}"),
         ("config check", _config_check_text(plan.config_check)),
         *[("note", note) for note in plan.exactness.notes],
+        *rounding,
         ("tensors / files", f"{len(plan.recipes)} in {len(plan.shards)} safetensors file(s)"),
         ("size", f"{plan.total_bytes / 1e9:.3f} GB"),
     ]
@@ -238,6 +245,9 @@ def families_cmd(
             cells = [", ".join(row.methods[m]) or "[red]no[/]" for m in METHODS]
             table.add_row(f"{row.family}{needs}", ", ".join(row.targets), *cells)
     console.print(table)
+    for row in rows:
+        for reason in row.refused_configs:
+            console.print(f"  [yellow]{row.family}[/] configs refused: {reason}")
     refused = [row for row in rows if not row.targets]
     exact = len(rows) - len(refused)
     console.print(f"{exact} families exact; {len(refused)} refused:")
@@ -320,6 +330,10 @@ def print_verify_report(report: Any) -> None:
             table.add_row(f"  {d.where}", "", f"[red]{d.line()}[/]")
     if report.config_matches_plan is not None:
         table.add_row("config.json as recorded in upcycle.json", "", ok if report.config_matches_plan else bad)
+    files = report.files
+    table.add_row("tokenizer and generation settings", f"{len(files.compared)} checks", ok if files.ok else bad)
+    for difference in files.differences[:4]:
+        table.add_row("", "", f"[red]{escape(difference)}[/]")
     w = report.weights
     if w is not None:
         provenance = {True: ok, False: bad, None: "[yellow]not comparable (pass the source .gguf)[/]"}
@@ -342,8 +356,11 @@ def print_verify_report(report: Any) -> None:
             f"{f.logits_rel_diff:.3g}",
             ok if within else ("[yellow]deviation[/]" if not report.exact_by_design else bad),
         )
-        table.add_row("mean KL(dense ‖ moe)", f"{f.mean_kl:.3g}", "")
-        table.add_row("top-1 agreement", f"{f.top1_agreement:.2%}", "")
+        for where, count in f.non_finite.items():
+            table.add_row(f"NaN/inf in the {where}", f"{count}", bad)
+        if not f.non_finite:
+            table.add_row("mean KL(dense ‖ moe)", f"{f.mean_kl:.3g}", "")
+            table.add_row("top-1 agreement", f"{f.top1_agreement:.2%}", "")
         worst = max(f.layers, key=lambda d: d.rel_diff)
         table.add_row(
             f"hidden states, worst of {len(f.layers)} ({_layer_label(worst.layer)})", f"{worst.rel_diff:.3g}", ""
@@ -374,6 +391,8 @@ def _streaming_rows(table: Table, report: Any, ok: str, bad: str) -> None:
     )
     for layer in [layer for layer in s.layers if layer.rel_diff > report.tolerance][:6]:
         table.add_row(f"  layer {layer.layer} ({layer.mlp})", f"{layer.rel_diff:.3g}", "[yellow]above tolerance[/]")
+    for where, count in s.non_finite.items():
+        table.add_row(f"NaN/inf in the {where}", f"{count}", bad)
     shared = sum(layer.shared_identical for layer in s.layers) + sum(s.outer_tensors.values())
     table.add_row("shared tensors byte-identical", f"{shared}", ok if not s.shared_differing else bad)
     for name in s.shared_differing[:4]:

@@ -270,8 +270,20 @@ def _cell(text: str) -> str:
 
 
 def _exactness_section(exactness: dict[str, Any]) -> str:
+    measured = exactness.get("rounding_deviation") or {}
     if exactness["exact"]:
         head = "**Exact by design**: the MoE computes the same function as the dense model it was upcycled from."
+    elif exactness.get("exact_up_to_rounding"):
+        head = (
+            f"**Exact up to rounding to {exactness['rounded_to']}**: the upcycling itself is exact ("
+            f"{exactness['method']}), but some dense weights were stored in a wider dtype and are held here as "
+            f"{exactness['rounded_to']} values."
+        )
+        if "relative" in measured:
+            head += (
+                f" Measured at conversion: the {measured['what']} deviate {measured['relative']:.3g} relative from "
+                f"the dense model's ({measured['tokens']} tokens, {measured['compute']} compute)."
+            )
     else:
         why = "because:" if exactness.get("notes") else f"({exactness['method']})."
         head = f"**Approximate by design**: the MoE does not equal the dense model, {why}"
@@ -281,6 +293,8 @@ def _exactness_section(exactness: dict[str, Any]) -> str:
 
 def _conversion_exactness_after_training(exactness: dict[str, Any]) -> str:
     kind = "exact" if exactness["exact"] else "approximate"
+    if exactness.get("exact_up_to_rounding"):
+        kind = f"exact up to rounding to {exactness['rounded_to']}"
     return (
         f"At conversion the model was {kind} by design ({exactness['method']}); training has changed its weights "
         "since, so it no longer equals the dense model.\n"

@@ -4,7 +4,8 @@ Every command that writes a folder or file (convert, export, train, compare, plo
 
 * :func:`refuse_overlap`: OUT must not be, lie inside, or contain anything the command reads (compared with
   symlinks resolved, so two spellings of one place are one place). No flag overrides it: no user means it.
-* :func:`refuse_existing`: an existing OUT is replaced only with ``--force``, and only by the same kind of thing.
+* :func:`refuse_existing`: an existing OUT is replaced only with ``--force``, only by the same kind of thing, and a
+  folder only when it holds nothing but a model's files (what upcycle writes, or any Hugging Face model folder).
 * :func:`staged` / :func:`publish_atomically`: the new content is written completely into a temporary sibling,
   the old OUT is moved aside, the new one renamed in, and the old one removed only then; a failure puts the old
   one back. A process killed in between leaves hidden siblings that :func:`sweep_stale` tidies (or restores).
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from upcycle.errors import OutputError
+from upcycle.model_files import foreign_entries
 
 TMP_MARK = ".upcycle-tmp-"
 OLD_MARK = ".upcycle-old-"
@@ -84,6 +86,28 @@ def refuse_existing(
         )
     if not (out.is_dir() if kind == "folder" else out.is_file()):
         raise OutputError(f"{option} {out} exists and is not a {kind}.", f"choose another {option}.")
+    foreign = foreign_entries(out) if kind == "folder" and not out.is_symlink() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{option} {out} holds {shown}, which no model folder holds; {flag} replaces only a model folder (one "
+            "upcycle wrote, or config, weights, tokenizer and card files), never anything else.",
+            f"choose another {option}, or move those files out of {out} first.",
+        )
+
+
+def free_space(out: Path | str) -> tuple[int, Path]:
+    """Free bytes where OUT will be written (its nearest existing folder) and that folder; refused when that folder
+    cannot be written at all (a read-only file system, no permission), which free space would not say."""
+    where = Path(out).absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK):
+        raise OutputError(
+            f"cannot write {out}: {where} is not writable (a read-only file system, or no permission).",
+            "choose an OUT on a writable disk.",
+        )
+    return shutil.disk_usage(where).free, where
 
 
 def temporary_sibling(out: Path) -> Path:

@@ -10,7 +10,7 @@ from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.plan import UpcyclePlan, build_plan
 from upcycle.convert.source import open_source
 from upcycle.convert.writer import Progress, check_output, write_plan
-from upcycle.output_safety import refuse_overlap
+from upcycle.output_safety import free_space, refuse_overlap
 
 
 @dataclass
@@ -45,11 +45,13 @@ def convert(
     if not dry_run:
         check_output(out, force)
     with open_source(src, trust_remote_code, scratch=out.parent if out.parent.is_dir() else None) as source:
-        plan = build_plan(source, options)
+        plan = build_plan(source, options, disk=None if dry_run else free_space(out))
         if dry_run:
             return ConvertResult(plan, None, 0, time.perf_counter() - start)
         origin = src if src.suffix.lower() == ".gguf" else None
-        written = write_plan(plan, source, out, force=force, progress=progress, origin=origin)
+        from upcycle.verify.written import inspect_written  # verify's own checks, on the folder before it is published
+
+        written = write_plan(plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written)
     return ConvertResult(plan, out, written, time.perf_counter() - start)
 
 

@@ -5,16 +5,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from upcycle import __version__
+from upcycle.convert import budget
 from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets
 from upcycle.errors import SourceError, UnsupportedModelError
+from upcycle.memory import available_memory
 
 PLAN_FORMAT = 1
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -23,11 +28,36 @@ CODE_NAMES = {code: name for name, code in DTYPE_NAMES.items()}
 
 @dataclass
 class Exactness:
-    """Whether the MoE equals the dense model at init, and why not when it does not."""
+    """Whether the MoE equals the dense model at init, and why not when it does not.
+
+    `exact` means the same numbers as the dense model as stored. A conversion whose method is exact but that
+    rounds some source tensors to a narrower dtype is not exact: it is exact up to rounding to `rounded_to`, and the
+    deviation the rounding causes is measured at convert time (`rounding_deviation`).
+    """
 
     exact: bool
     method: str
     notes: list[str] = field(default_factory=list)
+    rounded_to: str | None = None  # the output dtype some source values were rounded to
+    exact_up_to_rounding: bool = False  # the method is exact; only the rounding separates the MoE from the dense
+    rounding_deviation: dict | None = None  # measured after writing: {"relative": ..., "what": ..., "tokens": ...}
+
+    @property
+    def label(self) -> str:
+        if self.exact:
+            return "exact"
+        if self.exact_up_to_rounding:
+            return f"exact up to rounding to {self.rounded_to}"
+        return "approximate by design"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Exactness:
+        """Read a record; fields added since (rounding) take their defaults when an older upcycle wrote it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 @dataclass
@@ -43,6 +73,7 @@ class UpcyclePlan:
     exactness: Exactness
     config_check: dict = field(default_factory=dict)  # the config-equivalence check convert ran (summary)
     source: dict = field(default_factory=dict)  # path and file hashes, filled in by the writer
+    copied_files: dict | None = None  # tokenizer/generation files copied, with sha256 (the writer; None: unrecorded)
 
     @property
     def recipes(self) -> list[TensorRecipe]:
@@ -69,11 +100,8 @@ class UpcyclePlan:
             "moe_layers": list(self.moe_layers),
             "config": self.config,
             "config_check": self.config_check,
-            "exactness": {
-                "exact": self.exactness.exact,
-                "method": self.exactness.method,
-                "notes": self.exactness.notes,
-            },
+            "copied_files": self.copied_files,
+            "exactness": self.exactness.to_json(),
             "shards": {
                 name: [r.to_json() for r in shard] for name, shard in zip(self.shard_names(), self.shards, strict=True)
             },
@@ -86,7 +114,6 @@ class UpcyclePlan:
                 f"upcycle.json has plan format {data.get('format')!r}; this upcycle reads format {PLAN_FORMAT}.",
                 "convert again with this version of upcycle.",
             )
-        exact = data["exactness"]
         return cls(
             options=UpcycleOptions(**data["options"]),
             family=data["family"],
@@ -96,9 +123,10 @@ class UpcyclePlan:
             moe_layers=tuple(data["moe_layers"]),
             config=config,
             shards=[[TensorRecipe.from_json(r) for r in shard] for shard in data["shards"].values()],
-            exactness=Exactness(exact["exact"], exact["method"], list(exact["notes"])),
+            exactness=Exactness.from_json(data["exactness"]),
             config_check=data.get("config_check", {}),
             source=data.get("source", {}),
+            copied_files=data.get("copied_files"),
         )
 
 
@@ -171,14 +199,20 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:
-    """Decide every output tensor; reads headers and config only, never weights."""
+def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path] | None = None) -> UpcyclePlan:
+    """Decide every output tensor; reads headers and config only, never weights.
+
+    Before any recipe is made, the plan's size is estimated and refused when it exceeds the memory available or
+    `disk` (free bytes, and where), so an absurd request fails in a moment rather than after minutes.
+    """
     opts.validate()
     dense = describe_dense(source.config, source.tensors)
     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
     candidates = candidate_targets(dense, opts, layout)
     _check_granularity(dense, opts)
     dtype = _output_dtype(source, dense, opts)
+    needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype])
+    budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
     if opts.drop_upcycling:
@@ -187,7 +221,8 @@ def build_plan(source: DenseSource, opts: UpcycleOptions) -> UpcyclePlan:
     if opts.noise:
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
-    recipes = _recipes(source, dense, opts, layout, target, DTYPE_NAMES[dtype], scales)
+    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), scales)
+    _mark_rounding(exactness, rounded_sources(source, recipes), dtype)
     return UpcyclePlan(
         options=opts,
         family=dense.family,
@@ -241,6 +276,67 @@ def _config_check_record(report) -> dict:
     }
 
 
+LOSSLESS_CASTS = {("BF16", "F32"), ("F16", "F32")}  # every value of the first is a value of the second
+
+
+def _tensor_dtypes(source: DenseSource, opts: UpcycleOptions, dtype: str) -> Callable[[str], str]:
+    """The output dtype code of a tensor made from a source tensor: as that tensor (--dtype auto), or as asked."""
+    model_code = DTYPE_NAMES[dtype]
+    if opts.dtype != "auto":
+        return lambda name: model_code
+
+    def as_stored(name: str) -> str:
+        code = DTYPE_CODES.get(source.tensors[name].dtype)
+        return code if code in CODE_NAMES else "F32"  # float64 has no output dtype: rounded, and said so
+
+    return as_stored
+
+
+def leaf_recipes(recipe: TensorRecipe) -> list[TensorRecipe]:
+    """The recipes that read a source tensor behind one output tensor (a stacked tensor has one per part)."""
+    if recipe.op == "stack":
+        return [leaf for part in recipe.parts for leaf in leaf_recipes(part)]
+    return [recipe] if recipe.source is not None else []
+
+
+def rounded_sources(source: DenseSource, recipes: list[TensorRecipe]) -> tuple[list[str], list[str]]:
+    """The source tensors a conversion rounds: those whose stored values the output dtype cannot all hold (a
+    narrowing cast), and those copied with a factor that is not a power of two into a 16-bit dtype (x * 3 is rarely
+    a bf16 value; in fp32 the rounding stays near 1e-7 and the plan's notes say so)."""
+    narrowed, scaled = set(), set()
+    for leaf in (leaf for recipe in recipes for leaf in leaf_recipes(recipe)):
+        stored = DTYPE_CODES.get(source.tensors[leaf.source].dtype, "?")
+        if stored != leaf.dtype and (stored, leaf.dtype) not in LOSSLESS_CASTS:
+            narrowed.add(leaf.source)
+        elif leaf.dtype in ("BF16", "F16") and math.frexp(leaf.scale)[0] != 0.5:
+            scaled.add(leaf.source)
+    return sorted(narrowed), sorted(scaled)
+
+
+def _mark_rounding(exactness: Exactness, rounded: tuple[list[str], list[str]], dtype: str) -> None:
+    narrowed, scaled = rounded
+    if not narrowed and not scaled:
+        return
+    exactness.exact_up_to_rounding = exactness.exact
+    exactness.exact = False
+    exactness.rounded_to = dtype
+    if narrowed:
+        exactness.notes.append(
+            f"{_some(narrowed)} are stored in a dtype {dtype} cannot hold exactly: the MoE holds their values rounded "
+            f"to {dtype}, not the dense model's"
+        )
+    if scaled:
+        exactness.notes.append(
+            f"the experts' copies of {_some(scaled)} are scaled by a factor that is not a power of two and rounded to "
+            f"{dtype}"
+        )
+
+
+def _some(names: list[str]) -> str:
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{len(names)} source tensor(s) ({', '.join(names[:2])}{more})"
+
+
 def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) -> str:
     if opts.dtype != "auto":
         return opts.dtype
@@ -266,30 +362,33 @@ def _recipes(
     opts: UpcycleOptions,
     layout: Layout,
     target: Target,
-    dtype: str,
+    dtype_of: Callable[[str], str],
     scales: tuple[float, float, float],
 ) -> list[TensorRecipe]:
-    """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest."""
+    """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest.
+
+    `dtype_of(source tensor)` is the output dtype code of what is made from it."""
     moe = set(layout.moe_layers)
     mlp_names = dense.mlp_tensor_names()
     outer: list[TensorRecipe] = []
     per_layer: list[list[TensorRecipe]] = [[] for _ in range(dense.num_layers)]
     for name in sorted(source.tensors):
-        if name.endswith("rotary_emb.inv_freq") or (dense.tie_word_embeddings and name == "lm_head.weight"):
-            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer transformers recomputes; an lm_head stored beside tied embeddings is kept: transformers
+            # ties only when the two are equal, so the MoE must hold it to load as the dense model does
         if name in mlp_names:
             continue
         layer = dense.layer_of(name)
         for out_name, ref in dense.copies(name):
             shape = _shape(source, ref)
             recipe = TensorRecipe(
-                target.rename(out_name), shape, dtype, "copy", source=ref.name, source_rows=ref.rows,
+                target.rename(out_name), shape, dtype_of(ref.name), "copy", source=ref.name, source_rows=ref.rows,
                 layer=-1 if layer is None else layer,
             )  # fmt: skip
             (outer if layer is None else per_layer[layer]).append(recipe)
     for layer in range(dense.num_layers):
         if layer in moe:
-            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype, scales)
+            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of, scales)
             continue
         for projection, ref in dense.mlp_sources(layer).items():
             shape = _shape(source, ref)
@@ -297,7 +396,7 @@ def _recipes(
                 TensorRecipe(
                     target.dense_mlp_key(layer, projection),
                     shape,
-                    dtype,
+                    dtype_of(ref.name),
                     "copy",
                     source=ref.name,
                     source_rows=ref.rows,
@@ -316,9 +415,16 @@ def _shape(source: DenseSource, ref: SourceRef) -> tuple[int, ...]:
 
 
 def _moe_block(
-    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype: str, scales: tuple[float, float, float]
+    layer: int,
+    dense: DenseModel,
+    opts: UpcycleOptions,
+    target: Target,
+    dtype_of: Callable[[str], str],
+    scales: tuple[float, float, float],
 ) -> list[TensorRecipe]:
     hidden, inter, groups = dense.hidden_size, dense.intermediate_size, opts.granularity
+    sources = dense.mlp_sources(layer)
+    dtype = dtype_of(sources["gate"].name)  # the MLP's dtype: the router's and any extra tensor's
     shard = inter // groups
     std = opts.router_std if opts.router_std is not None else float(dense.resolved.get("initializer_range") or 0.02)
     recipes = [
@@ -334,12 +440,10 @@ def _moe_block(
             layer=layer,
         )
     ]
-    sources = dense.mlp_sources(layer)
     for expert in range(opts.num_experts):
         g = expert % groups  # expert e = n*G + g holds shard g of copy n
         span = (g * shard, (g + 1) * shard)
         common = dict(
-            dtype=dtype,
             op="expert",
             drop_ratio=opts.drop_upcycling,
             drop_key=f"{layer}.{expert}",
@@ -354,6 +458,7 @@ def _moe_block(
                 TensorRecipe(
                     target.expert_key(layer, expert, projection),
                     (hidden, shard) if is_down else (shard, hidden),
+                    dtype=dtype_of(sources[projection].name),
                     source=sources[projection].name,
                     source_rows=sources[projection].rows,
                     rows=None if is_down or groups == 1 else span,
@@ -365,28 +470,30 @@ def _moe_block(
                 )
             )
     if target.stacked_experts:
-        recipes = recipes[:1] + _stacked(layer, opts, target, recipes[1:], hidden, shard, dtype)
+        recipes = recipes[:1] + _stacked(layer, opts, target, recipes[1:], hidden, shard)
     recipes += target.extra_tensors(layer, dense, opts, dtype)
     return recipes
 
 
 def _stacked(
-    layer: int, opts: UpcycleOptions, target: Target, experts: list[TensorRecipe], hidden: int, shard: int, dtype: str
+    layer: int, opts: UpcycleOptions, target: Target, experts: list[TensorRecipe], hidden: int, shard: int
 ) -> list[TensorRecipe]:
     """The per-expert recipes folded into the class's two stacked tensors: [E, 2F, H] (gate rows, then up) and
-    [E, H, F]."""
+    [E, H, F]; a stack takes the widest dtype of its parts (a gate and up stored apart may differ)."""
     gate_up = tuple(r for r in experts if r.projection in ("gate", "up"))
     down = tuple(r for r in experts if r.projection == "down")
     return [
-        TensorRecipe(
-            target.stacked_key(layer, "gate_up"), (opts.num_experts, 2 * shard, hidden), dtype, "stack",
-            parts=gate_up, layer=layer,
-        ),
-        TensorRecipe(
-            target.stacked_key(layer, "down"), (opts.num_experts, hidden, shard), dtype, "stack", parts=down,
-            layer=layer,
-        ),
-    ]  # fmt: skip
+        _stack(target.stacked_key(layer, "gate_up"), (opts.num_experts, 2 * shard, hidden), gate_up, layer),
+        _stack(target.stacked_key(layer, "down"), (opts.num_experts, hidden, shard), down, layer),
+    ]
+
+
+def _stack(name: str, shape: tuple[int, ...], parts: tuple[TensorRecipe, ...], layer: int) -> TensorRecipe:
+    codes = {part.dtype for part in parts}
+    code = next(c for c in ("F32", "BF16", "F16") if c in codes) if len(codes) > 1 else codes.pop()
+    return TensorRecipe(
+        name, shape, code, "stack", parts=tuple(dataclasses.replace(p, dtype=code) for p in parts), layer=layer
+    )
 
 
 def _shard(recipes: list[TensorRecipe], shard_size: int) -> list[list[TensorRecipe]]:

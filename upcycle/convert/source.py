@@ -155,7 +155,7 @@ class DenseSource:
             )
         from upcycle.convert.families import transformers_names
 
-        return cls(folder, config, transformers_names(config, index_weights(folder)))
+        return cls(folder, config, transformers_names(config, index_weights(folder, config)))
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, freshly read into its own memory."""
@@ -197,43 +197,94 @@ class DenseSource:
         return self._pickled[path]
 
 
-def index_weights(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the folder, from sharded or single safetensors, else pickles loaded weights-only."""
-    st_index = folder / "model.safetensors.index.json"
-    safetensor_files = sorted(folder.glob("*.safetensors"))
-    if st_index.is_file():
-        shard_names = _index_shards(st_index)
-        missing = [name for name in shard_names if not (folder / name).is_file()]
-        if missing:
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def weight_files(folder: Path, config: dict | None = None) -> list[Path]:
+    """The weight files transformers loads from this folder, by its own rule, so that what upcycle reads, writes
+    and verifies is what `from_pretrained` loads.
+
+    transformers takes config.json's `transformers_weights` when set, else model.safetensors, else
+    model.safetensors.index.json, else pytorch_model.bin, else pytorch_model.bin.index.json, and ignores every
+    other file. A single file beside an index of the same format is two weight sets: transformers would load the
+    single file whatever the shards hold, so such a folder is refused with both named.
+    """
+    explicit = (config or {}).get("transformers_weights")
+    if explicit is not None:
+        return _explicit_weights(folder, str(explicit))
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (PICKLE_WEIGHTS, PICKLE_INDEX)):
+        has_single, has_index = (folder / single).is_file(), (folder / index).is_file()
+        if has_single and has_index:
+            shards = _index_shards(folder / index)
             raise SourceError(
-                f"{st_index.name} lists {missing[0]}, which is not in {folder}.",
-                "download every shard of the checkpoint.",
+                f"{folder} holds two weight sets: {single} and {index} ({len(shards)} shard(s): "
+                f"{', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}); transformers loads {single} and "
+                "ignores the shards, so which model is meant is unclear.",
+                f"remove the stale set: {single}, or {index} with its shards.",
             )
-        safetensor_files = [folder / name for name in shard_names]
-    if safetensor_files:
-        tensors: dict[str, TensorInfo] = {}
-        for path in safetensor_files:
-            for name, info in read_safetensors_header(path).items():
-                if name in tensors:
-                    raise SourceError(
-                        f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}.",
-                        "remove the stray weight file from the folder.",
-                    )
-                tensors[name] = info
-        return tensors
-    bin_files = sorted(folder.glob("pytorch_model*.bin"))
-    bin_index = folder / "pytorch_model.bin.index.json"
-    if bin_index.is_file():
-        bin_files = [folder / name for name in _index_shards(bin_index)]
-    if not bin_files:
+        if has_single:
+            return [folder / single]
+        if has_index:
+            return _listed_shards(folder, folder / index)
+    present = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    hint = f" (it holds {', '.join(present[:3])}, which transformers does not load without an index)" if present else ""
+    raise SourceError(
+        f"{folder} has no weights transformers would load: no {SAFE_WEIGHTS}, {SAFE_INDEX}, {PICKLE_WEIGHTS} or "
+        f"{PICKLE_INDEX}{hint}.",
+        "pass a folder written by save_pretrained, or a .gguf file.",
+    )
+
+
+def _explicit_weights(folder: Path, name: str) -> list[Path]:
+    """config.json's `transformers_weights`: one safetensors file or index inside the folder."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()) or not (name.endswith(".safetensors") or name.endswith(".json")):
         raise SourceError(
-            f"{folder} has no weights (*.safetensors or pytorch_model*.bin).",
-            "pass a folder written by save_pretrained, or a .gguf file.",
+            f"config.json names transformers_weights {name!r}, which is not a safetensors file or index inside "
+            f"{folder}, so transformers cannot load it.",
+            "fix transformers_weights in config.json or remove it.",
         )
-    tensors = {}
-    for path in bin_files:
-        for name, tensor in _load_pickle(path).items():
-            tensors[name] = TensorInfo(name, path, tensor.dtype, tuple(tensor.shape), -1)
+    if not path.is_file():
+        raise SourceError(f"config.json names transformers_weights {name!r}, which is not in {folder}.", "add it.")
+    return _listed_shards(folder, path) if name.endswith(".json") else [path]
+
+
+def _listed_shards(folder: Path, index: Path) -> list[Path]:
+    shard_names = _index_shards(index)
+    missing = [name for name in shard_names if not (folder / name).is_file()]
+    if missing:
+        raise SourceError(
+            f"{index.name} lists {missing[0]}, which is not in {folder}.",
+            "download every shard of the checkpoint.",
+        )
+    return [folder / name for name in shard_names]
+
+
+def index_weights(folder: Path, config: dict | None = None) -> dict[str, TensorInfo]:
+    """Every tensor of the weight files transformers loads from the folder (safetensors headers; pickles loaded
+    weights-only)."""
+    if config is None and (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            config = None
+    files = weight_files(folder, config if isinstance(config, dict) else None)
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            found = read_safetensors_header(path)
+        else:
+            found = {n: TensorInfo(n, path, t.dtype, tuple(t.shape), -1) for n, t in _load_pickle(path).items()}
+        for name, info in found.items():
+            if name in tensors:
+                raise SourceError(
+                    f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}.",
+                    "re-save the checkpoint: each tensor must be stored once.",
+                )
+            tensors[name] = info
     return tensors
 
 

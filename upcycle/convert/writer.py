@@ -14,16 +14,18 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from fnmatch import fnmatch
 from pathlib import Path
 
+from upcycle.convert.finite import check_finite
 from upcycle.convert.materialize import CachedReader, materialize
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
 from upcycle.errors import OutputError
 from upcycle.model_card import source_identity, write_conversion_card
+from upcycle.model_files import copied_files, record_files
 from upcycle.output_safety import (
+    free_space,
     publish_atomically,
     refuse_existing,
     refuse_overlap,
@@ -31,20 +33,11 @@ from upcycle.output_safety import (
     sweep_stale,
     temporary_sibling,
 )
+from upcycle.units import format_bytes
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
-COPIED_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template*",
-    "generation_config.json",
-    "LICENSE*",
-    "NOTICE*",
-)
+DISK_HEADROOM = 64 * 1024**2  # config, tokenizer, upcycle.json and the file system's own blocks
+Inspect = Callable[[UpcyclePlan, DenseSource, Path], None]  # checks the written folder before it is published
 
 
 class Interrupted(KeyboardInterrupt):
@@ -65,18 +58,23 @@ def write_plan(
     force: bool = False,
     progress: Progress | None = None,
     origin: Path | None = None,
+    inspect: Inspect | None = None,
 ) -> int:
-    """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written."""
+    """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written.
+
+    `inspect` runs on the written folder before it is published: it may refuse it (nothing is left behind) or
+    add to the plan what only the written files can tell (a rounding's measured deviation), which upcycle.json
+    then records."""
     check_output(out, force, origin or source.folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
-    free = shutil.disk_usage(out.parent).free
-    if free < plan.total_bytes * 1.01 + 64 * 1024**2:
+    free, where = free_space(out)
+    if free < plan.total_bytes * 1.01 + DISK_HEADROOM:
         raise OutputError(
-            f"not enough disk space for {out}: it needs {plan.total_bytes / 1e9:.2f} GB and "
-            f"{out.parent} has {free / 1e9:.2f} GB free.",
+            f"not enough disk space for {out}: it needs {format_bytes(plan.total_bytes)} of tensors plus "
+            f"{format_bytes(DISK_HEADROOM)} of headroom, and {where} has {format_bytes(free)} free.",
             "free some space or choose another OUT.",
         )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)
     tmp = temporary_sibling(out)
     hashes: dict[str, str] = {}
     hashed = [origin] if origin is not None else [*source.weight_files, source.folder / "config.json"]
@@ -87,6 +85,8 @@ def write_plan(
             hasher.start()
             written = _write_tensors(plan, source, tmp, progress)
             _write_metadata(plan, source, tmp)
+            if inspect is not None:
+                inspect(plan, source, tmp)
             hasher.join()
             plan.source = {
                 "path": str((origin or source.folder).resolve()),
@@ -121,7 +121,9 @@ def _write_tensors(plan: UpcyclePlan, source: DenseSource, folder: Path, progres
         writer = StreamingShardWriter(folder / name, recipes)
         try:
             for recipe in recipes:
-                done += writer.write(materialize(recipe, read))
+                tensor = materialize(recipe, read)
+                check_finite(recipe, tensor, plan.recipes, source)  # NaN or an overflowing down-cast: refused
+                done += writer.write(tensor)
                 if progress is not None:
                     progress(done, total, recipe.name)
             writer.close()
@@ -138,9 +140,9 @@ def _write_metadata(plan: UpcyclePlan, source: DenseSource, folder: Path) -> Non
         folder / "model.safetensors.index.json",
         {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map},
     )
-    for path in sorted(source.folder.iterdir()):
-        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in COPIED_FILES):
-            shutil.copy2(path, folder / path.name)
+    for path in copied_files(source.folder):
+        shutil.copy2(path, folder / path.name)
+    plan.copied_files = record_files(folder)  # verify proves these are what a user loads
 
 
 def _write_json(path: Path, data: dict) -> None:

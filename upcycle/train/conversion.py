@@ -166,10 +166,11 @@ def _convert_and_verify(
 
 
 def checks_hold(report: Any) -> bool:
-    """The config and weight checks passed (the function check is not run here: it needs minutes, not seconds)."""
+    """The config, tokenizer/generation and weight checks passed (the function check is not run here: it needs
+    minutes, not seconds)."""
     weights = report.weights
     config_ok = report.config.equivalent and report.config_matches_plan is not False
-    return bool(config_ok and weights is not None and weights.ok)
+    return bool(config_ok and report.files.ok and weights is not None and weights.ok)
 
 
 def verify_summary(report: Any) -> dict[str, Any]:

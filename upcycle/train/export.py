@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.convert.writer import COPIED_FILES
 from upcycle.errors import OutputError, UpcycleError
 from upcycle.model_card import CARD_NAME, write_training_card
+from upcycle.model_files import COPIED_FILES
 from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
 from upcycle.train.distributed import Dist, barrier
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from upcycle.errors import OptionError
 from upcycle.train.model_shape import LayerShape, ModelShape
 from upcycle.train.parallel import Layout
+from upcycle.units import format_bytes  # noqa: F401  (re-exported for the dry run's report)
 
 FP32 = 4
 GIB = 1024**3
@@ -122,9 +123,3 @@ def parse_bytes(text: str) -> int:
         raise OptionError(f"--device-memory {text!r} is not an amount of memory.", "write it like 80GB or 24GiB.")
     return count
 
-
-def format_bytes(count: int) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"

@@ -13,17 +13,15 @@ import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
-from upcycle.memory import available_memory
 from upcycle.verify.config_check import ConfigReport, check_config_equivalence
+from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
     TOLERANCE,
     TORCH_DTYPES,
@@ -32,6 +30,7 @@ from upcycle.verify.function import (
     function_length,
     tolerance_for,
 )
+from upcycle.verify.modes import MODES, choose_mode
 from upcycle.verify.skeleton import SkeletonError
 from upcycle.verify.streaming import StreamingError, StreamingReport, check_streaming
 from upcycle.verify.weights import WeightChecker, WeightReport
@@ -48,6 +47,7 @@ class VerifyReport:
     tolerance_explicit: bool
     config: ConfigReport
     config_matches_plan: bool | None  # config.json equals the one upcycle.json records (None: not recorded)
+    files: FilesReport  # tokenizer and generation settings: what a user gets beyond the weights
     weights: WeightReport | None
     function_mode: str  # "full" (whole models, logits), "streaming" (layer by layer) or "none"
     function_mode_reason: str
@@ -55,6 +55,7 @@ class VerifyReport:
     streaming: StreamingReport | None
     equivalent: bool
     verdict: str
+    exactness: dict = field(default_factory=dict)  # the conversion's exactness record (label, rounding, notes)
 
     @property
     def proof(self) -> list[str]:
@@ -62,6 +63,8 @@ class VerifyReport:
         parts = []
         if self.config.equivalent:
             parts.append("config")
+        if self.files.ok:
+            parts.append("tokenizer and generation settings")
         if self.weights is not None and self.weights.ok:
             parts.append("weights")
         if self.function is not None and self.function.logits_rel_diff <= self.tolerance:
@@ -131,6 +134,9 @@ def verify(
         config_report = check_config_equivalence(dense.config, moe.config)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
+        files_report = check_files(
+            dense.folder, moe_folder, plan.copied_files, byte_equal=dense_path.suffix.lower() != ".gguf"
+        )
         function_report = streaming_report = streaming_problem = None
         chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
         checker = WeightChecker(dense, moe, plan) if weights else None
@@ -138,7 +144,7 @@ def verify(
             tokens, coverage = function_length(config_report.smallest_window, max_tokens)
         if chosen == "full":
             function_report = check_function(
-                dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code, plan.dtype
+                dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code
             )
         elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads
             try:
@@ -152,6 +158,7 @@ def verify(
         plan,
         config_report,
         config_matches_plan,
+        files_report,
         weight_report,
         _function_outcome(function_report, streaming_report, streaming_problem),
         tolerance,
@@ -167,6 +174,7 @@ def verify(
         tol is not None,
         config_report,
         config_matches_plan,
+        files_report,
         weight_report,
         chosen,
         reason,
@@ -174,30 +182,8 @@ def verify(
         streaming_report,
         equivalent,
         verdict,
+        plan.exactness.to_json(),
     )
-
-
-MODES = ("auto", "full", "streaming")
-FULL_CHECK_OVERHEAD = 1_000_000_000  # bytes beyond the weights: torch, transformers, activations (SmolLM2: 7.3 GB)
-
-
-def choose_mode(mode: str, dense: DenseSource, moe: DenseSource, dtype: str) -> tuple[str, str]:
-    """Whole models when both fit in memory (loaded at their storage dtype, then cast), else layer by layer."""
-    if mode != "auto":
-        return mode, f"--{mode}"
-    compute = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
-    needed = FULL_CHECK_OVERHEAD + sum(
-        info.nbytes + info.nbytes // info.dtype.itemsize * compute
-        for source in (dense, moe)
-        for info in source.tensors.values()
-    )
-    available = available_memory()
-    if available is not None and needed <= available // 2:
-        return "full", f"both models fit: about {needed / 1e9:.1f} GB of {available / 1e9:.1f} GB available"
-    if available is None and needed <= 8 * 1e9:
-        return "full", f"both models need about {needed / 1e9:.1f} GB"
-    have = f"{available / 1e9:.1f} GB available" if available is not None else "free memory unknown"
-    return "streaming", f"both models would need about {needed / 1e9:.1f} GB ({have}): streamed layer by layer"
 
 
 @dataclass
@@ -209,6 +195,7 @@ class _FunctionOutcome:
     problems: list[str]  # the checkpoint does not load (or stream) cleanly
     shared_differing: list[str]
     what: str  # "logits" or "layer outputs"
+    non_finite: dict[str, int]  # NaN/inf counts per model and output: never equivalent
 
 
 @contextmanager
@@ -243,6 +230,7 @@ def _verdict(
     plan: UpcyclePlan,
     config: ConfigReport,
     config_matches_plan: bool | None,
+    files: FilesReport,
     weights: WeightReport | None,
     function: _FunctionOutcome | None,
     tol: float,
@@ -252,38 +240,75 @@ def _verdict(
         return False, f"the configs do not compute the same function: {config.first_problem}"
     if config_matches_plan is False:
         return False, "config.json differs from the config recorded in upcycle.json (edited after conversion)"
+    if not files.ok:
+        more = f" ({len(files.differences) - 1} more)" if len(files.differences) > 1 else ""
+        first = files.differences[0]
+        return False, f"a user would not get the dense model's tokenizer or generation settings: {first}{more}"
     if weights is not None and weights.source_matches_provenance is False:
         return False, "the dense model is not the one this checkpoint was converted from (sha256 differs)"
     if weights is not None and weights.mismatches:
-        first = weights.mismatches[0]
-        return False, f"{len(weights.mismatches)} tensor(s) differ from the plan; first: {first.tensor} {first.problem}"
+        differing = [m for m in weights.mismatches if not m.non_finite]
+        if not differing:
+            first = weights.mismatches[0]
+            return False, (
+                f"{len(weights.mismatches)} tensor(s) hold NaN/inf, bit-identical to their recipes (the dense tensors "
+                f"they copy hold them); first: {first.tensor}: non-finite weights are never equivalent"
+            )
+        first = differing[0]
+        return False, f"{len(differing)} tensor(s) differ from the plan; first: {first.tensor} {first.problem}"
     if function is not None and function.problems:
         return False, "the checkpoint does not load cleanly: " + "; ".join(function.problems)
     if function is not None and function.shared_differing:
         return False, f"a tensor both models share differs: {function.shared_differing[0]}"
+    if function is not None and function.non_finite:
+        where = ", ".join(f"{count} in the {what}" for what, count in function.non_finite.items())
+        return False, f"the models compute NaN or inf ({where}): non-finite outputs are never equivalent"
     deviation = f" ({function.what} deviate {function.rel_diff:.3g} relative)" if function is not None else ""
-    if not plan.exactness.exact and not explicit:
-        return False, f"approximate by design{deviation}: {plan.exactness.method}; pass --tol to accept a deviation"
+    exactness = plan.exactness
+    if exactness.exact_up_to_rounding and not explicit:
+        return False, (
+            f"exact up to rounding to {exactness.rounded_to}{deviation or _recorded_rounding(exactness)}: the MoE "
+            f"holds {exactness.rounded_to} values of wider dense weights; pass --tol to accept the rounding"
+        )
+    if not exactness.exact and not explicit:
+        return False, f"approximate by design{deviation}: {exactness.method}; pass --tol to accept a deviation"
     if function is not None and function.rel_diff > tol:
         return False, (
             f"{function.what} differ by {function.rel_diff:.3g} relative, above the tolerance {tol:g}"
             f"{_where(function.first_divergent(tol), function.what)}"
         )
-    if not plan.exactness.exact:
-        return True, f"within the explicit tolerance {tol:g}{deviation} (approximate method)"
+    if not exactness.exact:
+        kind = f"exact up to rounding to {exactness.rounded_to}" if exactness.exact_up_to_rounding else "approximate"
+        return True, f"within the explicit tolerance {tol:g}{deviation} ({kind})"
+    if function is None:
+        return True, "config and weights proven (no function check ran: --weights-only)"
     return True, f"equivalent within {tol:g} relative"
+
+
+def _recorded_rounding(exactness) -> str:
+    measured = exactness.rounding_deviation or {}
+    if "relative" not in measured:
+        return ""
+    return f" ({measured['what']} deviated {measured['relative']:.3g} relative when converted)"
 
 
 def _function_outcome(
     full: FunctionReport | None, streamed: StreamingReport | None, streaming_problem: str | None
 ) -> _FunctionOutcome | None:
     if full is not None:
-        return _FunctionOutcome(full.logits_rel_diff, full.first_divergent_layer, full.loading_problems, [], "logits")
+        return _FunctionOutcome(
+            full.logits_rel_diff, full.first_divergent_layer, full.loading_problems, [], "logits", full.non_finite
+        )
     if streaming_problem is not None:
-        return _FunctionOutcome(math.inf, lambda tol: None, [streaming_problem], [], "layer outputs")
+        return _FunctionOutcome(math.inf, lambda tol: None, [streaming_problem], [], "layer outputs", {})
     if streamed is not None:
         return _FunctionOutcome(
-            streamed.rel_diff, streamed.first_divergent_layer, [], streamed.shared_differing, "layer outputs"
+            streamed.rel_diff,
+            streamed.first_divergent_layer,
+            [],
+            streamed.shared_differing,
+            "layer outputs",
+            streamed.non_finite,
         )
     return None
 

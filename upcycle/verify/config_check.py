@@ -15,6 +15,13 @@ from typing import Any
 
 import torch
 
+from upcycle.verify.generation_probe import (
+    causal_lm_class,
+    class_hooks,
+    compare_generation,
+    generation_spec,
+    switch_points,
+)
 from upcycle.verify.probe import (
     PROBE_TOKENS,
     ComputeSpec,
@@ -64,6 +71,7 @@ class ConfigReport:
     probe_tokens: int = PROBE_TOKENS
     mask_positions_up_to: int = 0
     rope_lengths: list[int] = field(default_factory=list)
+    generation_points: list[int] = field(default_factory=list)  # lengths greedy generation was compared across
 
     @property
     def first_problem(self) -> str | None:
@@ -82,6 +90,7 @@ class ConfigReport:
             "probe_tokens": self.probe_tokens,
             "mask_positions_up_to": self.mask_positions_up_to,
             "rope_lengths": self.rope_lengths,
+            "generation_points": self.generation_points,
         }
 
 
@@ -101,6 +110,17 @@ def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigRepo
     except ProbeError as error:
         return ConfigReport(False, error=f"the configs cannot be checked: {error}")
     differences = compare_specs(dense, moe)
+    points: list[int] = []
+    if not differences:  # the forward passes agree: does generation, with its cache, agree too?
+        try:
+            hooks_differ = class_hooks(causal_lm_class(dense_cfg)) != class_hooks(causal_lm_class(moe_cfg))
+            points = switch_points([dense_cfg, moe_cfg], hooks_differ)
+            dense_run, moe_run = generation_spec(dense_config, points), generation_spec(moe_config, points)
+        except ProbeError as error:
+            return ConfigReport(False, error=f"the configs cannot be checked for generation: {error}")
+        differences = [
+            ConfigDifference("generation", what, a, b) for what, a, b in compare_generation(dense_run, moe_run, points)
+        ]
     dense_windows = [layer.window for layer in dense.layers if layer.window is not None]
     return ConfigReport(
         equivalent=not differences,
@@ -110,6 +130,7 @@ def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigRepo
         smallest_window=min(dense_windows) if dense_windows else None,
         mask_positions_up_to=max((max(layer.mask_rows) for layer in dense.layers if layer.mask_rows), default=0),
         rope_lengths=dense.rope_lengths,
+        generation_points=points,
     )
 
 

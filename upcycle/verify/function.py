@@ -38,6 +38,12 @@ TORCH_DTYPES = {
 WINDOW_CHECK_LIMIT = 4096
 
 
+def load_dtype(compute: str) -> torch.dtype:
+    """The dtype both models load in before casting to the compute dtype: one that holds every stored value exactly
+    (bf16, fp16 and fp32 all fit in fp32), so the dense model is compared as stored, never rounded to the MoE's."""
+    return torch.float64 if compute == "float64" else torch.float32
+
+
 @dataclass
 class LayerDiff:
     layer: int  # 0 = embeddings, i = after decoder layer i
@@ -57,6 +63,7 @@ class FunctionReport:
     top1_agreement: float
     layers: list[LayerDiff]
     loading_problems: list[str]
+    non_finite: dict[str, int]  # NaN/inf values in each model's logits and hidden states (never equivalent)
 
     def first_divergent_layer(self, tol: float) -> int | None:
         return next((d.layer for d in self.layers if d.rel_diff > tol), None)
@@ -113,42 +120,54 @@ def check_function(
     tokens: int = 256,
     window_coverage: str = "",
     trust_remote_code: bool = False,
-    storage_dtype: str | None = None,
 ) -> FunctionReport:
-    """Run both models with plain transformers and compare logits and every layer's hidden state."""
+    """Run both models with plain transformers and compare logits and every layer's hidden state.
+
+    Each model is loaded as stored (every value exact), then computes in `dtype`: a bf16 MoE of an fp32 dense model
+    is compared with the fp32 dense model, so a rounding the conversion made is measured, not hidden.
+    """
     from upcycle.loading import load_causal_lm, load_causal_lm_strict
 
     torch_dtype = TORCH_DTYPES[dtype]
-    # Both models load at the checkpoint's storage precision, then compute in `dtype`: a bf16 MoE is compared with
-    # the dense model rounded to bf16, so what is measured is the upcycling, not the change of precision.
-    stored = TORCH_DTYPES.get(storage_dtype or dtype, torch_dtype)
-    dense = load_causal_lm_strict(dense_folder, stored, trust_remote_code)
-    moe, problems = load_causal_lm(moe_folder, stored)
+    loaded = load_dtype(dtype)
+    dense = load_causal_lm_strict(dense_folder, loaded, trust_remote_code)
+    moe, problems = load_causal_lm(moe_folder, loaded)
     dense, moe = dense.to(torch_dtype).eval(), moe.to(torch_dtype).eval()
     ids, origin = load_text_tokens(moe_folder, text, tokens, dense.config.vocab_size)
     with torch.no_grad():
         a = dense(ids[None], output_hidden_states=True)
         b = moe(ids[None], output_hidden_states=True)
     la, lb = a.logits[0].double(), b.logits[0].double()
-    max_abs = (la - lb).abs().max().item()
+    non_finite = {
+        f"{model} {what}": int(sum((~torch.isfinite(t)).sum().item() for t in tensors))
+        for model, out in (("dense", a), ("moe", b))
+        for what, tensors in (("logits", [out.logits]), ("hidden states", out.hidden_states))
+    }
+    max_abs = finite_or_inf((la - lb).abs().max().item())
     scale = la.abs().max().item()
     logp, logq = la.log_softmax(-1), lb.log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean().item()
     agree = (la.argmax(-1) == lb.argmax(-1)).double().mean().item()
     layers = []
     for i, (ha, hb) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
-        diff = (ha.double() - hb.double()).abs().max().item()
+        diff = finite_or_inf((ha.double() - hb.double()).abs().max().item())
         size = ha.double().abs().max().item()
-        layers.append(LayerDiff(i, diff, diff / size if size else 0.0))
+        layers.append(LayerDiff(i, diff, diff / size if size else diff))
     return FunctionReport(
         dtype,
         len(ids),
         origin,
         window_coverage,
         max_abs,
-        max_abs / scale if scale else 0.0,
+        finite_or_inf(max_abs / scale) if scale else max_abs,
         kl,
         agree,
         layers,
         problems,
+        {where: count for where, count in non_finite.items() if count},
     )
+
+
+def finite_or_inf(value: float) -> float:
+    """A difference that is NaN (NaN - x) counts as infinitely large: NaN compares False with any tolerance."""
+    return value if not math.isnan(value) else math.inf

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from upcycle.convert.finite import non_finite_count
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource
 from upcycle.convert.targets import TARGETS, Target
@@ -40,7 +41,7 @@ from upcycle.verify.skeleton import (
     meta_model,
     rebuild_rotary,
 )
-from upcycle.verify.weights import WeightChecker, tensor_difference
+from upcycle.verify.weights import WeightChecker, same_bits, tensor_difference
 
 
 class StreamingError(Exception):
@@ -55,6 +56,7 @@ class StreamedLayer:
     rel_diff: float  # max |dense - moe| / max |dense| of the layer's output, on the same input
     shared_identical: int  # attention and norm tensors byte-identical in both checkpoints
     shared_differing: list[str] = field(default_factory=list)
+    non_finite: dict[str, int] = field(default_factory=dict)  # NaN/inf values in the dense and MoE outputs
 
 
 @dataclass
@@ -80,6 +82,15 @@ class StreamingReport:
 
     def first_divergent_layer(self, tol: float) -> int | None:
         return next((layer.layer for layer in self.layers if layer.rel_diff > tol), None)
+
+    @property
+    def non_finite(self) -> dict[str, int]:
+        """NaN/inf values in the layer outputs, per model, summed over layers."""
+        totals: dict[str, int] = {}
+        for layer in self.layers:
+            for where, count in layer.non_finite.items():
+                totals[where] = totals.get(where, 0) + count
+        return totals
 
 
 def check_streaming(
@@ -217,9 +228,7 @@ class _Pairs:
         )
         shared = [n for n in moe_raw if n in dense_raw and not n.startswith(f"{block}.")]
         differing = [
-            f"layer {index} {n}"
-            for n in shared
-            if moe_raw[n].shape != dense_raw[n].shape or not torch.equal(dense_raw[n].to(moe_raw[n].dtype), moe_raw[n])
+            f"layer {index} {n}" for n in shared if not same_bits(dense_raw[n].to(moe_raw[n].dtype), moe_raw[n])
         ]
         del dense_raw
         recorded_args, recorded_kwargs = self.moe_calls[index]
@@ -232,7 +241,9 @@ class _Pairs:
         moe_out = moe_output[0] if isinstance(moe_output, tuple) else moe_output
         max_abs, rel = _relative(dense_out, moe_out)
         kind = "moe" if block is not None else "dense"
-        self.results.append(StreamedLayer(index, kind, max_abs, rel, len(shared) - len(differing), differing))
+        counts = {"dense layer outputs": non_finite_count(dense_out), "moe layer outputs": non_finite_count(moe_out)}
+        nonzero = {where: count for where, count in counts.items() if count}
+        self.results.append(StreamedLayer(index, kind, max_abs, rel, len(shared) - len(differing), differing, nonzero))
         return output
 
     def _read(

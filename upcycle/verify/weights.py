@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from upcycle.convert.finite import non_finite_count
 from upcycle.convert.materialize import CachedReader, materialize
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.recipe import TensorRecipe
@@ -20,6 +21,7 @@ class WeightMismatch:
     tensor: str
     problem: str
     max_abs_diff: float = math.nan
+    non_finite: bool = False  # the tensor is its recipe's output bit for bit, but holds NaN or inf
 
 
 @dataclass
@@ -99,9 +101,13 @@ class WeightChecker:
             problem = f"is {list(actual.shape)} {actual.dtype}, planned {list(expected.shape)} {expected.dtype}"
             self.report.mismatches.append(WeightMismatch(name, problem))
             return False
-        if not torch.equal(actual, expected):
+        if not same_bits(actual, expected):
             diff = (actual.float() - expected.float()).abs().max().item()
             self.report.mismatches.append(WeightMismatch(name, _describe(recipe, actual), diff))
+            return False
+        bad = non_finite_count(actual)
+        if bad:  # the recorded copy of a source that holds NaN: identical, and still no model to prove
+            self.report.mismatches.append(WeightMismatch(name, _non_finite_problem(bad, recipe), non_finite=True))
             return False
         return True
 
@@ -120,10 +126,23 @@ class WeightChecker:
         return self.report
 
 
-def tensor_difference(a: DenseSource, a_name: str, b: DenseSource, b_name: str, dtype: torch.dtype) -> float | None:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: a NaN equals the same NaN (torch.equal says NaN != NaN), and -0.0 differs from 0.0."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
+def tensor_difference(
+    a: DenseSource, a_name: str, b: DenseSource, b_name: str, dtype: torch.dtype, non_finite: list[int] | None = None
+) -> float | None:
     """None when tensor `a_name` cast to `dtype` equals `b_name` bit for bit, else the largest difference.
 
     Both are read in chunks of rows, each byte once, so an embedding table or LM head never sits whole in memory.
+    `non_finite`, when given, receives the count of NaN/inf values in `b_name`.
     """
     info_a, info_b = a.tensors[a_name], b.tensors[b_name]
     if info_a.shape != info_b.shape or info_b.dtype != dtype:
@@ -134,20 +153,30 @@ def tensor_difference(a: DenseSource, a_name: str, b: DenseSource, b_name: str, 
     for begin in range(0, rows, step):
         expected = a.read_rows(a_name, begin, begin + step).to(dtype)
         actual = b.read_rows(b_name, begin, begin + step)
-        if not torch.equal(expected, actual):
+        if non_finite is not None:
+            non_finite.append(non_finite_count(actual))
+        if not same_bits(expected, actual):
             diff = (expected.float() - actual.float()).abs().max().item()
             worst = diff if worst is None else max(worst, diff)
     return worst
 
 
-def _copy_problem(dense: DenseSource, moe: DenseSource, recipe: TensorRecipe) -> tuple[str, float] | None:
+def _copy_problem(dense: DenseSource, moe: DenseSource, recipe: TensorRecipe) -> tuple[str, float, bool] | None:
     assert recipe.source is not None
     dtype = SAFETENSORS_DTYPES[recipe.dtype]
     info = moe.tensors[recipe.name]
     if info.shape != tuple(recipe.shape) or info.dtype != dtype:
-        return f"is {list(info.shape)} {info.dtype}, planned {list(recipe.shape)} {dtype}", math.nan
-    diff = tensor_difference(dense, recipe.source, moe, recipe.name, dtype)
-    return None if diff is None else (_describe(recipe, None), diff)
+        return f"is {list(info.shape)} {info.dtype}, planned {list(recipe.shape)} {dtype}", math.nan, False
+    counts: list[int] = []
+    diff = tensor_difference(dense, recipe.source, moe, recipe.name, dtype, counts)
+    if diff is not None:
+        return _describe(recipe, None), diff, False
+    return (_non_finite_problem(sum(counts), recipe), math.nan, True) if sum(counts) else None
+
+
+def _non_finite_problem(count: int, recipe: TensorRecipe) -> str:
+    origin = f" (bit-identical to its recipe from {recipe.source}, which holds them)" if recipe.source else ""
+    return f"holds {count} NaN/inf value(s){origin}: a model with non-finite weights is never equivalent"
 
 
 def _describe(recipe: TensorRecipe, actual: torch.Tensor | None) -> str:

@@ -29,6 +29,7 @@ FAMILY_MODULES = (
     "exaone",
 )  # fmt: skip
 T = TypeVar("T")
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 FAMILIES: dict[str, Family] = {
     f.model_type: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in FAMILY_MODULES)
 }
@@ -104,6 +105,7 @@ def _installed(model_type: str) -> bool:
 def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
     """Identify the family, refuse configs without an exact native target, and check the tensors against the config."""
     family = family_of(config)
+    check_layer_count(config, tensors)  # before transformers builds a config (or a model) of that many layers
     try:
         resolved = resolved_fields(config)
     except UnknownConfigError as error:
@@ -142,6 +144,20 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
             )
     _check_tensors(model, tensors)
     return model
+
+
+def check_layer_count(config: dict, tensors: dict) -> None:
+    """config.json's layer count against the layers the weight files hold, before transformers builds any layer."""
+    declared = next((config[key] for key in ("num_hidden_layers", "num_layers", "n_layer") if key in config), None)
+    if declared is None:
+        return
+    stored = {int(match.group(1)) for name in tensors if (match := LAYER_INDEX.search(name))}
+    held = max(stored) + 1 if stored else 0
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared != held:
+        raise SourceError(
+            f"config.json declares {declared!r} decoder layers but the weight files hold {held}.",
+            "pass the config that belongs to these weights (or every shard of the checkpoint).",
+        )
 
 
 def _nearest(model: DenseModel) -> str:

@@ -96,6 +96,7 @@ class Family:
     fused_qkv: str | None = None  # one [q; k; v] projection relative to the layer, split on the way
     windows: WindowRule = no_windows
     refusals: tuple[Refusal, ...] = ()
+    refused_configs: tuple[str, ...] = ()  # what `refusals` refuse, in words, for `upcycle families`
     rope: Callable[[dict], dict] = lambda parameters: parameters  # drops fields proven to be no-ops
     layer_kinds: frozenset[str] = frozenset({"full_attention", "sliding_attention"})  # layer_types it may hold
     # Hub checkpoints of some families name tensors differently from transformers' classes, which rename them on

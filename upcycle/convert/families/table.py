@@ -28,6 +28,7 @@ class FamilyRow:
     methods: dict[str, tuple[str, ...]]  # method -> the targets that hold it exactly
     reason: str = ""
     needs: str = ""  # a later transformers than the oldest supported
+    refused_configs: tuple[str, ...] = ()  # configs of an exact family that are refused, and why
 
 
 def family_rows() -> list[FamilyRow]:
@@ -49,7 +50,16 @@ def family_rows() -> list[FamilyRow]:
                         held.append(target + note)
                         break
             methods[method] = tuple(held)
-        rows.append(FamilyRow(name, family.title, family.targets, methods, needs=family.min_transformers))
+        rows.append(
+            FamilyRow(
+                name,
+                family.title,
+                family.targets,
+                methods,
+                needs=family.min_transformers,
+                refused_configs=family.refused_configs,
+            )
+        )
     for name, reason in sorted(REFUSED.items()):
         rows.append(FamilyRow(name, name, (), {}, reason=reason))
     return rows
@@ -82,6 +92,9 @@ def markdown() -> str:
         cells = [", ".join(row.methods[m]) or "no" for m in METHODS]
         needs = f" (transformers >= {row.needs})" if row.needs else ""
         lines.append(f"| `{row.family}` {row.title}{needs} | {', '.join(row.targets)} | " + " | ".join(cells) + " |")
+    partly = [row for row in family_rows() if row.targets and row.refused_configs]
+    lines += ["", "Configs refused within exact families:", ""]
+    lines += [f"- `{row.family}`: {reason}." for row in partly for reason in row.refused_configs]
     refused = [row for row in family_rows() if not row.targets]
     lines += ["", "Refused, with the reason:", ""]
     lines += [f"- `{row.family}`: {row.reason}." for row in refused]
