@@ -93,3 +93,28 @@ def greedy(folder: Path, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.T
     with torch.no_grad():
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
     return out.sequences[0, prompt.shape[1] :], torch.stack([step[0] for step in out.logits])
+
+
+def save_header_only(config_json: dict, folder: Path, dtype: str = "BF16") -> Path:
+    """A checkpoint of a full-size config whose tensor data is a sparse hole: every header is real (names and
+    shapes as transformers builds them), the values are zeros that take no disk. For size checks, never for
+    values."""
+    import struct
+
+    config = load_config(config_json)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        size = tensor.numel() * width
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        file.truncate(8 + len(encoded) + offset)
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    return folder

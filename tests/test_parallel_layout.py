@@ -10,9 +10,10 @@ import transformers
 from train_helpers import make_tiny_pair
 
 from upcycle.errors import OptionError
-from upcycle.train.memory_plan import Workload, format_bytes, parse_bytes, plan_memory
+from upcycle.train.memory_plan import Workload, parse_bytes, plan_memory
 from upcycle.train.model_shape import meta_model, model_shape
 from upcycle.train.parallel import Layout, engine_available, resolve_layout
+from upcycle.units import format_bytes
 
 needs_engine = pytest.mark.skipif(not engine_available(), reason="this transformers has no expert parallelism or HSDP")
 

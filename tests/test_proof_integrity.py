@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from family_configs import family_config
-from hub_models import greedy, logits, relative_difference, save_hub_style, save_tiny_tokenizer, store_as
+from hub_models import (
+    greedy,
+    logits,
+    relative_difference,
+    save_header_only,
+    save_hub_style,
+    save_tiny_tokenizer,
+    store_as,
+)
 from safetensors.torch import load_file, save_file
 from tiny_models import COMMON
 
@@ -135,6 +143,62 @@ def test_verify_compares_with_the_dense_model_as_stored_in_every_mode(cli, round
         assert max(layer["rel_diff"] for layer in report["streaming"]["layers"]) > 1e-4
     code, report = verify_json(cli, dense, moe, mode, "--tol", "0.2")
     assert code == 0 and "exact up to rounding" in report["verdict"]
+
+
+@pytest.fixture(scope="module")
+def rounded_outside_the_layers(tmp_path_factory):
+    """Declared bf16, every layer tensor bf16, the embedding and a distinct LM head fp32: --dtype bfloat16 rounds
+    only what lies outside the decoder layers."""
+    root = tmp_path_factory.mktemp("outer")
+    dense = hub_llama(root / "dense", tie_word_embeddings=False)
+    outer = ("model.embed_tokens.weight", "lm_head.weight")
+    edit_weights(dense, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items() if k not in outer}))
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    result = convert(dense, root / "moe", UpcycleOptions(dtype="bfloat16"))
+    assert result.plan.exactness.exact_up_to_rounding
+    assert any("model.embed_tokens.weight" in note for note in result.plan.exactness.notes)
+    return dense, root / "moe"
+
+
+@pytest.mark.parametrize("mode", ["--full", "--streaming"])
+def test_a_rounded_embedding_and_head_count_in_every_mode(cli, rounded_outside_the_layers, mode):
+    """The streaming check runs the MoE's own embedding rows and LM head, so it measures what the full check sees."""
+    dense, moe = rounded_outside_the_layers
+    code, report = verify_json(cli, dense, moe, mode, "--tol", "1e-6")
+    assert code == 1 and "above the tolerance" in report["verdict"], report["verdict"]
+    if mode == "--streaming":
+        streamed = report["streaming"]
+        assert max(layer["rel_diff"] for layer in streamed["layers"]) <= 1e-6  # the layers hold the same bf16 values
+        assert streamed["embedding_rel_diff"] > 1e-4 and streamed["lm_head_rel_diff"] > 1e-4
+    code, report = verify_json(cli, dense, moe, mode, "--tol", "0.2")
+    assert code == 0 and "within the explicit tolerance" in report["verdict"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_verify_derives_the_rounding_itself_not_from_the_label(cli, rounded, tmp_path, mode):
+    dense, moe = rounded["fp16"]
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(moe, relabelled)
+    record = json.loads((relabelled / "upcycle.json").read_text())
+    record["exactness"].update(exact=True, exact_up_to_rounding=False, rounded_to=None, rounding_deviation=None)
+    (relabelled / "upcycle.json").write_text(json.dumps(record))
+    code, report = verify_json(cli, dense, relabelled, mode)
+    assert code == 1 and "exact up to rounding to bfloat16" in report["verdict"], report["verdict"]
+    assert any("labels this conversion exact" in note for note in report["notes"])
+
+
+def test_weights_only_judges_a_tolerance_only_from_a_measured_deviation(cli, rounded, tmp_path):
+    dense, moe = rounded["fp16"]
+    recorded = json.loads((moe / "upcycle.json").read_text())["exactness"]["rounding_deviation"]["relative"]
+    code, report = verify_json(cli, dense, moe, "--weights-only", "--tol", f"{recorded / 2:g}")
+    assert code == 1 and "recorded at conversion" in report["verdict"]
+    drop = tmp_path / "drop"
+    convert(dense, drop, UpcycleOptions(drop_upcycling=0.5))
+    code, report = verify_json(cli, dense, drop, "--weights-only", "--tol", "0.9")
+    assert code == 1 and "no deviation was measured" in report["verdict"], report["verdict"]
+    code, report = verify_json(cli, dense, drop, "--tol", "0.9")
+    assert code == 0, report["verdict"]
 
 
 def test_auto_keeps_each_tensor_in_its_stored_dtype(tmp_path):
@@ -350,6 +414,28 @@ def test_a_hundred_million_experts_are_refused_before_planning(tmp_path, monkeyp
     monkeypatch.setattr(plan_module, "_recipes", lambda *args: pytest.fail("the plan was built"))
     with pytest.raises(OptionError, match=r"900,000,024 tensors.*beyond the .* of memory available"):
         convert(dense, tmp_path / "moe", UpcycleOptions(experts=100_000_000), dry_run=True)
+
+
+LLAMA_8B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+    "dtype": "bfloat16",
+}  # fmt: skip
+
+
+def test_the_memory_estimate_is_the_writer_s_not_a_stack_it_never_builds(tmp_path):
+    """Llama-3.1-8B with 64 experts: per-expert tensors are made one at a time (a few GB), only a stacked target
+    makes a layer's [E, 2F, H] whole (tens of GB)."""
+    from upcycle.convert import budget
+    from upcycle.convert.families import describe_dense
+    from upcycle.convert.source import DenseSource
+
+    source = DenseSource.open(save_header_only(LLAMA_8B, tmp_path / "llama-8b"))
+    dense, options = describe_dense(source.config, source.tensors), UpcycleOptions(experts=64)
+    per_expert = budget.estimate(source, dense, options, 32, "BF16", stacked=False)
+    stacked = budget.estimate(source, dense, options, 32, "BF16", stacked=True)
+    assert 4e9 < per_expert.peak_bytes < 12e9 and stacked.peak_bytes > 50e9
+    assert per_expert.output_bytes > 64 * 32 * 3 * 4096 * 14336 * 2  # every expert is written
 
 
 def test_a_billion_layers_are_refused_before_transformers_builds_them(tmp_path):

@@ -397,7 +397,9 @@ def _streaming_rows(table: Table, report: Any, ok: str, bad: str) -> None:
     table.add_row("shared tensors byte-identical", f"{shared}", ok if not s.shared_differing else bad)
     for name in s.shared_differing[:4]:
         table.add_row(f"  {name}", "", "[red]differs[/]")
+    table.add_row("embedding rows Δ (tokens used)", f"{s.embedding_rel_diff:.3g}", "")
     table.add_row("final norm output Δ", f"{s.final_norm_rel_diff:.3g}", "")
+    table.add_row("LM head logits Δ (same final hidden states)", f"{s.lm_head_rel_diff:.3g}", "")
     table.add_row("streaming time", f"{s.seconds:.1f} s", "")
 
 

@@ -276,8 +276,8 @@ def _exactness_section(exactness: dict[str, Any]) -> str:
     elif exactness.get("exact_up_to_rounding"):
         head = (
             f"**Exact up to rounding to {exactness['rounded_to']}**: the upcycling itself is exact ("
-            f"{exactness['method']}), but some dense weights were stored in a wider dtype and are held here as "
-            f"{exactness['rounded_to']} values."
+            f"{exactness['method']}), but some dense weights are held here rounded to {exactness['rounded_to']} "
+            "(the notes below say which)."
         )
         if "relative" in measured:
             head += (
@@ -347,10 +347,11 @@ def _function_line(report: dict[str, Any]) -> str:
             f"{full['logits_rel_diff']:.3g}, top-1 agreement {full['top1_agreement']:.2%}"
         )
     if streamed:
-        worst = max([layer["rel_diff"] for layer in streamed.get("layers") or []] + [streamed["final_norm_rel_diff"]])
+        outer = [streamed.get(key, 0.0) for key in ("final_norm_rel_diff", "embedding_rel_diff", "lm_head_rel_diff")]
+        worst = max([layer["rel_diff"] for layer in streamed.get("layers") or []] + outer)
         return (
-            f"- Function check (layer by layer, {streamed['dtype']}, {streamed['tokens']} tokens): max layer-output "
-            f"relative difference {worst:.3g}"
+            f"- Function check (layer by layer, {streamed['dtype']}, {streamed['tokens']} tokens): max relative "
+            f"difference {worst:.3g} (layer outputs, embedding rows, final norm, LM head logits)"
         )
     return "- Function check: not run"
 

@@ -21,8 +21,8 @@ from upcycle.units import format_bytes
 # Measured: a recipe takes about 0.5 KB in memory and 0.85 KB with its upcycle.json record; the writer's headers
 # and weight map add to that. 2 KB each leaves room.
 RECIPE_BYTES = 2048
-CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
-READ_CACHE = 4  # source tensors the writer keeps in fp32 (a layer's gate, up and down)
+CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}  # bytes per value of each output dtype
+READ_CACHE = 4  # source tensors the writer keeps (CachedReader): a layer's gate, up and down, and one more
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,10 @@ class Estimate:
 
 
 def estimate(
-    source: DenseSource, dense: DenseModel, opts: UpcycleOptions, moe_layers: int, code: str
+    source: DenseSource, dense: DenseModel, opts: UpcycleOptions, moe_layers: int, code: str, stacked: bool
 ) -> Estimate:
-    """What the plan would write and hold, from shapes only (no recipe is made)."""
+    """What the plan would write and hold, from shapes only (no recipe is made); `stacked`: the target stores a
+    layer's experts as one [E, 2F, H] tensor, made whole in memory."""
     width = CODE_BYTES[code]
     mlp_names = dense.mlp_tensor_names()
     copied = [info for name, info in source.tensors.items() if name not in mlp_names]
@@ -53,8 +54,11 @@ def estimate(
     output = copied_bytes + moe_layers * moe_layer_bytes + dense_layers * mlp_values * width
     tensors = len(copied) + moe_layers * (1 + 3 * experts) + 3 * dense_layers
     largest_source = max((math.prod(info.shape) for info in source.tensors.values()), default=0)
-    stacked = experts * 2 * dense.intermediate_size // opts.granularity * dense.hidden_size  # [E, 2F, H] in one piece
-    peak = tensors * RECIPE_BYTES + READ_CACHE * largest_source * 4 + 2 * max(largest_source, stacked) * 4
+    mlp_tensor = dense.hidden_size * dense.intermediate_size
+    stack = experts * 2 * mlp_tensor // opts.granularity if stacked else 0  # [E, 2F, H] in one piece
+    cached = largest_source + (READ_CACHE - 1) * mlp_tensor  # the largest tensor read, then a layer's MLP
+    made = max(largest_source, stack)  # the output tensor being made, and the cast it is made from
+    peak = tensors * RECIPE_BYTES + cached * 4 + 2 * made * 4
     return Estimate(output, tensors, peak)
 
 
@@ -71,5 +75,3 @@ def check_fits(needed: Estimate, memory: int | None, disk: int | None, where: Pa
             f"free at {where}.",
             "free some space, choose another OUT, or choose fewer --experts.",
         )
-
-

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from upcycle.convert.materialize import CachedReader
-from upcycle.convert.plan import CODE_NAMES
+from upcycle.convert.plan import CODE_NAMES, DTYPE_CODES, leaf_recipes
 from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import SAFETENSORS_DTYPES, DenseSource
 from upcycle.errors import OptionError, SourceError, UpcycleError
@@ -34,16 +34,9 @@ def check_finite(
     raise _diagnose(recipe, list(recipes), source)
 
 
-def _sources(recipe: TensorRecipe) -> list[TensorRecipe]:
-    """The per-source recipes behind one output tensor (a stacked tensor has one per expert and projection)."""
-    if recipe.op == "stack":
-        return [leaf for part in recipe.parts for leaf in _sources(part)]
-    return [recipe] if recipe.source is not None else []
-
-
 def _diagnose(failed: TensorRecipe, recipes: list[TensorRecipe], source: DenseSource) -> UpcycleError:
     read = CachedReader(source.read)
-    leaves = [leaf for recipe in recipes for leaf in _sources(recipe)]
+    leaves = [leaf for recipe in recipes for leaf in leaf_recipes(recipe)]
     bad_sources = sorted({leaf.source for leaf in leaves if non_finite_count(read(leaf.source)) > 0})
     if bad_sources:
         counts = {name: non_finite_count(read(name)) for name in bad_sources}
@@ -55,11 +48,13 @@ def _diagnose(failed: TensorRecipe, recipes: list[TensorRecipe], source: DenseSo
             "repair or re-download the source checkpoint.",
         )
     overflowing: dict[str, tuple[float, str]] = {}
+    scaled_over = False  # a tensor kept in its own dtype overflowed: the router's scale did it, not the cast
     for leaf in leaves:
         limit = torch.finfo(SAFETENSORS_DTYPES[leaf.dtype]).max
         largest = read(leaf.source).abs().max().item() * abs(leaf.scale)
         if largest > limit and largest > overflowing.get(leaf.source, (0.0, ""))[0]:
             overflowing[leaf.source] = (largest, leaf.dtype)
+            scaled_over |= DTYPE_CODES.get(source.tensors[leaf.source].dtype) == leaf.dtype
     if not overflowing:  # a recipe's own arithmetic (re-drawn neurons, noise) left the range
         return OptionError(
             f"{failed.name} came out non-finite ({failed.op} of {failed.source}); nothing was written.",
@@ -71,7 +66,7 @@ def _diagnose(failed: TensorRecipe, recipes: list[TensorRecipe], source: DenseSo
     names = ", ".join(sorted(overflowing)[:4]) + (f" and {len(overflowing) - 4} more" if len(overflowing) > 4 else "")
     return OptionError(
         f"{dtype} cannot hold the values of {len(overflowing)} source tensor(s) ({names}): the largest, "
-        f"{largest:.3g} in {worst}, is beyond {dtype}'s maximum {torch.finfo(SAFETENSORS_DTYPES[code]).max:.5g}, so "
-        "the down-cast would write inf; nothing was written.",
-        "convert with --dtype auto (as the source), float32 or bfloat16.",
+        f"{largest:.3g} in {worst}, is beyond {dtype}'s maximum {torch.finfo(SAFETENSORS_DTYPES[code]).max:.5g}"
+        f"{' once scaled for the experts' if scaled_over else ''}, so the cast would write inf; nothing was written.",
+        "convert with --dtype float32." if scaled_over else "convert with --dtype auto, float32 or bfloat16.",
     )

@@ -131,7 +131,7 @@ class UpcyclePlan:
 
 
 def _nbytes(recipe: TensorRecipe) -> int:
-    return math.prod(recipe.shape) * {"F32": 4, "BF16": 2, "F16": 2}[recipe.dtype]
+    return math.prod(recipe.shape) * budget.CODE_BYTES[recipe.dtype]
 
 
 def expert_scales(opts: UpcycleOptions) -> tuple[tuple[float, float, float], Exactness]:
@@ -211,7 +211,8 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     candidates = candidate_targets(dense, opts, layout)
     _check_granularity(dense, opts)
     dtype = _output_dtype(source, dense, opts)
-    needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype])
+    stacked = all(target.stacked_experts for target in candidates)
+    needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype], stacked)
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
@@ -222,7 +223,7 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
     recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), scales)
-    _mark_rounding(exactness, rounded_sources(source, recipes), dtype)
+    mark_rounding(exactness, rounded_sources(source, recipes))
     return UpcyclePlan(
         options=opts,
         family=dense.family,
@@ -273,6 +274,7 @@ def _config_check_record(report) -> dict:
         "transformers": transformers.__version__,
         "smallest_window": report.smallest_window,
         "moe_layers": report.moe_layers,
+        "generation_points": report.generation_points,
     }
 
 
@@ -299,40 +301,55 @@ def leaf_recipes(recipe: TensorRecipe) -> list[TensorRecipe]:
     return [recipe] if recipe.source is not None else []
 
 
-def rounded_sources(source: DenseSource, recipes: list[TensorRecipe]) -> tuple[list[str], list[str]]:
-    """The source tensors a conversion rounds: those whose stored values the output dtype cannot all hold (a
-    narrowing cast), and those copied with a factor that is not a power of two into a 16-bit dtype (x * 3 is rarely
-    a bf16 value; in fp32 the rounding stays near 1e-7 and the plan's notes say so)."""
-    narrowed, scaled = set(), set()
+@dataclass(frozen=True)
+class Rounding:
+    """The source tensors a conversion rounds, and the output dtypes their rounded values are stored in."""
+
+    narrowed: tuple[str, ...]  # stored in a dtype the output dtype cannot hold exactly
+    scaled: tuple[str, ...]  # copied with a factor that is not a power of two into a 16-bit dtype
+    into: tuple[str, ...]  # dtype names, e.g. ("bfloat16",)
+
+    def __bool__(self) -> bool:
+        return bool(self.narrowed or self.scaled)
+
+
+def rounded_sources(source: DenseSource, recipes: list[TensorRecipe]) -> Rounding:
+    """The source tensors a conversion rounds, from the headers and the recipes alone (so verify re-derives it
+    rather than trusting a label): a narrowing cast, or a copy scaled by a factor that is not a power of two into a
+    16-bit dtype (x * 3 is rarely a bf16 value; in fp32 the rounding stays near 1e-7 and the plan's notes say so)."""
+    narrowed, scaled, into = set(), set(), set()
     for leaf in (leaf for recipe in recipes for leaf in leaf_recipes(recipe)):
         stored = DTYPE_CODES.get(source.tensors[leaf.source].dtype, "?")
         if stored != leaf.dtype and (stored, leaf.dtype) not in LOSSLESS_CASTS:
             narrowed.add(leaf.source)
+            into.add(leaf.dtype)
         elif leaf.dtype in ("BF16", "F16") and math.frexp(leaf.scale)[0] != 0.5:
             scaled.add(leaf.source)
-    return sorted(narrowed), sorted(scaled)
+            into.add(leaf.dtype)
+    names = tuple(sorted(CODE_NAMES.get(code, code) for code in into))
+    return Rounding(tuple(sorted(narrowed)), tuple(sorted(scaled)), names)
 
 
-def _mark_rounding(exactness: Exactness, rounded: tuple[list[str], list[str]], dtype: str) -> None:
-    narrowed, scaled = rounded
-    if not narrowed and not scaled:
+def mark_rounding(exactness: Exactness, rounding: Rounding) -> None:
+    """An exact method that rounds is exact up to rounding, with notes naming what is rounded and into what."""
+    if not rounding:
         return
     exactness.exact_up_to_rounding = exactness.exact
     exactness.exact = False
-    exactness.rounded_to = dtype
-    if narrowed:
+    exactness.rounded_to = " and ".join(rounding.into)
+    if rounding.narrowed:
         exactness.notes.append(
-            f"{_some(narrowed)} are stored in a dtype {dtype} cannot hold exactly: the MoE holds their values rounded "
-            f"to {dtype}, not the dense model's"
+            f"{_some(rounding.narrowed)} are stored in a dtype that {exactness.rounded_to} cannot hold exactly: the "
+            f"MoE holds their values rounded to {exactness.rounded_to}, not the dense model's"
         )
-    if scaled:
+    if rounding.scaled:
         exactness.notes.append(
-            f"the experts' copies of {_some(scaled)} are scaled by a factor that is not a power of two and rounded to "
-            f"{dtype}"
+            f"the experts' copies of {_some(rounding.scaled)} are scaled by a factor that is not a power of two and "
+            f"rounded to {exactness.rounded_to}"
         )
 
 
-def _some(names: list[str]) -> str:
+def _some(names: tuple[str, ...]) -> str:
     more = f" and {len(names) - 2} more" if len(names) > 2 else ""
     return f"{len(names)} source tensor(s) ({', '.join(names[:2])}{more})"
 
@@ -479,7 +496,7 @@ def _stacked(
     layer: int, opts: UpcycleOptions, target: Target, experts: list[TensorRecipe], hidden: int, shard: int
 ) -> list[TensorRecipe]:
     """The per-expert recipes folded into the class's two stacked tensors: [E, 2F, H] (gate rows, then up) and
-    [E, H, F]; a stack takes the widest dtype of its parts (a gate and up stored apart may differ)."""
+    [E, H, F]; a stack takes its parts' dtype, fp32 when they differ (a gate and up stored apart may)."""
     gate_up = tuple(r for r in experts if r.projection in ("gate", "up"))
     down = tuple(r for r in experts if r.projection == "down")
     return [
@@ -490,7 +507,7 @@ def _stacked(
 
 def _stack(name: str, shape: tuple[int, ...], parts: tuple[TensorRecipe, ...], layer: int) -> TensorRecipe:
     codes = {part.dtype for part in parts}
-    code = next(c for c in ("F32", "BF16", "F16") if c in codes) if len(codes) > 1 else codes.pop()
+    code = codes.pop() if len(codes) == 1 else "F32"  # bf16 and fp16 hold each other's values only in fp32
     return TensorRecipe(
         name, shape, code, "stack", parts=tuple(dataclasses.replace(p, dtype=code) for p in parts), layer=layer
     )

@@ -241,7 +241,7 @@ def weight_files(folder: Path, config: dict | None = None) -> list[Path]:
 def _explicit_weights(folder: Path, name: str) -> list[Path]:
     """config.json's `transformers_weights`: one safetensors file or index inside the folder."""
     path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()) or not (name.endswith(".safetensors") or name.endswith(".json")):
+    if not path.is_relative_to(folder.resolve()) or not name.endswith((".safetensors", ".safetensors.index.json")):
         raise SourceError(
             f"config.json names transformers_weights {name!r}, which is not a safetensors file or index inside "
             f"{folder}, so transformers cannot load it.",
@@ -249,7 +249,7 @@ def _explicit_weights(folder: Path, name: str) -> list[Path]:
         )
     if not path.is_file():
         raise SourceError(f"config.json names transformers_weights {name!r}, which is not in {folder}.", "add it.")
-    return _listed_shards(folder, path) if name.endswith(".json") else [path]
+    return _listed_shards(folder, path) if name.endswith(".index.json") else [path]
 
 
 def _listed_shards(folder: Path, index: Path) -> list[Path]:

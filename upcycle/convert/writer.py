@@ -116,13 +116,14 @@ def write_plan(
 
 def _write_tensors(plan: UpcyclePlan, source: DenseSource, folder: Path, progress: Progress | None) -> int:
     read = CachedReader(source.read)
+    every_recipe = plan.recipes  # once: naming a non-finite tensor's cause looks at all of them
     total, done = plan.total_bytes, 0
     for name, recipes in zip(plan.shard_names(), plan.shards, strict=True):
         writer = StreamingShardWriter(folder / name, recipes)
         try:
             for recipe in recipes:
                 tensor = materialize(recipe, read)
-                check_finite(recipe, tensor, plan.recipes, source)  # NaN or an overflowing down-cast: refused
+                check_finite(recipe, tensor, every_recipe, source)  # NaN or an overflowing down-cast: refused
                 done += writer.write(tensor)
                 if progress is not None:
                     progress(done, total, recipe.name)

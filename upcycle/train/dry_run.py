@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 
+from upcycle.convert.source import weight_files
+from upcycle.errors import SourceError
 from upcycle.train.batch_size import resolve_batch
 from upcycle.train.conversion import cached_conversion, planned_config
-from upcycle.train.memory_plan import MemoryPlan, Workload, format_bytes, plan_memory
+from upcycle.train.memory_plan import MemoryPlan, Workload, plan_memory
 from upcycle.train.model_shape import ModelShape, meta_model, model_shape
 from upcycle.train.parallel import Layout, resolve_layout
 from upcycle.train.recipe import TrainRecipe
+from upcycle.units import format_bytes
 
 
 @dataclass
@@ -104,7 +107,7 @@ def dry_run(recipe: TrainRecipe, world_size: int | None = None, device_memory: i
         # the loader reads through memory maps that stay open (weights it does not copy are views of them): their
         # pages count in the rank's RSS, although the kernel may drop them (clean page cache)
         folder = Path(recipe.model.path) if recipe.model.path is not None else None
-        mapped = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // layout.fsdp if folder else 0
+        mapped = sum(f.stat().st_size for f in _loaded_files(folder)) // layout.fsdp
         if mapped:
             plan.rows.append(
                 ("checkpoint files mapped", mapped, f"1/{layout.fsdp} of the safetensors files; reclaimable page cache")
@@ -120,3 +123,17 @@ def dry_run(recipe: TrainRecipe, world_size: int | None = None, device_memory: i
         plan,
         notes,
     )
+
+
+def _loaded_files(folder: Path | None) -> list[Path]:
+    """The weight files transformers maps for this folder (none when it is not a loadable folder yet)."""
+    if folder is None or not (folder / "config.json").is_file():
+        return []
+    try:
+        return [
+            f
+            for f in weight_files(folder, json.loads((folder / "config.json").read_text()))
+            if f.suffix == ".safetensors"
+        ]
+    except (SourceError, json.JSONDecodeError):
+        return []

@@ -330,8 +330,16 @@ def step0_check(
     del dense
     record = result.record() | {"step0_matches_dense": result.passed}
     if result.passed is None:
+        exactness = plan.get("exactness") or {}
+        measured = (exactness.get("rounding_deviation") or {}).get("relative")
+        kind = (
+            f"exact up to rounding to {exactness.get('rounded_to')}"
+            + (f" ({measured:.3g} measured at conversion)" if measured is not None else "")
+            if exactness.get("exact_up_to_rounding")
+            else "approximate by design"
+        )
         return record, (
-            f"step-0 check: approximate by design, the logits deviate {result.rel_diff:.3g} relative from the dense "
+            f"step-0 check: {kind}, the logits deviate {result.rel_diff:.3g} relative from the dense "
             f"model's (top-1 agreement {result.top1_agreement:.2%})"
         )
     return record, result.message()

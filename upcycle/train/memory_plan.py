@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from upcycle.errors import OptionError
 from upcycle.train.model_shape import LayerShape, ModelShape
 from upcycle.train.parallel import Layout
-from upcycle.units import format_bytes  # noqa: F401  (re-exported for the dry run's report)
 
 FP32 = 4
 GIB = 1024**3
@@ -122,4 +121,3 @@ def parse_bytes(text: str) -> int:
     if count <= 0:
         raise OptionError(f"--device-memory {text!r} is not an amount of memory.", "write it like 80GB or 24GiB.")
     return count
-

@@ -3,7 +3,8 @@
 Both models run on the held-out tokens in the same precision (the run's: fp32, or bf16 under autocast or FSDP's
 mixed precision), and their logits are compared: the largest difference relative to the largest dense logit, and
 top-1 agreement, against what correct upcycles measure in that precision (STEP0_TOLERANCE). An approximate method
-(noise, Drop-Upcycling, the paper's softmax-then-top-k) reports its deviation instead of passing. A model trained
+(noise, Drop-Upcycling, the paper's softmax-then-top-k), or an exact one whose conversion rounded the dense weights
+to a narrower dtype, reports its deviation instead of passing. A model trained
 after conversion (an export) is not compared with the original dense model.
 """
 

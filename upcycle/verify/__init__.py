@@ -8,6 +8,7 @@ real text long enough to see every attention window, `function`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from upcycle.convert.plan import UpcyclePlan
+from upcycle.convert.plan import Exactness, UpcyclePlan, mark_rounding, rounded_sources
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
@@ -131,6 +132,7 @@ def verify(
     rounds = target.rounds_routing_weights if target is not None else True
     tolerance = tol if tol is not None else tolerance_for(dtype, rounds)
     with _dense_source(dense_path, moe_folder, trust_remote_code) as (dense, hashes):
+        exactness = _exactness(plan, dense)
         config_report = check_config_equivalence(dense.config, moe.config)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
@@ -143,9 +145,7 @@ def verify(
         if chosen != "none":
             tokens, coverage = function_length(config_report.smallest_window, max_tokens)
         if chosen == "full":
-            function_report = check_function(
-                dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code
-            )
+            function_report = check_function(dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code)
         elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads
             try:
                 streaming_report = check_streaming(dense, moe, plan, dtype, text, tokens, coverage, checker=checker)
@@ -155,7 +155,7 @@ def verify(
                 streaming_problem = str(error)
         weight_report = checker.finish(hashes()) if checker is not None else None
     equivalent, verdict = _verdict(
-        plan,
+        exactness,
         config_report,
         config_matches_plan,
         files_report,
@@ -167,9 +167,9 @@ def verify(
     return VerifyReport(
         str(dense_path),
         str(moe_folder),
-        plan.exactness.method,
-        plan.exactness.exact,
-        plan.exactness.notes,
+        exactness.method,
+        exactness.exact,
+        exactness.notes,
         tolerance,
         tol is not None,
         config_report,
@@ -182,8 +182,24 @@ def verify(
         streaming_report,
         equivalent,
         verdict,
-        plan.exactness.to_json(),
+        exactness.to_json(),
     )
+
+
+def _exactness(plan: UpcyclePlan, dense: DenseSource) -> Exactness:
+    """The conversion's exactness as its recipes and the dense model's headers make it, not only as upcycle.json
+    labels it: a conversion that rounds is never taken for exact because its record says so."""
+    exactness = copy.deepcopy(plan.exactness)
+    if not exactness.exact:
+        return exactness
+    try:
+        rounding = rounded_sources(dense, plan.recipes)
+    except KeyError:  # the plan reads a tensor this dense model lacks: the weight check reports it
+        return exactness
+    mark_rounding(exactness, rounding)
+    if rounding:
+        exactness.notes.append("upcycle.json labels this conversion exact, but its recipes round the dense weights")
+    return exactness
 
 
 @dataclass
@@ -227,7 +243,7 @@ def _dense_source(
 
 
 def _verdict(
-    plan: UpcyclePlan,
+    exactness: Exactness,
     config: ConfigReport,
     config_matches_plan: bool | None,
     files: FilesReport,
@@ -243,7 +259,7 @@ def _verdict(
     if not files.ok:
         more = f" ({len(files.differences) - 1} more)" if len(files.differences) > 1 else ""
         first = files.differences[0]
-        return False, f"a user would not get the dense model's tokenizer or generation settings: {first}{more}"
+        return False, f"the files beside the weights (tokenizer, generation settings, licence) differ: {first}{more}"
     if weights is not None and weights.source_matches_provenance is False:
         return False, "the dense model is not the one this checkpoint was converted from (sha256 differs)"
     if weights is not None and weights.mismatches:
@@ -264,11 +280,10 @@ def _verdict(
         where = ", ".join(f"{count} in the {what}" for what, count in function.non_finite.items())
         return False, f"the models compute NaN or inf ({where}): non-finite outputs are never equivalent"
     deviation = f" ({function.what} deviate {function.rel_diff:.3g} relative)" if function is not None else ""
-    exactness = plan.exactness
     if exactness.exact_up_to_rounding and not explicit:
         return False, (
             f"exact up to rounding to {exactness.rounded_to}{deviation or _recorded_rounding(exactness)}: the MoE "
-            f"holds {exactness.rounded_to} values of wider dense weights; pass --tol to accept the rounding"
+            f"holds dense weights rounded to {exactness.rounded_to}; pass --tol to accept the rounding"
         )
     if not exactness.exact and not explicit:
         return False, f"approximate by design{deviation}: {exactness.method}; pass --tol to accept a deviation"
@@ -279,13 +294,32 @@ def _verdict(
         )
     if not exactness.exact:
         kind = f"exact up to rounding to {exactness.rounded_to}" if exactness.exact_up_to_rounding else "approximate"
+        if function is None:
+            return _unmeasured(exactness, tol, kind)
         return True, f"within the explicit tolerance {tol:g}{deviation} ({kind})"
     if function is None:
         return True, "config and weights proven (no function check ran: --weights-only)"
     return True, f"equivalent within {tol:g} relative"
 
 
-def _recorded_rounding(exactness) -> str:
+def _unmeasured(exactness: Exactness, tol: float, kind: str) -> tuple[bool, str]:
+    """--weights-only with --tol: no deviation was measured now; the weights equal their recipes, so the deviation
+    measured on these same weights at conversion still holds, and nothing else can be judged."""
+    recorded = (exactness.rounding_deviation or {}).get("relative")
+    if recorded is None:
+        return False, (
+            f"{kind}, and no deviation was measured (--weights-only): a tolerance cannot be judged without the "
+            "function check; run verify without --weights-only"
+        )
+    if recorded > tol:
+        return False, f"the deviation recorded at conversion, {recorded:.3g} relative, is above the tolerance {tol:g}"
+    return True, (
+        f"within the explicit tolerance {tol:g}: {recorded:.3g} relative when converted, and the weights are still "
+        f"those weights ({kind}; no function check ran: --weights-only)"
+    )
+
+
+def _recorded_rounding(exactness: Exactness) -> str:
     measured = exactness.rounding_deviation or {}
     if "relative" not in measured:
         return ""

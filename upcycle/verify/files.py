@@ -105,7 +105,7 @@ def _tokenizer(folder: Path) -> dict[str, Any] | None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # tokenizers fail in many ways; the failure itself is the finding
-        return {"loads": f"fails ({type(error).__name__}: {error})"}
+        return {"loads": f"fails ({type(error).__name__}: {str(error).replace(str(folder), '<folder>')})"}
     described: dict[str, Any] = {
         "class": type(tokenizer).__name__,
         "size": len(tokenizer),

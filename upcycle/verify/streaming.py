@@ -7,7 +7,9 @@ before it runs and loses them right after. The MoE layer of the same index then 
 states, with the attention mask and rotary tables the MoE model's own forward builds, its experts read one at a
 time as the router picks them (transformers' eager experts loop). The two outputs are compared and the dense
 output is carried forward. Attention and norm tensors are compared byte for byte as they are read; the
-embedding, final norm and LM head are compared in chunks.
+embedding, final norm and LM head are compared in chunks. The embedding rows of the tokens used and the LM head
+(its logits on the final hidden states, in chunks of rows) are also run from both checkpoints, so a rounded
+embedding or head counts in the deviation as it does in the whole-model check.
 
 What this proves: every layer computes the same function on the inputs real text produces (within tolerance),
 the shared tensors are identical, and (from the config check) the MoE config makes transformers compute every
@@ -41,7 +43,7 @@ from upcycle.verify.skeleton import (
     meta_model,
     rebuild_rotary,
 )
-from upcycle.verify.weights import WeightChecker, same_bits, tensor_difference
+from upcycle.verify.weights import CHUNK_BYTES, WeightChecker, same_bits, tensor_difference
 
 
 class StreamingError(Exception):
@@ -68,12 +70,15 @@ class StreamingReport:
     window_coverage: str
     layers: list[StreamedLayer]
     final_norm_rel_diff: float
+    embedding_rel_diff: float  # the MoE's embedding rows vs the dense model's, for the tokens used
+    lm_head_rel_diff: float  # the MoE's LM head vs the dense one on the same final hidden states (logits)
     outer_tensors: dict[str, bool]  # embedding, final norm, LM head: identical in both checkpoints
     seconds: float
 
     @property
     def rel_diff(self) -> float:
-        return max([layer.rel_diff for layer in self.layers] + [self.final_norm_rel_diff])
+        outer = [self.final_norm_rel_diff, self.embedding_rel_diff, self.lm_head_rel_diff]
+        return max([layer.rel_diff for layer in self.layers] + outer)
 
     @property
     def shared_differing(self) -> list[str]:
@@ -124,9 +129,11 @@ def check_streaming(
     for index, layer in enumerate(list(layers)):
         layers[index] = _PairedLayer(index, layer, pairs)
     base = dense_model.base_model
-    dense_model.set_input_embeddings(
-        _RowEmbedding(dense, f"{_prefix(dense_model, base)}embed_tokens.weight", where, compute)
-    )
+    embed_name = f"{_prefix(dense_model, base)}embed_tokens.weight"
+    dense_embedding = _RowEmbedding(dense, embed_name, where, compute)
+    moe_embed_name = f"{_prefix(moe_model, moe_model.base_model)}embed_tokens.weight"
+    embedding_diff = _relative(dense_embedding(ids), _RowEmbedding(moe, moe_embed_name, where, compute)(ids))[1]
+    dense_model.set_input_embeddings(dense_embedding)
     rebuild_rotary(dense_model, where)
     norm_inputs: list[torch.Tensor] = []
     norm_name = _final_norm_name(base)
@@ -142,11 +149,16 @@ def check_streaming(
         if hook is not None:
             hook.remove()
     final_diff = 0.0
+    moe_final = dense_out
     moe_norm_name = _final_norm_name(moe_model.base_model)
     moe_norm = getattr(moe_model.base_model, moe_norm_name) if moe_norm_name else None
     if moe_norm is not None and norm_inputs:
         with torch.no_grad(), _tensors_for(moe_norm, moe, norm_key, where, compute) as _:
-            final_diff = _relative(dense_out, moe_norm(norm_inputs[0]))[1]
+            moe_final = moe_norm(norm_inputs[0])
+        final_diff = _relative(dense_out, moe_final)[1]
+    head_diff = _head_deviation(
+        dense, _head_name(dense, embed_name), moe, _head_name(moe, moe_embed_name), dense_out, moe_final, compute
+    )
     outer = {
         name: _same_outer(dense, moe, name, checker)
         for name in (f"{_prefix(dense_model, base)}embed_tokens.weight", f"{norm_key}.weight", "lm_head.weight")
@@ -160,6 +172,8 @@ def check_streaming(
         window_coverage=window_coverage,
         layers=pairs.results,
         final_norm_rel_diff=final_diff,
+        embedding_rel_diff=embedding_diff,
+        lm_head_rel_diff=head_diff,
         outer_tensors=outer,
         seconds=time.perf_counter() - start,
     )
@@ -182,6 +196,44 @@ def _same_outer(dense: DenseSource, moe: DenseSource, name: str, checker: Weight
     if checker is not None and name in checker.planned:  # the weight check compares the same bytes: once is enough
         return checker.check(name)
     return tensor_difference(dense, name, moe, name, moe.tensors[name].dtype) is None
+
+
+def _head_name(source: DenseSource, embed_name: str) -> str:
+    """The tensor transformers multiplies the final hidden states with: the embedding when the config ties them."""
+    config = load_config(source.config)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    return embed_name if tied or "lm_head.weight" not in source.tensors else "lm_head.weight"
+
+
+def _head_deviation(
+    dense: DenseSource,
+    dense_name: str,
+    moe: DenseSource,
+    moe_name: str,
+    dense_hidden: torch.Tensor,
+    moe_hidden: torch.Tensor,
+    compute: torch.dtype,
+) -> float:
+    """Max |dense - MoE| / max |dense| over the logits of both LM heads, computed a chunk of vocabulary rows at a
+    time so the head never sits whole in memory (softcapping and logit scales come after: not counted)."""
+    if dense_name not in dense.tensors or moe_name not in moe.tensors:
+        return math.inf
+    info = dense.tensors[dense_name]
+    if moe.tensors[moe_name].shape != info.shape:
+        return math.inf
+    rows = info.shape[0]
+    step = max(1, CHUNK_BYTES // max(1, info.nbytes // max(rows, 1)))
+    worst, scale = 0.0, 0.0
+    with torch.no_grad():
+        for begin in range(0, rows, step):
+            device = dense_hidden.device
+            expected = dense_hidden @ dense.read_rows(dense_name, begin, begin + step).to(device, compute).T
+            actual = moe_hidden @ moe.read_rows(moe_name, begin, begin + step).to(device, compute).T
+            diff, _ = _relative(expected, actual)
+            worst, scale = max(worst, diff), max(scale, expected.double().abs().max().item())
+    if not math.isfinite(worst):
+        return math.inf
+    return worst / scale if scale else worst
 
 
 # ---- running the two models side by side ---------------------------------------------------------------------

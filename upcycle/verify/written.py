@@ -26,11 +26,17 @@ def inspect_written(plan: UpcyclePlan, dense: DenseSource, folder: Path) -> None
     """Refuse a written folder whose tokenizer or generation settings load differently; measure a rounding."""
     files = check_files(dense.folder, folder, None, byte_equal=False)
     if not files.ok:
+        first = files.differences[0]
+        fix = (
+            "state the tokenizer class in the source's tokenizer_config.json (tokenizer_class), or choose another "
+            "--target."
+            if first.startswith("the tokenizer")
+            else "choose another --target."
+        )
         raise UnsupportedModelError(
             f"the {plan.architecture} folder would not give a user the dense model's tokenizer or generation "
-            f"settings: {files.differences[0]}; nothing was written.",
-            "state the tokenizer class in the source's tokenizer_config.json (tokenizer_class), or choose another "
-            "--target.",
+            f"settings: {first}; nothing was written.",
+            fix,
         )
     if plan.exactness.rounded_to:
         plan.exactness.rounding_deviation = measure_rounding(plan, dense, folder)
