@@ -109,6 +109,36 @@ def test_every_layout_trains_as_one_process_does(runs, name):
     assert export_gap(reference, run) <= 1e-4
 
 
+def stored_tensors(export: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(export.glob("*.safetensors")):
+        with safe_open(path, "pt") as handle:
+            shapes |= {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "ep2", "ep2-fsdp4"])
+def test_the_export_stores_the_same_tensors_under_every_layout(runs, name):
+    """A tied LM head is stored once, as one process stores it (sharded layouts gathered it as a second tensor)."""
+    one, other = stored_tensors(runs["one"] / "export"), stored_tensors(runs[name] / "export")
+    assert other == one and "lm_head.weight" not in one
+
+
+def test_held_out_expert_load_does_not_depend_on_the_rank_count(moe, tmp_path):
+    """5 held-out sequences in micro-batches of 2 over 2 ranks: padding rows, which count nothing."""
+    loads = {}
+    for ranks in (1, 2):
+        data = layout_recipe(moe, tmp_path / f"ranks{ranks}")
+        data["batch"].update(micro_batch_size=2, steps=1)
+        data["data"]["eval_sequences"] = 5
+        data["run"].update(export=False, checkpoints=False, eval_interval=0)
+        train_under(ranks, write_recipe(tmp_path / f"ranks{ranks}.yaml", data))
+        loads[ranks] = next(r for r in read_metrics(tmp_path / f"ranks{ranks}") if r["kind"] == "eval")["expert_load"]
+    assert loads[1] == loads[2]
+
+
 @pytest.mark.parametrize(("name", "ranks", "ep"), [("one", 1, 1), ("fsdp2", 2, 1), ("ep2", 2, 2), ("ep2-fsdp4", 4, 2)])
 def test_each_rank_holds_its_share_of_experts_and_runs_the_project_kernels(runs, name, ranks, ep):
     record = layout_record(runs[name])

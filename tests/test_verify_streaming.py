@@ -37,8 +37,6 @@ def test_streaming_and_whole_model_checks_agree(dense_dir, tmp_path, case):
     assert streamed.function_mode == "streaming" and "function (every layer, streamed)" in streamed.proof
     layers = streamed.streaming.layers
     assert len(layers) == len(full.function.layers) - 1 and all(layer.rel_diff <= 1e-5 for layer in layers)
-    # layer 0 sees the same input (the embeddings) in both checks: the same figure
-    assert layers[0].rel_diff == pytest.approx(full.function.layers[1].rel_diff, rel=1e-3, abs=1e-9)
     assert not streamed.streaming.shared_differing and all(streamed.streaming.outer_tensors.values())
     assert [layer.mlp for layer in layers] == [
         "dense" if i not in streamed.config.moe_layers else "moe" for i in range(3)
@@ -51,6 +49,10 @@ def test_approximate_methods_report_their_per_layer_deviation(dense_dir, tmp_pat
     report = verify(src, tmp_path / "moe", mode="streaming", max_tokens=32)
     assert not report.equivalent and "approximate by design" in report.verdict
     assert min(layer.rel_diff for layer in report.streaming.layers) > 1e-3
+    # layer 0 sees the same input (the embeddings) in both checks: the same deviation, far above rounding noise
+    # (an exact conversion's figures are rounding noise, which differs between CPU kernels: never compared)
+    full = verify(src, tmp_path / "moe", mode="full", max_tokens=32)
+    assert report.streaming.layers[0].rel_diff == pytest.approx(full.function.layers[1].rel_diff, rel=1e-3)
     accepted = verify(src, tmp_path / "moe", mode="streaming", max_tokens=32, tol=1.0)
     assert accepted.equivalent and "explicit tolerance" in accepted.verdict
 

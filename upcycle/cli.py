@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from upcycle.errors import OptionError, UpcycleError
+from upcycle.errors import OptionError, SourceError, UpcycleError
 
 app = typer.Typer(
     add_completion=False,
@@ -413,11 +413,19 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in run.output_dir.")
     ] = False,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option("--resume-from", help="Continue from this checkpoint (a folder in run.output_dir/checkpoints)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the run that run.output_dir holds (its metrics, checkpoints, export)."),
+    ] = False,
     allow_changes: Annotated[
         str,
         typer.Option(
-            help="With --resume: accept these changes to what is trained (comma-separated: model, data, seq_len, "
-            "seed, global_batch)."
+            help="With --resume: accept these changes to what is trained (comma-separated: model, data, seed, "
+            "global_batch)."
         ),
     ] = "",
     dry_run: Annotated[
@@ -452,8 +460,13 @@ def train_cmd(
             return
         allowed = {name.strip() for name in allow_changes.split(",") if name.strip()}
         with RichTrainReporter() as reporter:
-            summary = train(loaded, reporter, resume=resume, allow_changes=allowed)
+            summary = train(
+                loaded, reporter, resume=resume, allow_changes=allowed, force=force, resume_from=resume_from
+            )
     except (UpcycleError, KeyboardInterrupt) as error:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank and isinstance(error, OptionError | SourceError):  # every rank reads the same input: rank 0 says it
+            raise typer.Exit(error.exit_code) from None
         raise fail(error) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the run

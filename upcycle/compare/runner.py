@@ -103,7 +103,7 @@ def execute_run(spec: RunSpec, echo: Echo = print, resume: bool = False) -> dict
         from upcycle.train.checkpoint import latest_checkpoint
 
         echo(f"resuming from {latest_checkpoint(run_dir)}")
-    summary = train(recipe, LineReporter(echo), resume=resume)
+    summary = train(recipe, LineReporter(echo), resume=resume, force=not resume)  # the runner owns its run folders
     if summary.resumed_from is not None:
         echo(f"resumed from the checkpoint of step {summary.resumed_from}")
     result = {

@@ -100,3 +100,19 @@ class BatchOrder:
         )
         mine = batch[rank * share : (rank + 1) * share]
         return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(accum)]
+
+
+def repetition_note(num_sequences: int, global_batch_sequences: int, steps: int) -> str | None:
+    """What the user should know when the run sees its data more than once: a warning when one step's batch
+    already repeats sequences, a note when the run makes several passes (epochs)."""
+    epochs = steps * global_batch_sequences / num_sequences
+    if global_batch_sequences > num_sequences:
+        return (
+            f"warning: a step's global batch of {global_batch_sequences} sequences exceeds the {num_sequences} "
+            f"training sequences, so every batch repeats sequences; the run makes {epochs:.3g} passes over the data. "
+            "Add data, or lower the batch (batch.micro_batch_size, batch.grad_accum) or data.seq_len."
+        )
+    if epochs > 1:
+        return f"note: the run passes over its {num_sequences} training sequences {epochs:.3g} times (epochs)"
+    return None
+

@@ -154,7 +154,7 @@ def _fix_for(path: Path) -> str:
     hint = f" (the one before it is {older[-1]})" if older else ""
     return (
         f"delete {path} (or move it out of {path.parent}) to resume from the checkpoint before it{hint}, "
-        "or pass an older checkpoint explicitly."
+        "or resume from an older one with --resume-from PATH."
     )
 
 

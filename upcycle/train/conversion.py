@@ -3,8 +3,10 @@
 The cache key is a sha256 over the source's files (their own sha256), the conversion options and upcycle's
 version, so a changed weight file, option or release converts again and nothing else does. Each entry is the
 folder ``upcycle convert`` writes plus a record beside it (``<key>.json``) that is written only after the folder
-passed the config and weight checks of ``upcycle verify``: an entry without its record is converted again. One
-lock per key makes the ranks of a node (or two runs started together) convert it once.
+passed the config and weight checks of ``upcycle verify``: an entry without its record is converted again. The
+record holds the sha256 of every file of the folder, and every reuse hashes them again: a damaged entry is set
+aside and converted again, never trained on. One lock per key makes the ranks of a node (or two runs started
+together) convert it once.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any
 
 from upcycle import __version__
 from upcycle.assets import cache_dir, cache_lock
+from upcycle.convert.plan import Exactness
 from upcycle.errors import SourceError, UpcycleError
 from upcycle.output_safety import remove, write_json_atomically
+from upcycle.train.cache_integrity import changed_files, describe, folder_digests, set_aside
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.source_hashes import source_hashes
 
-KEY_FORMAT = 1  # bump when what goes into the key changes
+KEY_FORMAT = 2  # bump when what goes into the key (or the record) changes; 2: records hold the files' sha256
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,19 @@ def prepare_model(
     with cache_lock(f"conversion-{key[:32]}"):
         record = read_record(folder, key)
         if record is not None:
-            echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s)")
+            started = time.perf_counter()
+            problems = entry_problems(folder, record)
+            if problems:
+                aside = set_aside(folder)
+                set_aside(record_path(folder))
+                echo(
+                    f"warning: the cached conversion {folder} is damaged ({describe(problems)}); set aside as "
+                    f"{aside.name}, converting again"
+                )
+                record = None
+        if record is not None:
+            checked = time.perf_counter() - started
+            echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s, re-checked in {checked:.1f} s)")
             conversion = Conversion(folder, key, True, hash_seconds, 0.0, 0.0, record)
         else:
             echo(f"converting {source} -> {folder}")
@@ -122,6 +138,14 @@ def read_record(folder: Path, key: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("key") == key else None
 
 
+def entry_problems(folder: Path, record: dict[str, Any]) -> list[str]:
+    """What is not as the record's sha256 say (every byte of the folder is read); empty when the entry is intact."""
+    recorded = record.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return ["its record holds no file hashes"]
+    return changed_files(recorded, folder_digests(folder))
+
+
 def _convert_and_verify(
     source: Path,
     folder: Path,
@@ -155,10 +179,12 @@ def _convert_and_verify(
         "options": options.to_json(),
         "tool_version": __version__,
         "exact": report.exact_by_design,
+        "exactness": Exactness.from_json(report.exactness).label,  # "exact up to rounding to bfloat16", ...
         "method": report.method,
         "verify": verify_summary(report),
         "convert_seconds": round(result.seconds, 3),
         "verify_seconds": round(verify_seconds, 3),
+        "files": folder_digests(folder),  # re-hashed on every reuse
     }
     write_json_atomically(record_path(folder), record)
     echo(f"verified in {verify_seconds:.1f} s: {', '.join(record['verify']['proof'])}")

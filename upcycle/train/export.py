@@ -121,6 +121,7 @@ def export_model(
     state = full_state_dict(model, info)
     if info.is_main:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        _drop_tied_copies(model, state)
         out.parent.mkdir(parents=True, exist_ok=True)
         with staged(out, force) as tmp:
             with engine_detached(model):
@@ -134,9 +135,21 @@ def export_model(
                     shutil.copy2(path, tmp / path.name)
             record = training_record(source, summary)
             (tmp / "upcycle.json").write_text(json.dumps(record, indent=2) + "\n")
-            write_training_card(tmp, record, run_dir or _recipe_run_dir(summary), source, model_id=out.name)
+            name = f"{out.parent.name}/{out.name}" if out.name == "export" else out.name  # a run's export: RUN/export
+            write_training_card(tmp, record, run_dir or _recipe_run_dir(summary), source, model_id=name)
     barrier(info)
     return out if info.is_main else None
+
+
+def _drop_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A tied LM head is stored once, as one process saves it: a sharded layout gathers the head and the embedding
+    as two tensors, which would otherwise both be written (a larger export that differs by layout)."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return
+    tied = getattr(model, "_tied_weights_keys", None)
+    for target, source in (tied.items() if isinstance(tied, dict) else []):
+        if target in state and source in state and torch.equal(state[target], state[source]):
+            del state[target]
 
 
 def _recipe_run_dir(summary: dict[str, Any]) -> Path | None:
@@ -214,6 +227,7 @@ def export_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
     summary = {
         "steps": state["step"],
         "tokens": state.get("tokens"),
+        "final_loss": state.get("last_loss"),
         "eval_history": state.get("eval_history", []),
         "recipe": state["recipe"],
         "from_checkpoint": str(checkpoint),

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,16 +22,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from upcycle.errors import OptionError, UpcycleError
+from upcycle.errors import UpcycleError
 from upcycle.loading import load_causal_lm_strict
 from upcycle.moe_modules import moe_blocks
 from upcycle.output_safety import refuse_overlap
 from upcycle.train import moe_losses, step0
-from upcycle.train.batch_order import BatchOrder
+from upcycle.train.batch_order import BatchOrder, repetition_note
 from upcycle.train.batch_size import resolve_batch
 from upcycle.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -53,7 +52,9 @@ from upcycle.train.model_shape import meta_model, model_shape
 from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
 from upcycle.train.parallel import Layout, engine_available, resolve_layout
 from upcycle.train.recipe import TrainRecipe
-from upcycle.train.resume import resume_point
+from upcycle.train.resume import check_same_data, resume_point
+from upcycle.train.router_precision import routers_in_fp32, run_routers_in_fp32
+from upcycle.train.run_folder import check_run_folder, clear_earlier_run, run_lock
 from upcycle.train.schedule import lr_at
 
 
@@ -202,12 +203,14 @@ def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
-def tokens_for(files: list[str], recipe: TrainRecipe, info: Dist) -> PackedDataset:
+def tokens_for(
+    files: list[str], recipe: TrainRecipe, info: Dist, warn: Callable[[str], None] | None = None
+) -> PackedDataset:
     """Rank 0 tokenises (once, cached); the others wait, then map the same file."""
     cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
     args = ([Path(f) for f in files], Path(recipe.model.path), recipe.data.seq_len, recipe.data.text_field, cache)
     if info.is_main:
-        dataset = packed_dataset(*args)
+        dataset = packed_dataset(*args, warn=warn)
     barrier(info)
     return dataset if info.is_main else packed_dataset(*args)
 
@@ -283,8 +286,8 @@ def evaluate(
             ).view(batch_BS.shape[0], -1)
             real = loss_BS[:count].double()
             total += torch.stack([real.sum().cpu(), torch.tensor(real.numel(), dtype=torch.float64)])
-            if taps is not None and taps.records:  # a padding-only batch adds zeros: every rank sums one shape
-                loads.append(torch.tensor(moe_losses.expert_load(taps.records), dtype=torch.float64) * count)
+            if taps is not None and taps.records:  # padding rows (and padding-only batches) count nothing
+                loads.append(moe_losses.expert_counts(taps.records, count * batch_BS.shape[1]).double())
     if taps is not None:
         taps.clear()
     model.train(was_training)
@@ -294,7 +297,7 @@ def evaluate(
     if taps is not None and taps.routers:
         local = torch.stack(loads).sum(0) if loads else torch.zeros(len(taps.routers), 1, dtype=torch.float64)
         load_LE = all_reduce_sum(local, info)
-        load_LE = load_LE / load_LE.sum(-1, keepdim=True)
+        load_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)
         imbalance = (load_LE.max(-1).values / load_LE.mean(-1)).tolist()
         record["expert_load"] = [[round(v, 5) for v in row] for row in load_LE.tolist()]
         record["load_imbalance_max_over_mean"] = [round(v, 4) for v in imbalance]
@@ -342,7 +345,14 @@ def step0_check(
             f"step-0 check: {kind}, the logits deviate {result.rel_diff:.3g} relative from the dense "
             f"model's (top-1 agreement {result.top1_agreement:.2%})"
         )
-    return record, result.message()
+    if result.passed is False:  # an exact upcycle that is not: nothing is trained on it
+        raise UpcycleError(
+            f"at step 0 the model's logits differ from its dense source's by {result.rel_diff:.3g} relative "
+            f"({result.precision}, tolerance {result.tolerance:g}; top-1 agreement {result.top1_agreement:.2%}), "
+            "although its conversion is exact by design; nothing was trained.",
+            f"run `upcycle verify {folder} {recipe.model.path}` to find what differs, and convert again.",
+        )
+    return record, None
 
 
 def train(
@@ -350,31 +360,42 @@ def train(
     reporter: Reporter | None = None,
     resume: bool = False,
     allow_changes: set[str] | frozenset[str] = frozenset(),
+    force: bool = False,
+    resume_from: Path | None = None,
 ) -> TrainSummary:
     """Run the recipe to its last step (or resume it); returns what happened.
 
-    A resumed run continues the checkpoint's data stream; `allow_changes` names the recipe changes that alter
-    what is trained (see `upcycle.train.resume`) which the user accepts.
+    A resumed run continues the checkpoint's data stream (the latest, or `resume_from`); `allow_changes` names the
+    recipe changes that alter what is trained (see `upcycle.train.resume`) which the user accepts. A run folder
+    holding another run is refused unless resumed or replaced (`force`); see `upcycle.train.run_folder`.
     """
     started = time.perf_counter()
-    main_rank = reporter is not None and int(os.environ.get("RANK", "0")) == 0
-    # before the process group exists: converting may take minutes, longer than a collective waits
-    recipe, conversion = prepare_model(recipe, reporter.message if main_rank else lambda _: None)
-    info = init_distributed()
-    report = reporter if (reporter is not None and info.is_main) else SilentReporter()
-    try:
-        summary = _train(recipe, info, report, resume, started, set(allow_changes))
-    finally:
-        shutdown(info)
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    main_rank = reporter is not None and first_rank
+    run_dir = Path(recipe.run.output_dir)
+    resuming = resume or resume_from is not None
+    check_run_folder(run_dir, resuming, resume_from, force)  # before anything is converted or written
+    with run_lock(run_dir, enabled=first_rank):
+        checkpoint = check_run_folder(run_dir, resuming, resume_from, force)  # again, now that the folder is ours
+        if force and checkpoint is None and first_rank:
+            clear_earlier_run(run_dir)
+        # before the process group exists: converting may take minutes, longer than a collective waits
+        recipe, conversion = prepare_model(recipe, reporter.message if main_rank else lambda _: None)
+        info = init_distributed()
+        report = reporter if (reporter is not None and info.is_main) else SilentReporter()
+        try:
+            summary = _train(recipe, info, report, checkpoint, started, set(allow_changes))
+        finally:
+            shutdown(info)
     return dataclasses.replace(summary, conversion=conversion)
 
 
-def check_output_dir(recipe: TrainRecipe, resume: bool) -> None:
+def check_output_dir(recipe: TrainRecipe) -> None:
     """Refuse, before any data is tokenised or any step runs, a run folder whose writes would damage something.
 
     The run folder must keep clear of the model it trains (not it, not inside it, not containing it); its
-    ``export`` folder may only hold an earlier upcycle export (replaced at the end, atomically); its checkpoints
-    are continued only with ``--resume``.
+    ``export`` folder may only hold an earlier upcycle export (replaced at the end, atomically). Another run's
+    records are refused earlier (`check_run_folder`).
     """
     run_dir = Path(recipe.run.output_dir)
     model_dir = [("model.path", recipe.model.path)]
@@ -382,18 +403,18 @@ def check_output_dir(recipe: TrainRecipe, resume: bool) -> None:
     if recipe.run.export:
         refuse_overlap(run_dir / "export", model_dir, option="run.output_dir/export")
         check_replaceable_export(run_dir / "export")
-    if not resume and list_checkpoints(run_dir):
-        raise OptionError(
-            f"{run_dir} already holds checkpoints of an earlier run.",
-            "pass --resume to continue it, or set run.output_dir to a new folder.",
-        )
 
 
 def _train(
-    recipe: TrainRecipe, info: Dist, report: Reporter, resume: bool, started: float, allow_changes: set[str]
+    recipe: TrainRecipe,
+    info: Dist,
+    report: Reporter,
+    checkpoint: Path | None,
+    started: float,
+    allow_changes: set[str],
 ) -> TrainSummary:
     run_dir = Path(recipe.run.output_dir)
-    check_output_dir(recipe, resume)
+    check_output_dir(recipe)
     torch.manual_seed(recipe.run.seed)
     precision = recipe.run.precision
     if precision == "auto":
@@ -405,11 +426,12 @@ def _train(
     shape = model_shape(meta_model(recipe.model.path, recipe.model.trust_remote_code))
     layout = resolve_layout(recipe.parallel, info.world_size, shape.num_experts)
     batch = resolve_batch(recipe, layout.data_parallel)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     point = None
     if checkpoint is not None:  # checked before any data is tokenised or weights loaded
         saved = read_trainer_state(checkpoint)
-        point = resume_point(saved, recipe.to_dict(), batch.global_batch_sequences, info.world_size, allow_changes)
+        point = resume_point(
+            saved, recipe.to_dict(), batch.global_batch_sequences, info.world_size, allow_changes, batch.steps
+        )
         for note in point.notes:
             report.message(note)
     if recipe.optim.warmup_steps >= batch.steps:
@@ -417,8 +439,15 @@ def _train(
             f"warning: optim.warmup_steps ({recipe.optim.warmup_steps}) >= the run's {batch.steps} steps: the learning "
             "rate rises for the whole run and never decays. Lower optim.warmup_steps or raise batch.steps."
         )
-    train_set = tokens_for(recipe.data.train, recipe, info)
-    eval_set = tokens_for(recipe.data.eval, recipe, info) if recipe.data.eval else None
+    train_set = tokens_for(recipe.data.train, recipe, info, report.message)
+    repeats = repetition_note(len(train_set), batch.global_batch_sequences, batch.steps)
+    if repeats:
+        report.message(repeats)
+    if point is not None:
+        note = check_same_data(saved, train_set.content_key, allow_changes)
+        if note:
+            report.message(note)
+    eval_set = tokens_for(recipe.data.eval, recipe, info, report.message) if recipe.data.eval else None
     export_dtype, export_use_cache = export_settings(Path(recipe.model.path), recipe.run.export_dtype)
     for line in layout.describe(shape.num_experts):
         report.message(line)
@@ -430,19 +459,27 @@ def _train(
         if held != planned:
             raise RuntimeError(f"the experts were placed {held}, not as the layout planned {planned}")
     taps = moe_losses.RouterTaps(model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0)
+    if compute_dtype != torch.float32 and taps.routers:
+        fp32 = routers_in_fp32(recipe.moe.router_dtype, taps.routers)
+        if fp32:
+            run_routers_in_fp32(taps.routers, info.device.type)
+        report.message(
+            f"routers compute in {'float32' if fp32 else precision} (moe.router_dtype {recipe.moe.router_dtype})"
+        )
     optimizer = make_optimizer(model, recipe)
     if recipe.run.compile:
         model.compile()  # compiles forward in place; parameters, hooks and state-dict names are unchanged
     order = BatchOrder(len(train_set), recipe.run.seed)
 
-    start_step, resumed_from, history = 0, None, []
+    start_step, resumed_from, history, last_loss = 0, None, [], None
     position, tokens, bad_steps, stepped = 0, 0, 0, False
     if checkpoint is not None and point is not None:
         stepped = bool(saved.get("optimizer_stepped", True))  # older checkpoints always saved the optimizer
         load_checkpoint(checkpoint, model, optimizer if stepped else None)
         start_step = resumed_from = point.step
         history, position, tokens, bad_steps = list(point.history), point.position, point.tokens, point.bad_steps
-    log = MetricsLog(run_dir, info.is_main, recipe.run.tensorboard, resume_step=start_step if resume else 0)
+        last_loss = saved.get("last_loss")  # a finished run resumed trains nothing: its record still has it
+    log = MetricsLog(run_dir, info.is_main, recipe.run.tensorboard, resume_step=start_step)
     if log.tensorboard_note:
         report.message(log.tensorboard_note)
     if info.is_main:
@@ -478,7 +515,6 @@ def _train(
 
     if start_step == 0:
         run_eval(0)
-    last_loss = None
     for step in range(start_step, batch.steps):
         step_start = time.perf_counter()
         lr = lr_at(
@@ -532,6 +568,7 @@ def _train(
             "grad_norm": grad_norm_value,
             "tokens": tokens,
             "data_position": position,  # sequences of the training stream consumed
+            "epoch": round(position / len(train_set), 6),  # passes over the training data completed
             "tokens_per_s": batch.tokens_per_step / seconds,
             "step_seconds": seconds,
             "skipped": not finite,
@@ -570,6 +607,8 @@ def _train(
                 "optimizer_stepped": stepped,  # before the first real step there is no optimizer state to save
                 "eval_history": history,
                 "recipe": recipe.to_dict(),
+                "last_loss": last_loss,
+                "train_data_key": train_set.content_key,  # sha256 key of the text, tokenizer and settings
             }
             save_checkpoint(
                 run_dir,

@@ -169,10 +169,7 @@ def update_score_biases(taps: RouterTaps, rate: float, reduce: Callable[[torch.T
             bias.add_(step_E)
 
 
-def expert_load(records: list[RouterRecord]) -> list[list[float]]:
-    """Per layer, the fraction of token assignments each expert received."""
-    loads = []
-    for record in records:
-        counts = _counts(record.index_TK, record.logits_TE.shape[-1]).double()
-        loads.append((counts / counts.sum()).tolist())
-    return loads
+def expert_counts(records: list[RouterRecord], tokens: int) -> torch.Tensor:
+    """[L, E] assignments per expert among the first `tokens` tokens of the batch (rows flatten batch-major, so
+    these are its first rows: a padded evaluation batch counts only its real sequences)."""
+    return torch.stack([_counts(r.index_TK[:tokens], r.logits_TE.shape[-1]) for r in records]).cpu()

@@ -201,8 +201,17 @@ class MoESection(Section):
     # after each step every bias moves by this rate towards balance (+ for under-loaded experts). 0 = off, the bias
     # stays as converted (zero) and only the aux loss balances.
     bias_update_rate: float = 0.0
+    # The routers' precision under bf16 (upcycle.train.router_precision): auto = fp32 where the class's own code gates
+    # in fp32 (sigmoid routers), float32 = every router, compute = as autocast / FSDP's policy compute.
+    router_dtype: str = "auto"
 
     def _check(self) -> None:
+        require(
+            self.router_dtype in ("auto", "float32", "compute"),
+            "moe.router_dtype",
+            f"must be auto, float32 or compute, got {self.router_dtype!r}",
+            "use auto.",
+        )
         require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", "must be 0 or more", "use 0.01.")
         require(self.z_loss_coef >= 0, "moe.z_loss_coef", "must be 0 or more", "use 0 or 1e-3.")
         require(self.bias_update_rate >= 0, "moe.bias_update_rate", "must be 0 or more", "use 0 or 1e-3.")

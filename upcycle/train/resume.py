@@ -1,16 +1,19 @@
 """Resuming a run: where its data stream stands, and whether the recipe still trains what the run trained.
 
-A checkpoint records the stream position (sequences consumed), the tokens trained and the recipe. A resumed run
+A checkpoint records the stream position (sequences consumed), the tokens trained, the recipe and the content key
+of the training data (the token cache's sha256 over the text, the tokenizer and the settings). A resumed run
 continues from that position, not from step x the current batch, and its recipe is compared with the saved one:
-a change that alters what is trained (the model, the training data, the sequence length, the seed, the global
-batch) is refused with the list of differences unless `--allow-changes` names each of them. Other differences
-(learning rate, steps, intervals) are allowed and reported. Where the run lives (`run.output_dir`) and how its
-ranks are laid out (the `parallel` section) are not compared: neither changes what is trained.
+a change that alters what is trained (the model, the training data or its content, the seed, the global batch)
+is refused with the list of differences unless `--allow-changes` names each of them. A new sequence length is
+always refused: it packs the stream anew, so which documents were already trained could no longer be told from
+the rest. Fewer steps than the checkpoint's are refused (nothing would be trained, and the record would claim
+steps it did not take). Other differences (learning rate, more steps, intervals) are allowed and reported.
+Where the run lives (`run.output_dir`) and how its ranks are laid out (the `parallel` section) are not compared:
+neither changes what is trained.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +22,7 @@ from upcycle.errors import OptionError
 # name for --allow-changes -> the recipe keys it covers (dotted); "global_batch" is the resolved sequences per step
 GUARDED = {
     "model": ("model.path", "model.source"),  # a changed upcycle option changes model.path (its cache folder)
-    "data": ("data.train", "data.text_field"),
-    "seq_len": ("data.seq_len",),
+    "data": ("data.train", "data.text_field"),  # and the data's content (check_same_data)
     "seed": ("run.seed",),
     "global_batch": (),
 }
@@ -39,17 +41,36 @@ class ResumePoint:
 
 
 def resume_point(
-    state: dict[str, Any], recipe: dict[str, Any], global_batch: int, world_size: int, allow: set[str]
+    state: dict[str, Any],
+    recipe: dict[str, Any],
+    global_batch: int,
+    world_size: int,
+    allow: set[str],
+    steps: int | None = None,
 ) -> ResumePoint:
     """Check the resumed recipe against the saved one and place the data stream; refuse unannounced changes."""
     unknown = allow - set(GUARDED)
     if unknown:
+        extra = " (a new seq_len is never accepted: it re-packs the data)" if "seq_len" in unknown else ""
         raise OptionError(
-            f"--allow-changes names {', '.join(sorted(unknown))}, which upcycle does not guard.",
+            f"--allow-changes names {', '.join(sorted(unknown))}, which upcycle does not guard{extra}.",
             f"name any of: {', '.join(GUARDED)}.",
         )
     saved = state.get("recipe") or {}
     step = int(state["step"])
+    saved_len = (saved.get("data") or {}).get("seq_len")
+    if saved_len is not None and int(saved_len) != int(recipe["data"]["seq_len"]):
+        raise OptionError(
+            f"the checkpoint's run packed its data in sequences of {saved_len} tokens, this recipe in "
+            f"{recipe['data']['seq_len']}: re-packed, the data would mix sequences already trained with ones never "
+            "seen.",
+            f"resume with data.seq_len={saved_len}, or start a new run from the export (model.path).",
+        )
+    if steps is not None and steps < step:
+        raise OptionError(
+            f"the checkpoint is at step {step}, beyond this recipe's batch.steps={steps}: nothing would be trained.",
+            f"resume with batch.steps >= {step} (= {step} re-exports the finished run), or start a new run.",
+        )
     saved_batch = int(state.get("global_batch_sequences") or _saved_batch(state, step))
     changed = _differences(_flatten(saved), _flatten(recipe))
     guarded: dict[str, list[str]] = {}
@@ -72,11 +93,25 @@ def resume_point(
     notes += [f"changed: {key}: {old!r} -> {new!r}" for key, (old, new) in changed.items() if key not in covered]
     position = int(state.get("data_position", step * saved_batch))
     tokens = int(state.get("tokens", position * int(saved.get("data", {}).get("seq_len", 0) or 0)))
-    new_seq_len = int(recipe["data"]["seq_len"])
-    if "seq_len" in guarded and new_seq_len:  # a new packing: continue after the same number of tokens
-        position = math.ceil(tokens / new_seq_len)
     return ResumePoint(
         step, position, tokens, int(state.get("bad_steps", 0)), list(state.get("eval_history", [])), notes
+    )
+
+
+def check_same_data(state: dict[str, Any], content_key: str | None, allow: set[str]) -> str | None:
+    """Refuse training data whose content changed since the checkpoint (the paths may be the same); a note when
+    `--allow-changes data` accepts it, or when the checkpoint predates the record."""
+    saved = state.get("train_data_key")
+    if saved is None:
+        return "note: the checkpoint does not record its data's content (an older upcycle wrote it): not compared"
+    if saved == content_key:
+        return None
+    if "data" in allow:
+        return "changed (allowed): the training data's content (its sha256 key differs from the checkpoint's)"
+    raise OptionError(
+        "the training data's content changed since the checkpoint (same recipe, other text or tokenizer: its sha256 "
+        f"key {str(content_key)[:12]}, recorded {saved[:12]}); the resumed run would continue a different stream.",
+        "restore the data the run trained on, or pass --allow-changes data to accept the change.",
     )
 
 

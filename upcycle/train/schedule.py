@@ -8,13 +8,17 @@ import math
 def lr_at(
     step: int, *, peak: float, minimum: float, warmup_steps: int, total_steps: int, kind: str = "cosine"
 ) -> float:
-    """The learning rate for optimizer step `step` (0-based); a pure function of the step, so resume is exact."""
+    """The learning rate for optimizer step `step` (0-based); a pure function of the step, so resume is exact.
+
+    One peak, at the last warmup step (step 0 without warmup); the decay then reaches `minimum` at the last step,
+    `total_steps - 1`.
+    """
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if kind == "constant":
         return peak
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    peak_step = max(warmup_steps - 1, 0)
+    progress = min(1.0, (step - peak_step) / max(1, total_steps - 1 - peak_step))
     if kind == "linear":
         return peak - (peak - minimum) * progress
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))

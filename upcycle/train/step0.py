@@ -2,7 +2,8 @@
 
 Both models run on the held-out tokens in the same precision (the run's: fp32, or bf16 under autocast or FSDP's
 mixed precision), and their logits are compared: the largest difference relative to the largest dense logit, and
-top-1 agreement, against what correct upcycles measure in that precision (STEP0_TOLERANCE). An approximate method
+top-1 agreement, against what correct upcycles measure in that precision (STEP0_TOLERANCE); an exact upcycle
+beyond it stops the run before any step. An approximate method
 (noise, Drop-Upcycling, the paper's softmax-then-top-k), or an exact one whose conversion rounded the dense weights
 to a narrower dtype, reports its deviation instead of passing. A model trained
 after conversion (an export) is not compared with the original dense model.
@@ -44,16 +45,6 @@ class Step0Result:
 
     def record(self) -> dict[str, Any]:
         return {f"step0_{k}": v for k, v in asdict(self).items()} | {"dense_eval_loss": self.dense_loss}
-
-    def message(self) -> str | None:
-        """A warning for the user, or None when there is nothing to say."""
-        if self.passed is False:
-            return (
-                f"warning: at step 0 the logits differ from the dense model's by {self.rel_diff:.3g} relative "
-                f"({self.precision}, tolerance {self.tolerance:g}; top-1 agreement {self.top1_agreement:.2%}): the "
-                "upcycle is not exact (run `upcycle verify`)."
-            )
-        return None
 
 
 def dense_source(model_path: Path) -> tuple[Path, dict] | tuple[None, str]:

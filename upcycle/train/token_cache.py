@@ -6,6 +6,8 @@
 - The token stream is cached as a ``.npy`` (uint16 when the vocabulary fits, else uint32) named by a sha256 over
   the content of the text files, the tokenizer files and the settings, so a second run (any rank, any process)
   memory-maps it at once and an edited file re-tokenises. Builds are atomic and serialised by a file lock.
+- The record beside the stream holds the stream's sha256, hashed again on every reuse: a damaged stream (an edited,
+  truncated or unreadable entry) is set aside and built again, never trained on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
 from upcycle.output_safety import write_json_atomically
+from upcycle.train.cache_integrity import set_aside
 from upcycle.train.documents import check_text_file, iter_documents
 
 try:  # POSIX only; without it concurrent builds of one key each write the same file and the last rename wins
@@ -34,8 +37,9 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Bump when the token stream layout or the tokenisation rules change: old cache entries are then ignored."""
+FORMAT_VERSION = 2
+"""Bump when the token stream layout, its record or the tokenisation rules change: old cache entries are then
+ignored. 2: the record holds the stream's sha256."""
 
 
 # Files that define tokenisation. Weights and config.json are left out on purpose: the dense model and its
@@ -276,6 +280,7 @@ def build_token_file(
     *,
     progress: Callable[[int, int], None] | None = None,
     max_piece_chars: int = MAX_PIECE_CHARS,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Path of the cached ``.npy`` token stream of ``files``, tokenising them first if no cache entry exists.
 
@@ -283,7 +288,8 @@ def build_token_file(
     EOS (not doubled when the suffix already ends with it). Beside ``<key>.npy`` lies ``<key>.json`` with the
     counts and settings. Safe to call from every rank at once: one process builds under a lock, the others wait
     and then find the finished file; a killed build leaves only a temporary file that the next build removes.
-    ``progress(files_done, files_total)`` is called while tokenising.
+    ``progress(files_done, files_total)`` is called while tokenising; ``warn`` says that a damaged entry was set
+    aside (default: the log).
     """
     files = [Path(f) for f in files]
     if not files:
@@ -293,12 +299,19 @@ def build_token_file(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = token_cache_key(files, tokenizer_dir, text_field)
     final = cache_dir / f"{key}.npy"
-    if final.is_file():
+    if final.is_file() and stream_problem(final) is None:
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache_dir / f".{key}.lock"):
-        if final.is_file():  # another rank or run built it while we waited
-            return final
+        if final.is_file():  # another rank or run may have built (or repaired) it while we waited
+            problem = stream_problem(final)
+            if problem is None:
+                return final
+            aside = set_aside(final)
+            if final.with_suffix(".json").is_file():
+                set_aside(final.with_suffix(".json"))
+            message = f"warning: the cached token stream {final} is damaged ({problem}); set aside as {aside.name}"
+            (warn or log.warning)(message + ", tokenising again")
         for stale in cache_dir.glob(f".{key}.tmp-*"):  # left by a killed build; we hold the lock
             stale.unlink(missing_ok=True)
         raw = cache_dir / f".{key}.tmp-{os.getpid()}.bin"
@@ -307,12 +320,26 @@ def build_token_file(
             log.info("Tokenising %d file(s) into %s", len(files), final)
             meta = _tokenize_to_raw(files, Path(tokenizer_dir), text_field, raw, progress, max_piece_chars)
             _npy_from_raw(raw, tmp, np.dtype(meta["dtype"]).newbyteorder("<"), meta["tokens"])
+            meta["sha256"] = file_sha256(tmp)  # hashed again on every reuse
             write_json_atomically(cache_dir / f"{key}.json", meta)
             os.replace(tmp, final)  # the .npy appearing is the commit point
         finally:
             raw.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)
     return final
+
+
+def stream_problem(path: Path) -> str | None:
+    """Why a cached stream cannot be used (None: its bytes are the ones its record hashed when it was built)."""
+    record_path = path.with_suffix(".json")
+    try:
+        recorded = json.loads(record_path.read_text()).get("sha256")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return f"its record {record_path.name} is missing or unreadable"
+    if not isinstance(recorded, str):
+        return f"its record {record_path.name} holds no sha256"
+    found = file_sha256(path)
+    return None if found == recorded else f"sha256 {found[:12]}, recorded {recorded[:12]}"
 
 
 def load_tokens(path: Path) -> np.ndarray:

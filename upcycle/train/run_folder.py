@@ -1,0 +1,99 @@
+"""One run per run folder: what a run may find there before it starts, and the lock it holds while it trains.
+
+A run folder holds one run's records (metrics, checkpoints, the resolved recipe, the export). A second run into it
+would mix its records with the first's and replace its checkpoints and export, so it is refused unless it resumes
+that run (`--resume`) or replaces it (`--force`). While a run trains, its first rank holds a lock on the folder, so
+two runs started into one folder cannot both write it. `--resume` with nothing to resume is refused and touches
+nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from upcycle.errors import OptionError
+from upcycle.train.checkpoint import CHECKPOINTS, TRAINER, list_checkpoints, verify_checkpoint
+
+LOCK_NAME = ".upcycle-run.lock"
+RUN_RECORDS = ("metrics.jsonl", "recipe.resolved.json", "tensorboard", CHECKPOINTS, "export")
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """The records of an earlier run in the folder (its metrics, recipe, checkpoints, export), by name."""
+    found = []
+    for name in RUN_RECORDS:
+        path = run_dir / name
+        if name == CHECKPOINTS:
+            if list_checkpoints(run_dir):
+                found.append(name)
+        elif path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def check_run_folder(run_dir: Path, resume: bool, resume_from: Path | None, force: bool) -> Path | None:
+    """Refuse a start that would resume nothing or overwrite another run; the checkpoint to resume, if any.
+
+    Reads only: nothing is written or removed here, so a refused start loses nothing.
+    """
+    if resume_from is not None:
+        if not resume_from.is_dir() or not (resume_from / TRAINER).is_file():
+            raise OptionError(
+                f"--resume-from {resume_from} is not a checkpoint (no {TRAINER} there).",
+                f"pass one of the folders in {run_dir / CHECKPOINTS}.",
+            )
+        verify_checkpoint(resume_from, hashes=False)
+        return resume_from
+    if resume:
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            where = "does not exist" if not run_dir.exists() else f"holds no checkpoint in {CHECKPOINTS}/"
+            raise OptionError(
+                f"--resume: the run folder {run_dir} {where}, so there is nothing to resume; nothing was changed.",
+                "check run.output_dir (or --set run.output_dir=...), or start the run without --resume.",
+            )
+        return checkpoints[-1]
+    found = earlier_run(run_dir)
+    if found and not force:
+        raise OptionError(
+            f"{run_dir} holds another run ({', '.join(found)}); a new run would mix its metrics with that run's and "
+            "replace its checkpoints and export.",
+            "pass --resume to continue it, --force to replace it, or set run.output_dir to a new folder.",
+        )
+    return None
+
+
+def clear_earlier_run(run_dir: Path) -> None:
+    """--force: remove the earlier run's records before this run writes its own."""
+    for name in RUN_RECORDS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextmanager
+def run_lock(run_dir: Path, enabled: bool) -> Iterator[None]:
+    """Hold the folder's lock for the whole run (the first rank only); refuse at once when another run holds it."""
+    if not enabled:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OptionError(
+            f"another upcycle run is training into {run_dir} right now.",
+            "wait for it to finish, or set run.output_dir to another folder.",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
