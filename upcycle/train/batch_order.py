@@ -115,4 +115,3 @@ def repetition_note(num_sequences: int, global_batch_sequences: int, steps: int)
     if epochs > 1:
         return f"note: the run passes over its {num_sequences} training sequences {epochs:.3g} times (epochs)"
     return None
-

@@ -147,7 +147,7 @@ def _drop_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         return
     tied = getattr(model, "_tied_weights_keys", None)
-    for target, source in (tied.items() if isinstance(tied, dict) else []):
+    for target, source in tied.items() if isinstance(tied, dict) else []:
         if target in state and source in state and torch.equal(state[target], state[source]):
             del state[target]
 
