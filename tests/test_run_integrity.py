@@ -138,8 +138,8 @@ def test_a_damaged_token_stream_is_set_aside_and_built_again(tiny_pair, texts, t
 def test_a_rounded_upcycle_is_recorded_as_such_and_step_0_says_so(tiny_pair, texts, tmp_path, module_cache):
     dense, _ = tiny_pair
     data = source_data(dense, tmp_path / "run", texts, dtype="bfloat16")
-    _, lines = run(data, tmp_path)
-    record = next(json.loads(p.read_text()) for p in conversions_dir().glob("*.json"))
+    summary, lines = run(data, tmp_path)
+    record = summary.conversion.record
     assert record["exact"] is False and record["exactness"] == "exact up to rounding to bfloat16"
     assert any("step-0 check: exact up to rounding to bfloat16" in line for line in lines), lines
 

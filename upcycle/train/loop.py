@@ -374,6 +374,8 @@ def train(
     main_rank = reporter is not None and first_rank
     run_dir = Path(recipe.run.output_dir)
     resuming = resume or resume_from is not None
+    if recipe.model.path is not None:  # before anything is written: not over the model, no user file in export/
+        check_output_dir(recipe)
     check_run_folder(run_dir, resuming, resume_from, force)  # before anything is converted or written
     with run_lock(run_dir, enabled=first_rank):
         checkpoint = check_run_folder(run_dir, resuming, resume_from, force)  # again, now that the folder is ours
