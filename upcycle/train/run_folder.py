@@ -9,7 +9,6 @@ nothing.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from upcycle.errors import OptionError
+from upcycle.output_safety import remove
 from upcycle.train.checkpoint import CHECKPOINTS, TRAINER, list_checkpoints, verify_checkpoint
 
 LOCK_NAME = ".upcycle-run.lock"
@@ -71,11 +71,7 @@ def check_run_folder(run_dir: Path, resume: bool, resume_from: Path | None, forc
 def clear_earlier_run(run_dir: Path) -> None:
     """--force: remove the earlier run's records before this run writes its own."""
     for name in RUN_RECORDS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        remove(run_dir / name)
 
 
 @contextmanager
