@@ -117,6 +117,20 @@ def test_a_damaged_cached_conversion_is_set_aside_and_converted_again(tiny_pair,
     assert third is not None and third.reused  # the new entry is intact
 
 
+def test_one_launch_re_checks_a_cached_conversion_once_per_host(tiny_pair, texts, tmp_path, module_cache, monkeypatch):
+    dense, _ = tiny_pair
+    data = source_data(dense, tmp_path / "run", texts, seed=4242)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    recipe, _ = prepare_model(recipe_from_dict(data, tmp_path))
+    messages: list[str] = []
+    for _ in range(2):  # two more ranks of the launch: the first hashes, the second finds its stamp
+        prepare_model(recipe_from_dict(data, tmp_path), messages.append)
+    assert "re-checked in" in messages[0] and "re-checked by another rank of this launch" in messages[1], messages
+    damage_an_expert(Path(recipe.model.path))  # after the stamp: the file's state differs, so it is hashed
+    _, again = prepare_model(recipe_from_dict(data, tmp_path), messages.append)
+    assert again is not None and not again.reused and "is damaged" in messages[2]
+
+
 def test_a_damaged_token_stream_is_set_aside_and_built_again(tiny_pair, texts, tmp_path):
     _, moe = tiny_pair
     files = [Path(f) for f in texts[0]]
@@ -133,6 +147,34 @@ def test_a_damaged_token_stream_is_set_aside_and_built_again(tiny_pair, texts, t
     assert again == built and np.array_equal(np.array(load_tokens(again)), original)
     assert len(warnings) == 1 and "damaged" in warnings[0]
     assert list(tmp_path.glob(f"{built.name}.damaged-*"))
+
+
+def test_one_launch_hashes_a_token_stream_once_per_host(tiny_pair, texts, tmp_path, monkeypatch):
+    import upcycle.train.token_cache as token_cache
+
+    _, moe = tiny_pair
+    files = [Path(f) for f in texts[0]]
+    hashed: list[Path] = []
+    real = token_cache.file_sha256
+    monkeypatch.setattr(token_cache, "file_sha256", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")  # the key hashes the text and tokenizer: counted apart
+    built = build_token_file(files, moe, cache_dir=tmp_path)  # hashed as it is written
+    hashed.clear()
+    assert build_token_file(files, moe, cache_dir=tmp_path) == built
+    assert built not in hashed  # another rank of the launch: its stamp holds
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")
+    build_token_file(files, moe, cache_dir=tmp_path)
+    assert hashed.count(built) == 1  # another launch hashes it again
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    build_token_file(files, moe, cache_dir=tmp_path)
+    assert hashed.count(built) == 2  # outside torchrun, every reuse hashes
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")
+    with open(built, "r+b") as handle:  # changed after launch-b checked it: its stamp no longer holds
+        handle.seek(-2, 2)
+        handle.write(b"\x07\x00")
+    warnings: list[str] = []
+    build_token_file(files, moe, cache_dir=tmp_path, warn=warnings.append)
+    assert len(warnings) == 1 and "damaged" in warnings[0]
 
 
 def test_a_rounded_upcycle_is_recorded_as_such_and_step_0_says_so(tiny_pair, texts, tmp_path, module_cache):
@@ -154,6 +196,26 @@ def test_an_exact_upcycle_that_differs_at_step_0_is_not_trained(tiny_pair, texts
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    ("precision", "deviation", "stops"),
+    [("float32", 2e-5, True), ("bfloat16", 4e-2, False), ("bfloat16", 0.1, True)],
+)
+def test_step_0_stops_beyond_the_precisions_margin_and_warns_within_it(
+    tiny_pair, texts, tmp_path, precision, deviation, stops
+):
+    from upcycle.train.loop import _step0_failure
+    from upcycle.train.step0 import STEP0_TOLERANCE, Step0Result
+
+    _, moe = tiny_pair
+    result = Step0Result(3.0, deviation, 0.99, precision, STEP0_TOLERANCE[precision], True, False)
+    recipe = recipe_from_dict(short(moe, tmp_path / "run", texts), tmp_path)
+    if stops:
+        with pytest.raises(UpcycleError, match="nothing was trained"):
+            _step0_failure(result, moe, recipe)
+    else:
+        assert _step0_failure(result, moe, recipe).startswith("warning: at step 0")
+
+
 # ---- resume is bound to its data, its packing and its steps ---------------------------------------------------
 
 
@@ -172,10 +234,25 @@ def test_resume_refuses_changed_data_content(finished_run, tmp_path):
     data, text, _ = finished_run
     text.write_text(text.read_text() + "And one more line of verse appended after the kill.\n" * 400)
     data["batch"]["steps"] = 6
-    with pytest.raises(OptionError, match="training data's content changed"):
+    with pytest.raises(OptionError, match="training data changed since the checkpoint"):
         run(data, tmp_path, resume=True)
     _, lines = run(data, tmp_path, resume=True, allow_changes={"data"})
-    assert any("changed (allowed): the training data's content" in line for line in lines)
+    assert any("changed (allowed): the training tokens differ" in line for line in lines)
+
+
+def test_resume_compares_the_tokens_not_the_versions_that_made_them(finished_run, tmp_path, monkeypatch):
+    """A newer tokenizers release that tokenises the same text alike: a new cache entry, the same stream, resumed."""
+    import upcycle.train.token_cache as token_cache
+
+    data, _, _ = finished_run
+    tokens = tmp_path / "tokens"
+    before = {p.name for p in tokens.glob("*.npy")}
+    real = token_cache.importlib.metadata.version
+    monkeypatch.setattr(token_cache.importlib.metadata, "version", lambda name: real(name) + ".post9")
+    data["batch"]["steps"] = 6
+    resumed, lines = run(data, tmp_path, resume=True)
+    assert resumed.resumed_from == 4 and not any("data" in line or "tokens" in line for line in lines), lines
+    assert {p.name for p in tokens.glob("*.npy")} > before  # tokenised again, under a new key
 
 
 def test_resume_refuses_a_new_seq_len(finished_run, tmp_path):
@@ -247,6 +324,30 @@ def test_resume_from_picks_a_checkpoint(finished_run, tmp_path):
     assert resumed.final_loss == pytest.approx(summary.final_loss, rel=1e-5)  # the same steps again
     with pytest.raises(OptionError, match="is not a checkpoint"):
         run(data, tmp_path, resume_from=tmp_path / "run")
+    elsewhere = tmp_path / "other" / "step-00000002"
+    shutil.copytree(checkpoint, elsewhere)
+    with pytest.raises(OptionError, match="is not a checkpoint of the run in"):
+        run(data, tmp_path, resume_from=elsewhere)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_replaced_with_force_only(tiny_pair, texts, tmp_path):
+    _, moe = tiny_pair
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    with pytest.raises(OptionError, match="stopped before its first checkpoint") as refused:
+        run(short(moe, run_dir, texts), tmp_path)
+    assert "--resume" not in refused.value.fix and "--force" in refused.value.fix
+
+
+def test_force_never_removes_the_users_files(finished_run, tmp_path):
+    data, _, _ = finished_run
+    data["run"]["export"] = False
+    mine = tmp_path / "run" / "export" / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(UpcycleError, match="holds files an upcycle export does not write"):
+        run(data, tmp_path, force=True)
+    assert mine.read_text() == "mine" and (tmp_path / "run" / "checkpoints").is_dir()
 
 
 def test_repeated_data_is_warned_about_and_the_epoch_logged(tiny_pair, texts, tmp_path):

@@ -464,8 +464,8 @@ def train_cmd(
                 loaded, reporter, resume=resume, allow_changes=allowed, force=force, resume_from=resume_from
             )
     except (UpcycleError, KeyboardInterrupt) as error:
-        rank = int(os.environ.get("RANK", "0"))
-        if rank and isinstance(error, OptionError | SourceError):  # every rank reads the same input: rank 0 says it
+        first_on_host = int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if not first_on_host and isinstance(error, OptionError | SourceError):  # the ranks share their input
             raise typer.Exit(error.exit_code) from None
         raise fail(error) from None
     if int(os.environ.get("RANK", "0")) != 0:

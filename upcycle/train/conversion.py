@@ -26,6 +26,7 @@ from upcycle.convert.plan import Exactness
 from upcycle.errors import SourceError, UpcycleError
 from upcycle.output_safety import remove, write_json_atomically
 from upcycle.train.cache_integrity import changed_files, describe, folder_digests, set_aside
+from upcycle.train.launch_checks import checked_in_this_launch, mark_checked
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.source_hashes import source_hashes
 
@@ -79,8 +80,12 @@ def prepare_model(
         record = read_record(folder, key)
         if record is not None:
             started = time.perf_counter()
-            problems = entry_problems(folder, record)
-            if problems:
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            already = checked_in_this_launch(folder, files)
+            problems = [] if already else entry_problems(folder, record)
+            if not problems:
+                mark_checked(folder, files)
+            else:
                 aside = set_aside(folder)
                 set_aside(record_path(folder))
                 echo(
@@ -89,8 +94,12 @@ def prepare_model(
                 )
                 record = None
         if record is not None:
-            checked = time.perf_counter() - started
-            echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s, re-checked in {checked:.1f} s)")
+            checked = (
+                "re-checked by another rank of this launch"
+                if already
+                else f"re-checked in {time.perf_counter() - started:.1f} s"
+            )
+            echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s, {checked})")
             conversion = Conversion(folder, key, True, hash_seconds, 0.0, 0.0, record)
         else:
             echo(f"converting {source} -> {folder}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import OptionError, SourceError
-from upcycle.train.token_cache import build_token_file, load_tokens
+from upcycle.train.token_cache import build_token_file, load_tokens, recorded_sha256
 
 
 class PackedDataset:
@@ -24,7 +24,7 @@ class PackedDataset:
     ``seq_len - 1`` next-token predictions. Rows are read lazily from the (memory-mapped) stream.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, content_key: str | None = None) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, tokens_sha256: str | None = None) -> None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
             raise OptionError(f"seq_len must be an integer >= 2, got {seq_len!r}.", "Use e.g. 512 or 2048.")
         if tokens.ndim != 1:
@@ -36,7 +36,7 @@ class PackedDataset:
                 "Add more text or lower seq_len.",
             )
         self.seq_len = seq_len
-        self.content_key = content_key  # the token cache's sha256 key: text, tokenizer and settings
+        self.tokens_sha256 = tokens_sha256  # the sha256 of the token stream itself
         self.tokens = tokens
         self.rows = tokens[: count * seq_len].reshape(count, seq_len)  # a view: no copy, even of a memmap
 
@@ -67,7 +67,7 @@ def packed_dataset(
 ) -> PackedDataset:
     """Build (or reuse) the token cache of ``files`` and pack it: the one call a training run needs per split."""
     path = build_token_file(files, tokenizer_dir, text_field, cache_dir, progress=progress, warn=warn)
-    return PackedDataset(load_tokens(path), seq_len, content_key=path.stem)
+    return PackedDataset(load_tokens(path), seq_len, tokens_sha256=recorded_sha256(path))
 
 
 def make_batch(dataset: PackedDataset, ids: Sequence[int]) -> torch.Tensor:

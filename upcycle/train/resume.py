@@ -98,19 +98,23 @@ def resume_point(
     )
 
 
-def check_same_data(state: dict[str, Any], content_key: str | None, allow: set[str]) -> str | None:
-    """Refuse training data whose content changed since the checkpoint (the paths may be the same); a note when
-    `--allow-changes data` accepts it, or when the checkpoint predates the record."""
-    saved = state.get("train_data_key")
+def check_same_data(state: dict[str, Any], tokens_sha256: str | None, allow: set[str]) -> str | None:
+    """Refuse training data whose tokens changed since the checkpoint (the paths may be the same); a note when
+    `--allow-changes data` accepts it, or when the checkpoint predates the record.
+
+    The token stream's own sha256 is compared, not what produced it: a newer tokenizers release or upcycle that
+    tokenises the same text to the same tokens resumes; any other text, tokenizer or settings does not.
+    """
+    saved = state.get("train_tokens_sha256")
     if saved is None:
         return "note: the checkpoint does not record its data's content (an older upcycle wrote it): not compared"
-    if saved == content_key:
+    if saved == tokens_sha256:
         return None
     if "data" in allow:
-        return "changed (allowed): the training data's content (its sha256 key differs from the checkpoint's)"
+        return "changed (allowed): the training tokens differ from the checkpoint's (their sha256 differs)"
     raise OptionError(
-        "the training data's content changed since the checkpoint (same recipe, other text or tokenizer: its sha256 "
-        f"key {str(content_key)[:12]}, recorded {saved[:12]}); the resumed run would continue a different stream.",
+        "the training data changed since the checkpoint (same recipe, other tokens: sha256 "
+        f"{str(tokens_sha256)[:12]}, recorded {saved[:12]}); the resumed run would continue a different stream.",
         "restore the data the run trained on, or pass --allow-changes data to accept the change.",
     )
 

@@ -17,7 +17,8 @@ from filelock import FileLock, Timeout
 
 from upcycle.errors import OptionError
 from upcycle.output_safety import remove
-from upcycle.train.checkpoint import CHECKPOINTS, TRAINER, list_checkpoints, verify_checkpoint
+from upcycle.train.checkpoint import CHECKPOINTS, TRAINER, latest_checkpoint, list_checkpoints, verify_checkpoint
+from upcycle.train.export import check_replaceable_export
 
 LOCK_NAME = ".upcycle-run.lock"
 RUN_RECORDS = ("metrics.jsonl", "recipe.resolved.json", "tensorboard", CHECKPOINTS, "export")
@@ -47,24 +48,35 @@ def check_run_folder(run_dir: Path, resume: bool, resume_from: Path | None, forc
                 f"--resume-from {resume_from} is not a checkpoint (no {TRAINER} there).",
                 f"pass one of the folders in {run_dir / CHECKPOINTS}.",
             )
+        if resume_from.resolve().parent != (run_dir / CHECKPOINTS).resolve():
+            raise OptionError(
+                f"--resume-from {resume_from} is not a checkpoint of the run in {run_dir}; resuming it there would "
+                "mix two runs' records.",
+                f"pass one of the folders in {run_dir / CHECKPOINTS}, or set run.output_dir to the run it belongs to.",
+            )
         verify_checkpoint(resume_from, hashes=False)
         return resume_from
     if resume:
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
+        latest = latest_checkpoint(run_dir)  # its manifest checked now, before anything is converted or tokenised
+        if latest is None:
             where = "does not exist" if not run_dir.exists() else f"holds no checkpoint in {CHECKPOINTS}/"
             raise OptionError(
                 f"--resume: the run folder {run_dir} {where}, so there is nothing to resume; nothing was changed.",
                 "check run.output_dir (or --set run.output_dir=...), or start the run without --resume.",
             )
-        return checkpoints[-1]
+        return latest
     found = earlier_run(run_dir)
     if found and not force:
+        resumable = CHECKPOINTS in found
         raise OptionError(
             f"{run_dir} holds another run ({', '.join(found)}); a new run would mix its metrics with that run's and "
-            "replace its checkpoints and export.",
-            "pass --resume to continue it, --force to replace it, or set run.output_dir to a new folder.",
+            "replace its checkpoints and export"
+            + ("." if resumable else "; it stopped before its first checkpoint, so it cannot be resumed."),
+            ("pass --resume to continue it, " if resumable else "pass ")
+            + "--force to replace it, or set run.output_dir to a new folder.",
         )
+    if found and force:
+        check_replaceable_export(run_dir / "export")  # --force replaces a run's records, never the user's files
     return None
 
 

@@ -31,6 +31,10 @@ PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.f
 # FSDP ranks), SmolLM2 with 6 MoE layers 1.1e-2 (autocast) and 2.0e-2 (all weights in bf16); an upcycle with
 # --noise 0.05 measures 7.3e-2 to 7.9e-2 in every precision.
 STEP0_TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 5e-3}
+# fp32 rounds too little to hide a damaged weight: beyond its tolerance the run stops. Half precision's rounding
+# grows with depth and width, so a larger model than those measured may pass its tolerance while being exact: the run
+# stops only beyond STOP_FACTOR times it and warns in between.
+STOP_FACTOR = {"float32": 1.0, "bfloat16": 3.0, "float16": 3.0}
 
 
 @dataclass

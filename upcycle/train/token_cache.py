@@ -29,6 +29,7 @@ from upcycle.hashing import file_sha256
 from upcycle.output_safety import write_json_atomically
 from upcycle.train.cache_integrity import set_aside
 from upcycle.train.documents import check_text_file, iter_documents
+from upcycle.train.launch_checks import checked_in_this_launch, mark_checked
 
 try:  # POSIX only; without it concurrent builds of one key each write the same file and the last rename wins
     import fcntl
@@ -299,13 +300,15 @@ def build_token_file(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = token_cache_key(files, tokenizer_dir, text_field)
     final = cache_dir / f"{key}.npy"
-    if final.is_file() and stream_problem(final) is None:
+    entry = [final, final.with_suffix(".json")]
+    if final.is_file() and checked_in_this_launch(final, entry):
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache_dir / f".{key}.lock"):
         if final.is_file():  # another rank or run may have built (or repaired) it while we waited
             problem = stream_problem(final)
             if problem is None:
+                mark_checked(final, entry)
                 return final
             aside = set_aside(final)
             if final.with_suffix(".json").is_file():
@@ -323,22 +326,31 @@ def build_token_file(
             meta["sha256"] = file_sha256(tmp)  # hashed again on every reuse
             write_json_atomically(cache_dir / f"{key}.json", meta)
             os.replace(tmp, final)  # the .npy appearing is the commit point
+            mark_checked(final, entry)
         finally:
             raw.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)
     return final
 
 
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 of a cached stream's bytes, as its record wrote it when the stream was built."""
+    try:
+        recorded = json.loads(path.with_suffix(".json").read_text()).get("sha256")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
 def stream_problem(path: Path) -> str | None:
     """Why a cached stream cannot be used (None: its bytes are the ones its record hashed when it was built)."""
-    record_path = path.with_suffix(".json")
+    recorded = recorded_sha256(path)
+    if recorded is None:
+        return f"its record {path.with_suffix('.json').name} is missing, unreadable or holds no sha256"
     try:
-        recorded = json.loads(record_path.read_text()).get("sha256")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return f"its record {record_path.name} is missing or unreadable"
-    if not isinstance(recorded, str):
-        return f"its record {record_path.name} holds no sha256"
-    found = file_sha256(path)
+        found = file_sha256(path)
+    except OSError as e:
+        return f"it cannot be read ({e})"
     return None if found == recorded else f"sha256 {found[:12]}, recorded {recorded[:12]}"
 
 
