@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
+from upcycle.hf.probe import compute_spec, load_config
 from upcycle.verify import generation_probe as generation
-from upcycle.verify.probe import compute_spec, load_config
 
 LLAMA3_8B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

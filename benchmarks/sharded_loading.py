@@ -7,7 +7,7 @@ written tensor by tensor, one safetensors file per layer plus one for the embedd
 writer never holds more than one layer; the on-disk names come from transformers' own reverse conversion applied to
 a meta-device model, and are checked against upcycle's Mixtral target.
 
-Every case loads that folder through :func:`upcycle.loading.load_causal_lm_strict` in bfloat16 (the stored dtype):
+Every case loads that folder through :func:`upcycle.hf.loading.load_causal_lm_strict` in bfloat16 (the stored dtype):
 
 - ``python``: one plain process, no process group;
 - ``torchrun 1``: one rank under ``torchrun``, gloo initialised, no ``distributed_config``;
@@ -285,7 +285,7 @@ def check_against_plain(model, folder: Path) -> int:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from upcycle.loading import load_causal_lm_strict
+    from upcycle.hf.loading import load_causal_lm_strict
 
     plain = dict(load_causal_lm_strict(folder, torch.bfloat16).named_parameters())
     checked = 0
@@ -304,7 +304,7 @@ def rank_worker(folder: Path, out: Path, check: bool) -> None:
     from transformers import AutoModelForCausalLM, MixtralForCausalLM  # noqa: F401
     from transformers.distributed import DistributedConfig  # noqa: F401
 
-    from upcycle.loading import load_causal_lm_strict
+    from upcycle.hf.loading import load_causal_lm_strict
     from upcycle.train.parallel import Layout
 
     under_torchrun = "LOCAL_RANK" in os.environ

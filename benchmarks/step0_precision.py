@@ -29,7 +29,7 @@ from train_helpers import make_tiny_pair, shakespeare_texts  # noqa: E402
 
 from upcycle import assets  # noqa: E402
 from upcycle.convert import UpcycleOptions, convert  # noqa: E402
-from upcycle.loading import load_causal_lm_strict  # noqa: E402
+from upcycle.hf.loading import load_causal_lm_strict  # noqa: E402
 from upcycle.train.distributed import Dist  # noqa: E402
 from upcycle.train.packing import packed_dataset  # noqa: E402
 from upcycle.train.step0 import compare_with_dense  # noqa: E402

@@ -5,4 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/env.sh" test
 cd "$root"
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

@@ -10,7 +10,7 @@ import torch
 import transformers
 from tiny_models import randomize
 
-from upcycle.hf_config import load_config
+from upcycle.hf.config import load_config
 
 # The rotary settings of every Llama 3.x config on the hub (pre-v5 form), with a tiny original context.
 LLAMA3_ROPE = {

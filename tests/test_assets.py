@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from upcycle import assets
-from upcycle.convert.gguf_source import dequantize_gguf
 from upcycle.errors import OptionError, OutputError, SourceError
+from upcycle.hf.gguf import dequantize_gguf
 from upcycle.output_safety import TMP_MARK
 
 HELD_OUT = ["twelfth_night_gut.txt", "two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]

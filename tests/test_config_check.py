@@ -6,7 +6,7 @@ import pytest
 from family_configs import FAMILY_CONFIGS, family_config
 from hub_models import LLAMA3_ROPE
 
-from upcycle.verify.config_check import check_config_equivalence
+from upcycle.hf.config_check import check_config_equivalence
 
 DIMS = dict(
     vocab_size=100,

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from upcycle.convert import UpcycleOptions, convert
 from upcycle.errors import SourceError, UpcycleError
-from upcycle.hf_config import load_config
+from upcycle.hf.config import load_config
 from upcycle.verify import verify
 
 pytestmark = pytest.mark.slow

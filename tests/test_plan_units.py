@@ -24,7 +24,7 @@ from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.plan import UpcyclePlan, build_plan, expert_scales
 from upcycle.convert.recipe import Op, TensorRecipe
 from upcycle.convert.source import DenseSource, TensorInfo
-from upcycle.convert.targets import TARGETS, Layout, candidate_targets
+from upcycle.convert.targets import TARGETS, Layout, candidate_targets, check_options
 from upcycle.errors import OptionError, UnsupportedModelError
 
 # ------------------------------------------------------------------------------------------------- parse_layers
@@ -284,7 +284,7 @@ def dense(family: str) -> DenseModel:
 def chosen(family: str, **options: typing.Any) -> list[str]:
     """The candidate classes, the one the plan tries first in front."""
     opts = UpcycleOptions(**options)
-    opts.validate()
+    check_options(opts)
     model = dense(family)
     layout = Layout(parse_layers(opts.layers, model.num_layers), model.num_layers)
     return [target.name for target in candidate_targets(model, opts, layout)]

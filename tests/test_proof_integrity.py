@@ -31,7 +31,7 @@ from upcycle.convert import UpcycleOptions, convert
 from upcycle.convert import plan as plan_module
 from upcycle.convert.families import phi3
 from upcycle.errors import OptionError, SourceError, UnsupportedModelError
-from upcycle.verify.config_check import check_config_equivalence
+from upcycle.hf.config_check import check_config_equivalence
 
 MODES = ["--full", "--streaming", "--weights-only"]
 

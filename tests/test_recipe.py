@@ -22,6 +22,11 @@ from upcycle.train.recipe_sections import (
 )
 from upcycle.train.resume import resume_point
 
+
+def batch_of(recipe: TrainRecipe, world_size: int):
+    return resolve_batch(recipe.batch, recipe.data.seq_len, world_size)
+
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 GPU_MOE = ("paper-e8g1t2", "paper-e8g8t8", "drop-upcycling")
@@ -76,10 +81,10 @@ def test_shipped_recipe_validates_offline(path: Path) -> None:
     assert recipe.moe.aux_loss_coef == 0.01  # the paper's best
     assert recipe.optim.schedule == "cosine" and recipe.optim.warmup_steps > 0
     assert Path(recipe.run.output_dir).is_absolute()
-    assert resolve_batch(recipe, 1).steps > 0
+    assert batch_of(recipe, 1).steps > 0
     if recipe.batch.global_batch_tokens:  # the documented multi-GPU launch divides evenly
         eight = load_recipe(path, ["batch.micro_batch_size=4"], resolve_assets=False)
-        assert resolve_batch(eight, 8).tokens_per_step == resolve_batch(recipe, 1).tokens_per_step
+        assert batch_of(eight, 8).tokens_per_step == batch_of(recipe, 1).tokens_per_step
 
 
 def test_shipped_recipe_set_is_complete() -> None:
@@ -444,14 +449,14 @@ def batch_recipe(folder: Path, **batch: int | None) -> TrainRecipe:
 def test_resolve_batch_from_global_batch_tokens(folder: Path) -> None:
     recipe = batch_recipe(folder, global_batch_tokens=4096, tokens=10_000)  # 32 sequences of 128
     for world, accum in ((1, 8), (2, 4), (8, 1)):
-        b = resolve_batch(recipe, world)
+        b = batch_of(recipe, world)
         assert (b.grad_accum, b.world_size, b.global_batch_sequences, b.tokens_per_step) == (accum, world, 32, 4096)
         assert b.steps == 3  # ceil(10000 / 4096): the budget is the same on any number of ranks
         assert b.total_tokens == 3 * 4096
 
 
 def test_resolve_batch_from_grad_accum_and_the_default(folder: Path) -> None:
-    b = resolve_batch(batch_recipe(folder, grad_accum=3, steps=7), 2)
+    b = batch_of(batch_recipe(folder, grad_accum=3, steps=7), 2)
     assert (b.micro_batch_size, b.grad_accum, b.global_batch_sequences, b.tokens_per_step, b.steps) == (
         4,
         3,
@@ -459,16 +464,16 @@ def test_resolve_batch_from_grad_accum_and_the_default(folder: Path) -> None:
         24 * 128,
         7,
     )
-    assert resolve_batch(batch_recipe(folder, steps=5), 1).grad_accum == 1  # neither given: no accumulation
+    assert batch_of(batch_recipe(folder, steps=5), 1).grad_accum == 1  # neither given: no accumulation
 
 
 def test_resolve_batch_rejects_an_indivisible_global_batch(folder: Path) -> None:
     recipe = batch_recipe(folder, global_batch_tokens=4096, steps=1)
     with pytest.raises(OptionError, match=r"not a multiple of .* world size \(128 x 4 x 3 = 1536\)") as info:
-        resolve_batch(recipe, 3)
+        batch_of(recipe, 3)
     assert "world size that divides the 32 sequences" in str(info.value)
     with pytest.raises(OptionError, match="set batch.micro_batch_size to a divisor of 2"):
-        resolve_batch(recipe, 16)  # 2 sequences per rank, micro-batch of 4
+        batch_of(recipe, 16)  # 2 sequences per rank, micro-batch of 4
 
 
 def test_global_batch_must_be_a_whole_number_of_micro_batches_at_load(folder: Path) -> None:
@@ -495,7 +500,7 @@ def test_resolve_batch_rejects_a_bad_world_size(folder: Path) -> None:
     recipe = batch_recipe(folder, steps=1)
     for world in (0, -1, True):
         with pytest.raises(OptionError, match="world size must be a positive integer"):
-            resolve_batch(recipe, world)  # type: ignore[arg-type]
+            batch_of(recipe, world)  # type: ignore[arg-type]
 
 
 def test_run_section_refuses_an_empty_output_dir() -> None:

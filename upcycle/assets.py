@@ -132,7 +132,7 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
     dest = cache_dir() / f"smollm2-135m-instruct-{_DTYPE_TAGS[dtype]}"
     if _is_complete(dest, SMOLLM2_FOLDER_FILES):
         return dest
-    from upcycle.convert.gguf_source import dequantize_gguf
+    from upcycle.hf.gguf import dequantize_gguf
 
     with cache_lock("smollm2"):
         if _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process built it while we waited

@@ -43,7 +43,7 @@ def greedy_continuations(
     import torch
     from transformers import AutoTokenizer
 
-    from upcycle.loading import load_causal_lm_strict
+    from upcycle.hf.loading import load_causal_lm_strict
 
     tokenizer = AutoTokenizer.from_pretrained(moe_folder)
     models = [load_causal_lm_strict(f, torch.float32).eval() for f in (dense_folder, moe_folder)]

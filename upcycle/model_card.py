@@ -394,12 +394,9 @@ def _loading_section(model_id: str, tokenizer: bool) -> str:
 # ---------------------------------------------------------------------------------------------------------- files
 
 
-def held_out_losses(run_dir: Path | None, training: dict[str, Any]) -> list[tuple[int, float]]:
-    """(step, eval loss) of the run's metrics.jsonl up to the exported step; the training record's own eval
+def held_out_losses(records: list[dict[str, Any]], training: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, eval loss) of the run's metrics records up to the exported step; the training record's own eval
     history (the same records) when the run folder has no log."""
-    from upcycle.train.metrics import read_metrics
-
-    records = read_metrics(run_dir) if run_dir is not None else []
     if not any("eval_loss" in r for r in records):
         records = training.get("eval_history") or []
     last = training.get("steps")
@@ -419,14 +416,19 @@ def write_conversion_card(
 
 
 def write_training_card(
-    folder: Path, record: dict[str, Any], run_dir: Path | None, trained_from: Path, *, model_id: str | None = None
+    folder: Path,
+    record: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    trained_from: Path,
+    *,
+    model_id: str | None = None,
 ) -> Path:
-    """Write FOLDER/README.md for an export; the held-out losses come from RUN_DIR's metrics.jsonl."""
+    """Write FOLDER/README.md for an export; the held-out losses come from the run's `metrics` records."""
     config = json.loads((folder / "config.json").read_text())
     base = None if record.get("conversion") else source_identity(trained_from)
     text = training_card(
         record,
-        held_out_losses(run_dir, record["training"]),
+        held_out_losses(metrics, record["training"]),
         model_id=model_id or folder.name,
         config=config,
         tokenizer=_has_tokenizer(folder),

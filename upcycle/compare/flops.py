@@ -39,7 +39,7 @@ def model_cost(model_dir: Path | str) -> ModelCost:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from upcycle.moe_modules import moe_blocks, router_of
+    from upcycle.hf.moe_modules import moe_blocks, router_of
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"), warnings.catch_warnings():

@@ -9,6 +9,7 @@ from pathlib import Path
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.plan import UpcyclePlan, build_plan
 from upcycle.convert.source import open_source
+from upcycle.convert.targets import check_options
 from upcycle.convert.writer import Progress, check_output, write_plan
 from upcycle.output_safety import free_space, refuse_overlap
 
@@ -39,7 +40,7 @@ def convert(
     """
     start = time.perf_counter()
     options = options or UpcycleOptions()
-    options.validate()
+    check_options(options)
     src, out = Path(src), Path(out).absolute()
     refuse_overlap(out, [("the source", src)])
     if not dry_run:

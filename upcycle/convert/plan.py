@@ -17,7 +17,7 @@ from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, des
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
-from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets
+from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
 from upcycle.errors import SourceError, UnsupportedModelError
 from upcycle.memory import available_memory
 
@@ -205,7 +205,7 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     Before any recipe is made, the plan's size is estimated and refused when it exceeds the memory available or
     `disk` (free bytes, and where), so an absurd request fails in a moment rather than after minutes.
     """
-    opts.validate()
+    check_options(opts)
     dense = describe_dense(source.config, source.tensors)
     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
     candidates = candidate_targets(dense, opts, layout)
@@ -248,7 +248,7 @@ def _proven_target(
 ) -> tuple[Target, dict, dict]:
     """The first candidate whose config makes transformers compute what the dense config does, checked
     independently of this module's mapping; refuse when none does (nothing is written)."""
-    from upcycle.verify.config_check import check_config_equivalence
+    from upcycle.hf.config_check import check_config_equivalence
 
     failures = []
     for target in candidates:

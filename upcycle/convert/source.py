@@ -320,7 +320,7 @@ def open_source(path: Path, trust_remote_code: bool = False, scratch: Path | Non
         return
     if not path.is_file():
         raise SourceError(f"source {path} does not exist.", "pass an existing .gguf file or model folder.")
-    from upcycle.convert.gguf_source import dequantize_gguf
+    from upcycle.hf.gguf import dequantize_gguf
 
     parent = scratch if scratch is not None else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix=".upcycle-gguf-", dir=parent) as tmp:

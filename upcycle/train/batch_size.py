@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from upcycle.errors import OptionError
 
 if TYPE_CHECKING:
-    from upcycle.train.recipe import TrainRecipe
+    from upcycle.train.recipe_sections import BatchSection
 
 
 # ------------------------------------------------------------------------------------------- argument checks
@@ -113,14 +113,13 @@ class ResolvedBatch:
         return self.steps * self.tokens_per_step
 
 
-def resolve_batch(recipe: TrainRecipe, world_size: int) -> ResolvedBatch:
+def resolve_batch(batch: BatchSection, seq_len: int, world_size: int) -> ResolvedBatch:
     """Gradient accumulation and step count for ``world_size`` ranks, or an OptionError saying what to change.
 
     The recipe's ``batch`` section was validated when it was built (one of grad_accum / global_batch_tokens at
     most, exactly one of steps / tokens); only the split over ``world_size`` ranks is new here.
     """
     world_size = positive_int("world size", world_size, "launch at least one rank.")
-    batch, seq_len = recipe.batch, recipe.data.seq_len
     micro = batch.micro_batch_size
     if batch.global_batch_tokens is not None:
         tokens = batch.global_batch_tokens

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from upcycle.moe_modules import decoder_layers as find_decoder_layers
+from upcycle.hf.moe_modules import decoder_layers as find_decoder_layers
 
 
 @dataclass(frozen=True)

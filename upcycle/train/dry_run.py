@@ -89,7 +89,7 @@ def dry_run(recipe: TrainRecipe, world_size: int | None = None, device_memory: i
     if recipe.model.path is not None:
         shape = model_shape(meta_model(Path(recipe.model.path), recipe.model.trust_remote_code))
     layout = resolve_layout(recipe.parallel, world, shape.num_experts)
-    batch = resolve_batch(recipe, layout.data_parallel)
+    batch = resolve_batch(recipe.batch, recipe.data.seq_len, layout.data_parallel)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world if world_size else 1))
     budget, device_name, accelerator = _device_budget(device_memory, ranks_here)
     precision = recipe.run.precision

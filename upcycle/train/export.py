@@ -24,6 +24,7 @@ from upcycle.model_card import CARD_NAME, write_training_card
 from upcycle.model_files import COPIED_FILES
 from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
 from upcycle.train.distributed import Dist, barrier
+from upcycle.train.metrics import read_metrics
 
 EXPORT_FILES = (
     "config.json", "model*.safetensors", "model.safetensors.index.json", "upcycle.json", CARD_NAME, *COPIED_FILES,
@@ -136,7 +137,9 @@ def export_model(
             record = training_record(source, summary)
             (tmp / "upcycle.json").write_text(json.dumps(record, indent=2) + "\n")
             name = f"{out.parent.name}/{out.name}" if out.name == "export" else out.name  # a run's export: RUN/export
-            write_training_card(tmp, record, run_dir or _recipe_run_dir(summary), source, model_id=name)
+            log_dir = run_dir or _recipe_run_dir(summary)
+            metrics = read_metrics(log_dir) if log_dir is not None else []
+            write_training_card(tmp, record, metrics, source, model_id=name)
     barrier(info)
     return out if info.is_main else None
 
@@ -213,7 +216,7 @@ def export_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
     Everything is checked before the model is loaded: OUT apart from its inputs (:func:`refuse_export_overlap`),
     and an existing OUT replaced only with ``force``, atomically.
     """
-    from upcycle.loading import load_causal_lm_strict
+    from upcycle.hf.loading import load_causal_lm_strict
     from upcycle.train.checkpoint import load_checkpoint, read_trainer_state
     from upcycle.train.distributed import Dist
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.loading import load_causal_lm_strict
-from upcycle.moe_modules import moe_blocks
+from upcycle.hf.loading import load_causal_lm_strict
+from upcycle.hf.moe_modules import moe_blocks
 from upcycle.output_safety import refuse_overlap
 from upcycle.train import moe_losses, step0
 from upcycle.train.batch_order import BatchOrder, repetition_note
@@ -451,7 +451,7 @@ def _train(
 
     shape = model_shape(meta_model(recipe.model.path, recipe.model.trust_remote_code))
     layout = resolve_layout(recipe.parallel, info.world_size, shape.num_experts)
-    batch = resolve_batch(recipe, layout.data_parallel)
+    batch = resolve_batch(recipe.batch, recipe.data.seq_len, layout.data_parallel)
     point = None
     if checkpoint is not None:  # checked before any data is tokenised or weights loaded
         saved = read_trainer_state(checkpoint)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upcycle.moe_modules import decoder_layers, moe_blocks
+from upcycle.hf.moe_modules import decoder_layers, moe_blocks
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from upcycle.moe_modules import moe_blocks, router_of
+from upcycle.hf.moe_modules import moe_blocks, router_of
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The router of every sparse block (see upcycle.moe_modules)."""
+    """The router of every sparse block (see upcycle.hf.moe_modules)."""
     return [(f"{name}.gate", router_of(module)) for name, module in moe_blocks(model)]
 
 

@@ -19,7 +19,7 @@ import yaml
 from upcycle.errors import OptionError
 from upcycle.train.batch_size import check_whole_micro_batches
 from upcycle.train.overrides import apply_overrides
-from upcycle.train.recipe_fields import StrictLoader, describe, section_mapping, type_error
+from upcycle.train.recipe_fields import StrictLoader, UnknownKey, describe, section_mapping, type_error
 from upcycle.train.recipe_keys import unknown_key
 from upcycle.train.recipe_paths import absolute_path, data_files, model_path
 from upcycle.train.recipe_sections import (
@@ -95,10 +95,13 @@ def recipe_from_dict(
     source = data.get("source")
     if source is not None and not isinstance(source, str):
         raise type_error("source", "a string", source, "recipes/my.yaml")
-    kwargs = {name: section_mapping(cls, data.get(name), name) for name, cls in SECTIONS.items()}
-    model, dat, run = ModelSection(**kwargs["model"]), DataSection(**kwargs["data"]), RunSection(**kwargs["run"])
-    batch, optim, moe = BatchSection(**kwargs["batch"]), OptimSection(**kwargs["optim"]), MoESection(**kwargs["moe"])
-    parallel = ParallelSection(**kwargs["parallel"])
+    try:
+        kwargs = {name: section_mapping(cls, data.get(name), name) for name, cls in SECTIONS.items()}
+        model, dat, run = ModelSection(**kwargs["model"]), DataSection(**kwargs["data"]), RunSection(**kwargs["run"])
+        batch, optim = BatchSection(**kwargs["batch"]), OptimSection(**kwargs["optim"])
+        moe, parallel = MoESection(**kwargs["moe"]), ParallelSection(**kwargs["parallel"])
+    except UnknownKey as error:  # the nearest valid key, from every section's keys
+        raise unknown_key(error.key, error.known, error.section) from None
     if model.path is not None and model.source is not None:
         raise OptionError(
             "model.path and model.source are both set.",

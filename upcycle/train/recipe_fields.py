@@ -95,6 +95,14 @@ def _nested_section(cls: type[Section], value: Any, key: str) -> Section:
     return value if isinstance(value, cls) else cls(**section_mapping(cls, value, key))
 
 
+class UnknownKey(OptionError):
+    """A key no section has; `recipe_from_dict` names the nearest valid one (it knows every section)."""
+
+    def __init__(self, key: str, known: list[str], section: str) -> None:
+        super().__init__(f"unknown key {key}.", f"remove it, or use a key valid in {section}: {', '.join(known)}.")
+        self.key, self.known, self.section = key, known, section
+
+
 def section_mapping(cls: type[Section], raw: Any, key: str) -> dict[str, Any]:
     """A section's YAML mapping, checked: a mapping, no unknown key (the nearest valid one named), none missing."""
     if raw is None:  # "moe:" with nothing under it: every default
@@ -104,9 +112,7 @@ def section_mapping(cls: type[Section], raw: Any, key: str) -> dict[str, Any]:
     known = list(field_types(cls))
     for name in raw:
         if name not in known:
-            from upcycle.train.recipe_keys import unknown_key  # the key list needs every section defined
-
-            raise unknown_key(f"{key}.{name}", known, key)
+            raise UnknownKey(f"{key}.{name}", known, key)
     for f in fields(cls):
         if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise OptionError(f"missing required key {key}.{f.name}.", f"add {f.name}: under {key}:.")

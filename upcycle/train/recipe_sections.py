@@ -54,8 +54,10 @@ class UpcycleSection(Section):
         return UpcycleOptions(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     def _check(self) -> None:
+        from upcycle.convert.targets import check_options
+
         try:
-            self.options().validate()
+            check_options(self.options())
         except OptionError as error:
             raise OptionError(f"model.upcycle: {error.problem}", error.fix) from None
 

@@ -21,7 +21,8 @@ from upcycle.convert.plan import Exactness, UpcyclePlan, mark_rounding, rounded_
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
-from upcycle.verify.config_check import ConfigReport, check_config_equivalence
+from upcycle.hf.config_check import ConfigReport, check_config_equivalence
+from upcycle.hf.skeleton import SkeletonError
 from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
     TOLERANCE,
@@ -32,7 +33,6 @@ from upcycle.verify.function import (
     tolerance_for,
 )
 from upcycle.verify.modes import MODES, choose_mode
-from upcycle.verify.skeleton import SkeletonError
 from upcycle.verify.streaming import StreamingError, StreamingReport, check_streaming
 from upcycle.verify.weights import WeightChecker, WeightReport
 

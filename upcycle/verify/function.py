@@ -126,7 +126,7 @@ def check_function(
     Each model is loaded as stored (every value exact), then computes in `dtype`: a bf16 MoE of an fp32 dense model
     is compared with the fp32 dense model, so a rounding the conversion made is measured, not hidden.
     """
-    from upcycle.loading import load_causal_lm, load_causal_lm_strict
+    from upcycle.hf.loading import load_causal_lm, load_causal_lm_strict
 
     torch_dtype = TORCH_DTYPES[dtype]
     loaded = load_dtype(dtype)

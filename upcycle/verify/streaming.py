@@ -33,9 +33,8 @@ from upcycle.convert.finite import non_finite_count
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource
 from upcycle.convert.targets import TARGETS, Target
-from upcycle.hf_config import load_config
-from upcycle.verify.function import TORCH_DTYPES, load_text_tokens
-from upcycle.verify.skeleton import (
+from upcycle.hf.config import load_config
+from upcycle.hf.skeleton import (
     SkeletonError,
     assigned,
     decoder_layers,
@@ -43,6 +42,7 @@ from upcycle.verify.skeleton import (
     meta_model,
     rebuild_rotary,
 )
+from upcycle.verify.function import TORCH_DTYPES, load_text_tokens
 from upcycle.verify.weights import CHUNK_BYTES, WeightChecker, same_bits, tensor_difference
 
 

@@ -21,7 +21,7 @@ from upcycle.convert.families.base import (
 )
 from upcycle.convert.families.refused import REFUSED
 from upcycle.errors import SourceError, UnsupportedModelError
-from upcycle.hf_config import UnknownConfigError, load_config, resolved_fields
+from upcycle.hf.config import UnknownConfigError, load_config, resolved_fields
 
 FAMILY_MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "olmo2", "ernie4_5", "hunyuan_v1_dense", "seed_oss", "internlm3",
@@ -65,8 +65,8 @@ def _diagnose(model_type: str) -> str:
         return "the installed transformers does not know this model type"
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "transformers has no causal language model class for it (not a decoder-only text model)"
-    from upcycle.moe_modules import moe_blocks
-    from upcycle.verify.skeleton import SkeletonError, meta_model
+    from upcycle.hf.moe_modules import moe_blocks
+    from upcycle.hf.skeleton import SkeletonError, meta_model
 
     try:
         model = meta_model(CONFIG_MAPPING[model_type](), "eager")
@@ -204,7 +204,7 @@ def _intermediate_size(family: Family, expected: dict[str, tuple[int, ...]], res
 
 def _expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor the family's transformers class saves for this config, with its shape (tied copies left out)."""
-    from upcycle.verify.skeleton import SkeletonError, meta_model
+    from upcycle.hf.skeleton import SkeletonError, meta_model
 
     try:
         model = meta_model(load_config(config), "eager")

@@ -67,7 +67,7 @@ def family_rows() -> list[FamilyRow]:
 
 def _plain_dense(family: Family) -> DenseModel:
     """The family with its class's defaults and no windows: what the method columns describe."""
-    from upcycle.hf_config import UnknownConfigError, resolved_fields
+    from upcycle.hf.config import UnknownConfigError, resolved_fields
 
     try:
         defaults = resolved_fields({"model_type": family.model_type})

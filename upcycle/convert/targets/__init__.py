@@ -14,9 +14,9 @@ from upcycle.convert.targets.hunyuan_v1_moe import HunyuanMoeTarget
 from upcycle.convert.targets.lfm2_moe import Lfm2MoeTarget
 from upcycle.convert.targets.mixtral import MixtralTarget
 from upcycle.convert.targets.qwen_moe import Qwen2MoeTarget, Qwen3MoeTarget
-from upcycle.errors import UnsupportedModelError
+from upcycle.errors import OptionError, UnsupportedModelError
 
-# The one list of target classes: the CLI, options and `upcycle families` read it.
+# The one list of target classes: the CLI, `check_options` and `upcycle families` read it.
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -25,6 +25,13 @@ TARGETS: dict[str, Target] = {
         Lfm2MoeTarget(),
     )
 }  # fmt: skip
+
+
+def check_options(opts: UpcycleOptions) -> None:
+    """The options' own checks, and that a named target exists (the options sit below the targets: not there)."""
+    opts.validate()
+    if opts.target != "auto" and opts.target not in TARGETS:
+        raise OptionError(f"unknown --target {opts.target!r}.", f"choose auto or one of: {', '.join(TARGETS)}.")
 
 
 def preferred_target(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str:
@@ -58,4 +65,4 @@ def candidate_targets(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -
     return [TARGETS[n] for n in sorted(fits, key=lambda n: n != name)]
 
 
-__all__ = ["TARGETS", "Layout", "Target", "candidate_targets", "preferred_target"]
+__all__ = ["TARGETS", "Layout", "Target", "candidate_targets", "check_options", "preferred_target"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.verify.probe import (
+from upcycle.hf.probe import (
     ProbeError,
     _fused_spans,
     _materialize,
@@ -33,7 +33,7 @@ from upcycle.verify.probe import (
     _split_layer,
     load_config,
 )
-from upcycle.verify.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
+from upcycle.hf.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
 
 GENERATE_LIMIT = 4160  # positions a probe generates across (a 4096 window or original context, and a margin)
 NEW_TOKENS = 8  # tokens generated past each switch point's prompt

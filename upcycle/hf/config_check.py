@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from upcycle.verify.generation_probe import (
+from upcycle.hf.generation_probe import (
     causal_lm_class,
     class_hooks,
     compare_generation,
     generation_spec,
     switch_points,
 )
-from upcycle.verify.probe import (
+from upcycle.hf.probe import (
     PROBE_TOKENS,
     ComputeSpec,
     LayerSpec,

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.hf_config import UnknownConfigError
-from upcycle.hf_config import load_config as _load_config
-from upcycle.moe_modules import is_moe_block
-from upcycle.verify.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
+from upcycle.hf.config import UnknownConfigError
+from upcycle.hf.config import load_config as _load_config
+from upcycle.hf.moe_modules import is_moe_block
+from upcycle.hf.skeleton import SkeletonError, decoder_layers, meta_model, rebuild_rotary
 
 PROBE_IMPLEMENTATION = "upcycle_probe"
 PROBE_TOKENS = 16  # the functional probe's sequence; longer windows are checked on the mask functions

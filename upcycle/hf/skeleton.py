@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.moe_modules import decoder_layers as find_decoder_layers
+from upcycle.hf.moe_modules import decoder_layers as find_decoder_layers
 
 
 class SkeletonError(Exception):
