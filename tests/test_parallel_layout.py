@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +11,10 @@ import transformers
 from train_helpers import make_tiny_pair
 
 from upcycle.errors import OptionError
-from upcycle.train.memory_plan import Workload, parse_bytes, plan_memory
+from upcycle.train.memory_plan import Workload, plan_memory
 from upcycle.train.model_shape import meta_model, model_shape
 from upcycle.train.parallel import Layout, engine_available, resolve_layout
-from upcycle.units import format_bytes
+from upcycle.units import format_bytes, parse_size
 
 needs_engine = pytest.mark.skipif(not engine_available(), reason="this transformers has no expert parallelism or HSDP")
 
@@ -95,10 +96,11 @@ def test_memory_plan_shards_weights_and_states_by_the_layout(tiny_moe):
 
 
 def test_device_memory_sizes_parse_and_refuse():
-    assert parse_bytes("80GB") == 80 * 1024**3 == parse_bytes("80GiB") == parse_bytes("80g")
+    assert parse_size("80GiB", "--device-memory") == 80 * 1024**3 == parse_size("80gib", "--device-memory")
+    assert parse_size("80GB", "--device-memory") == 80 * 1000**3  # one rule for every size: GB = 1e9
     assert format_bytes(3 * 1024**3) == "3.00 GiB"
-    with pytest.raises(OptionError, match="not an amount of memory"):
-        parse_bytes("lots")
+    with pytest.raises(OptionError, match="is not a size"):
+        parse_size("lots", "--device-memory")
 
 
 @needs_engine
@@ -123,7 +125,7 @@ def test_dry_run_plans_an_8x8b_upcycle_on_64_ranks_without_weights(tmp_path):
     data["data"]["seq_len"] = 4096
     data["model"]["activation_checkpointing"] = True
     recipe = write_recipe(tmp_path / "r.yaml", data)
-    args = ["train", str(recipe), "--dry-run", "--world-size", "64", "--device-memory", "80GB"]
+    args = ["train", str(recipe), "--dry-run", "--world-size", "64", "--device-memory", "80GiB"]
     args += ["--set", "run.precision=bf16", "--set", "parallel.ep=8"]
     per_node = run_cli(*args, "--set", "parallel.replicate=8")  # HSDP: each node holds a whole copy
     assert per_node.returncode == 0, per_node.stderr
@@ -147,7 +149,7 @@ def test_the_shipped_multi_node_recipe_plans_two_nodes_of_eight(tmp_path):
     from train_helpers import isolated_cache, run_cli
 
     cache = isolated_cache(tmp_path / "cache")
-    args = ["train", "multi-node", "--dry-run", "--world-size", "16", "--device-memory", "80GB"]
+    args = ["train", "multi-node", "--dry-run", "--world-size", "16", "--device-memory", "80GiB"]
     result = run_cli(*args, "--set", f"run.output_dir={tmp_path / 'run'}", env={"UPCYCLE_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     assert "not converted yet; shapes from the conversion plan" in result.stdout
@@ -155,3 +157,27 @@ def test_the_shipped_multi_node_recipe_plans_two_nodes_of_eight(tmp_path):
     assert "replicate 2 x fsdp 8" in result.stdout and "ep 8 x expert-fsdp 1 x replicate 2" in result.stdout
     assert "rank 9: E1" in result.stdout and "16 data rank(s)" in result.stdout
     assert "\nfits the given --device-memory" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2GB", 2 * 1000**3), ("2GiB", 2 * 1024**3), ("500mb", 500 * 1000**2), ("1.5TB", 1_500_000_000_000),
+     ("4096", 4096), (" 20 MiB ", 20 * 1024**2)],
+)  # fmt: skip
+def test_every_size_option_reads_a_size_the_same_way(text, expected):
+    """--shard-size, --device-memory and the options' default: one parser, GB = 1e9 and GiB = 2^30."""
+    assert parse_size(text, "--shard-size") == expected == parse_size(text, "--device-memory")
+
+
+def test_the_shard_size_default_is_the_command_lines():
+    from upcycle.cli import convert_cmd
+    from upcycle.convert.options import UpcycleOptions
+
+    default = inspect.signature(convert_cmd).parameters["shard_size"].default
+    assert parse_size(default, "--shard-size") == UpcycleOptions().shard_size == 2 * 1000**3
+
+
+@pytest.mark.parametrize("text", ["2 GB GB", "lots", "-1GB", "0", "2XB", "inf"])
+def test_a_size_that_is_not_one_is_refused_naming_its_option(text):
+    with pytest.raises(OptionError, match="--shard-size"):
+        parse_size(text, "--shard-size")

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from upcycle.errors import OptionError, SourceError, UpcycleError
+from upcycle.units import parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -72,16 +73,6 @@ def fail(error: BaseException) -> typer.Exit:
     raise error
 
 
-def parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-    stripped = text.strip().upper()
-    number = stripped.rstrip("KMGIB")
-    try:
-        return int(float(number) * units[stripped[len(number) :]])
-    except (ValueError, KeyError):
-        raise typer.BadParameter(f"{text!r} is not a size; use e.g. 2GB, 500MB or a byte count.") from None
-
-
 @app.command("convert")
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Dense model: a local Hugging Face folder or a .gguf file.")],
@@ -97,7 +88,9 @@ def convert_cmd(
     layers: Annotated[str, typer.Option(help="Layers that become MoE: all, 0-11, 0,2,4 ...")] = "all",
     target: Annotated[str, typer.Option(help="auto, or a target class from `upcycle families`.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (as the source), float32, bfloat16, float16.")] = "auto",
-    shard_size: Annotated[str, typer.Option(help="Maximum size of one safetensors file.")] = "2GB",
+    shard_size: Annotated[
+        str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
+    ] = "2GB",
     seed: Annotated[int, typer.Option(help="Seed for routers, Drop-Upcycling and noise.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -120,7 +113,7 @@ def convert_cmd(
             layers=layers,
             target=target,
             dtype=dtype,
-            shard_size=parse_size(shard_size),
+            shard_size=parse_size(shard_size, "--shard-size"),
             seed=seed,
         )
         with _transfer_progress(disable=dry_run) as progress:
@@ -438,7 +431,8 @@ def train_cmd(
         int | None, typer.Option(min=1, help="With --dry-run: plan for this many ranks instead of those launched.")
     ] = None,
     device_memory: Annotated[
-        str | None, typer.Option(help="With --dry-run: memory of one rank's device, e.g. 80GB (default: the one seen).")
+        str | None,
+        typer.Option(help="With --dry-run: one rank's device memory, e.g. 80GiB (default: the one seen)."),
     ] = None,
 ) -> None:
     """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs and nodes under torchrun)."""
@@ -452,9 +446,8 @@ def train_cmd(
             if not dry_run:
                 raise OptionError("--world-size and --device-memory only plan a run.", "add --dry-run.")
             from upcycle.train.dry_run import dry_run as plan_run
-            from upcycle.train.memory_plan import parse_bytes
 
-            budget = parse_bytes(device_memory) if device_memory is not None else None
+            budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
             for line in plan_run(loaded, world_size, budget).lines():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
             return

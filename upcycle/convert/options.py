@@ -29,7 +29,7 @@ class UpcycleOptions:
     layers: str = "all"  # which decoder layers become MoE (others stay dense)
     target: str = "auto"
     dtype: str = "auto"
-    shard_size: int = 2 * 1024**3  # bytes per output safetensors file
+    shard_size: int = 2 * 1000**3  # bytes per output safetensors file: 2GB, as `--shard-size` reads it
     seed: int = 0
     extra: dict = field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
 
@@ -88,7 +88,7 @@ class UpcycleOptions:
         self.weight_scale_factor_override()
         if self.dtype not in DTYPES:
             raise OptionError(f"unknown --dtype {self.dtype!r}.", f"choose one of: {', '.join(DTYPES)}.")
-        if self.shard_size < 1024**2:
+        if self.shard_size < 1000**2:
             raise OptionError(f"--shard-size must be at least 1MB (got {self.shard_size} bytes).", "use 2GB.")
 
     def weight_scale_factor_override(self) -> float | None:

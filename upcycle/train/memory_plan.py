@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from upcycle.errors import OptionError
 from upcycle.train.model_shape import LayerShape, ModelShape
 from upcycle.train.parallel import Layout
 
@@ -107,17 +106,3 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, device_bytes:
         ("logits and loss", tokens * shape.vocab * (c + 2 * FP32), f"{tokens} tokens x vocab {shape.vocab:,}")
     )
     return plan
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '24g', '1.5TB' or a plain byte count; decimal and binary prefixes both mean 1024 here
-    (a GPU's "80GB" is 80 GiB)."""
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    try:
-        count = int(float(value[:-1]) * scale[value[-1]]) if value and value[-1] in scale else int(float(value))
-    except ValueError:
-        count = 0
-    if count <= 0:
-        raise OptionError(f"--device-memory {text!r} is not an amount of memory.", "write it like 80GB or 24GiB.")
-    return count
