@@ -23,15 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
 from upcycle.output_safety import publish_atomically
-
-try:  # POSIX only; without it we simply build without a cross-process lock
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +61,11 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def cache_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock so parallel processes (pytest workers, demo + tests) build an asset once."""
+    """Hold an exclusive lock so parallel processes (pytest workers, demo + tests, ranks) build an entry once."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover - Windows
+    with FileLock(root / f".{name}.lock"):
         yield
-        return
-    with open(root / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pip(args: list[str], what: str) -> None:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from upcycle.errors import OptionError, SourceError, UpcycleError
+from upcycle.spans import layer_spans
 from upcycle.units import parse_size
 
 app = typer.Typer(
@@ -169,7 +170,7 @@ def _print_plan(plan: Any, show_tensors: bool) -> None:
         ("target", f"{plan.architecture} ({plan.target})"),
         ("experts", f"{opts.num_experts} = E {opts.experts} x G {opts.granularity}, top-{opts.top_k}"),
         ("router", f"{opts.router}, init {opts.router_init}"),
-        ("MoE layers", _ranges(plan.moe_layers)),
+        ("MoE layers", layer_spans(plan.moe_layers)),
         ("dtype", plan.dtype),
         ("method", f"{plan.exactness.method}: {exact}"),
         ("config check", _config_check_text(plan.config_check)),
@@ -202,16 +203,6 @@ def _config_check_text(record: dict) -> str:
         f"[green]passed[/]: transformers {record.get('transformers')} computes every layer of the MoE config as the "
         f"dense one ({windows})"
     )
-
-
-def _ranges(layers: tuple[int, ...]) -> str:
-    spans: list[str] = []
-    for i in layers:
-        if spans and spans[-1].split("-")[-1] == str(i - 1):
-            spans[-1] = f"{spans[-1].split('-')[0]}-{i}"
-        else:
-            spans.append(str(i))
-    return ", ".join(spans)
 
 
 @app.command("families")

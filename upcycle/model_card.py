@@ -8,7 +8,6 @@ the record holds or what was measured.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import yaml
 
 from upcycle.errors import SourceError
-from upcycle.output_safety import remove, temporary_sibling
+from upcycle.output_safety import write_text_atomically
+from upcycle.spans import layer_spans
 
 CARD_NAME = "README.md"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -242,23 +242,12 @@ def _experts_text(copies: int, shards: int) -> str:
 
 
 def _layers_text(moe_layers: list[int], num_layers: int | None) -> str:
-    spans = _spans(list(moe_layers))
+    spans = layer_spans(list(moe_layers))
     if num_layers is None:
         return spans
     if len(moe_layers) == num_layers:
         return f"all {num_layers} ({spans})"
     return f"{spans} of {num_layers} layers (the others keep the dense MLP)"
-
-
-def _spans(layers: list[int]) -> str:
-    """0,1,2,5 -> "0-2, 5"."""
-    runs: list[list[int]] = []
-    for layer in sorted(layers):
-        if runs and runs[-1][1] == layer - 1:
-            runs[-1][1] = layer
-        else:
-            runs.append([layer, layer])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -453,13 +442,7 @@ def rewrite_conversion_card(folder: Path, verify: dict[str, Any] | None = None) 
 def write_card(folder: Path, text: str) -> Path:
     """FOLDER/README.md replaced in one rename, so a reader sees the old card or the new one, never half of one."""
     path = folder / CARD_NAME
-    tmp = temporary_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        remove(tmp)
-        raise
+    write_text_atomically(path, text)
     return path
 
 

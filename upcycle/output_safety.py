@@ -126,8 +126,12 @@ def remove(path: Path) -> None:
 def write_text_atomically(path: Path, text: str) -> None:
     """Write a small file whole or not at all: a kill mid-write leaves the old file (or none), never half."""
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomically(path: Path, data: Any) -> None:

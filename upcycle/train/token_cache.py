@@ -12,17 +12,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
@@ -30,11 +30,6 @@ from upcycle.output_safety import write_json_atomically
 from upcycle.train.cache_integrity import set_aside
 from upcycle.train.documents import check_text_file, iter_documents
 from upcycle.train.launch_checks import checked_in_this_launch, mark_checked
-
-try:  # POSIX only; without it concurrent builds of one key each write the same file and the last rename wins
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +99,6 @@ def default_cache_dir() -> Path:
     from upcycle.assets import cache_dir
 
     return cache_dir() / "tokens"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock so that ranks and parallel runs building the same stream wait for one builder."""
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _split_long(text: str, max_chars: int) -> list[str]:
@@ -304,7 +285,7 @@ def build_token_file(
     if final.is_file() and checked_in_this_launch(final, entry):
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{key}.lock"):
+    with FileLock(cache_dir / f".{key}.lock"):  # ranks and parallel runs wait for one builder
         if final.is_file():  # another rank or run may have built (or repaired) it while we waited
             problem = stream_problem(final)
             if problem is None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.recipe import TensorRecipe
+from upcycle.spans import layer_spans
 
 # Copied from the dense config as transformers resolves it (absent fields take the *source* class's default, and
 # are written out, so the target class's defaults never apply): they shape attention, norms and embeddings.
@@ -66,7 +67,7 @@ def uniform_window_problem(dense: DenseModel, architecture: str) -> str | None:
         return None
     return (
         f"{architecture} applies one attention window to every layer, but this model slides only on layers "
-        f"{_spans(dense.windowed_layers())}"
+        f"{layer_spans(dense.windowed_layers())}"
     )
 
 
@@ -94,16 +95,6 @@ def no_groups_problem(target: Target, opts: UpcycleOptions) -> str | None:
             "with group-limited routing, or -g 1)"
         )
     return None
-
-
-def _spans(layers: list[int]) -> str:
-    spans: list[list[int]] = []
-    for i in layers:
-        if spans and spans[-1][1] == i - 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def attention_problem(target: Target, dense: DenseModel) -> str | None:
