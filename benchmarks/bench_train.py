@@ -10,7 +10,8 @@ empty compile and autotune caches unless ``--cache-dir`` is given):
   ``torch.cuda.synchronize()`` on a GPU, so everything a loop does between steps counts;
 - **peak memory**: ``torch.cuda.max_memory_allocated()`` on a GPU; on the CPU the child's own ``ru_maxrss``;
 - **TFLOP/s and MFU**: steady tokens/s x FLOPs per token, counted by the rule ``upcycle compare`` uses
-  (:func:`upcycle.compare.model_cost`, :data:`upcycle.compare.FLOPS_FORMULA`: the PaLM appendix convention,
+  (:func:`upcycle.experiments.flops.model_cost`, :data:`upcycle.experiments.flops.FLOPS_FORMULA`: the PaLM appendix
+  convention,
   every matmul forward and backward, attention over the full S x S square, only top-k of the E experts). MFU
   is against the device's dense bf16 peak (a small table keyed on the device name, or ``--peak-tflops``); none
   on the CPU.
@@ -21,7 +22,7 @@ Routes (``--routes``, comma list):
    steps and constant LR, ``experts_implementation: auto`` (upcycle's Triton kernels on a CUDA GPU, else
    transformers' grouped_mm), its defaults otherwise (aux loss 1e-2, gradient clipping at 1.0, fp32 master
    weights with bf16 autocast on a GPU), and the run section compare's runs use
-   (:func:`upcycle.compare.measurement_run`: no evaluation, export, checkpoint or TensorBoard);
+   (:func:`upcycle.experiments.paper_recipe.measurement_run`: no evaluation, export, checkpoint or TensorBoard);
 2. ``plain-eager``: the loop everyone writes: ``AutoModelForCausalLM.from_pretrained`` (transformers' default
    ``grouped_mm`` experts), ``torch.optim.AdamW`` with its defaults but the same LR, betas, eps and weight
    decay, then per step ``model(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad()`` on the
@@ -211,7 +212,7 @@ def child_upcycle(spec: dict[str, Any], events: Events) -> None:
 
     import torch
 
-    from upcycle.compare import measurement_run
+    from upcycle.experiments.paper_recipe import measurement_run
     from upcycle.train.loop import train
     from upcycle.train.recipe import TrainRecipe
     from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, OptimSection
@@ -242,8 +243,8 @@ def child_upcycle(spec: dict[str, Any], events: Events) -> None:
 
 
 def flops_info(folder: Path, seq: int) -> dict[str, Any]:
-    """Parameter counts and FLOPs per token by upcycle's one rule (upcycle.compare.model_cost)."""
-    from upcycle.compare import FLOPS_FORMULA, model_cost
+    """Parameter counts and FLOPs per token by upcycle's one rule (upcycle.experiments.flops.model_cost)."""
+    from upcycle.experiments.flops import FLOPS_FORMULA, model_cost
 
     cost = model_cost(folder)
     return {
@@ -559,7 +560,7 @@ def report(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from upcycle.compare import FLOPS_FORMULA
+    from upcycle.experiments.flops import FLOPS_FORMULA
 
     p, s = result["prepared"], result["prepared"]["settings"]
     summaries = result["summaries"]

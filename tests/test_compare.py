@@ -11,23 +11,16 @@ import pytest
 from tiny_models import make_dense
 
 from upcycle import assets
-from upcycle.compare import (
-    RESULT_FILE,
-    RUN_INFO_FILE,
-    SIZES,
-    VARIANTS,
-    RunSpec,
-    Size,
-    arm_points,
-    compare_main,
-    load_run,
-    model_cost,
-    paper_recipe,
-    plot_main,
-)
 from upcycle.convert import UpcycleOptions, convert
+from upcycle.experiments.compare import compare_main, plot_main
+from upcycle.experiments.flops import model_cost
+from upcycle.experiments.paper_recipe import paper_recipe, paper_settings
+from upcycle.experiments.run_data import RESULT_FILE, RUN_INFO_FILE, load_run
+from upcycle.experiments.run_spec import RunSpec
+from upcycle.experiments.sizes import SIZES, Size
+from upcycle.experiments.sweep_plan import SweepPlan
+from upcycle.experiments.variants import VARIANTS, arm_points
 from upcycle.model_files import COPIED_FILES
-from upcycle.sweep.plan import SweepPlan
 from upcycle.train.metrics import read_metrics
 
 VOCAB = 49152  # SmolLM2's tokenizer: the text is real tokens
@@ -229,6 +222,10 @@ def test_every_size_plans_runs_of_equal_tokens_that_survive_the_process_boundary
         batch = recipe.batch
         assert recipe.data.seq_len * batch.micro_batch_size * batch.grad_accum * batch.steps == size.tokens
         assert (recipe.optim.lr, recipe.run.precision, recipe.run.seed) == (size.lr, size.precision, spec.seed)
+        shipped = paper_settings()  # the one paper recipe: its optimiser and router losses, the size's schedule
+        assert recipe.moe == shipped.moe and (recipe.optim.betas, recipe.optim.weight_decay) == (
+            shipped.optim.betas, shipped.optim.weight_decay,
+        )  # fmt: skip
         assert spec.run_dir == tmp_path / "runs" / f"{spec.variant}-s{spec.seed}"
         assert RunSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
         if spec.variant == "dense":

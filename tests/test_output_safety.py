@@ -19,8 +19,8 @@ from test_data import CORPUS, make_tokenizer
 from tiny_models import make_dense
 
 from upcycle import output_safety
-from upcycle.compare import check_compare_out
 from upcycle.errors import OutputError
+from upcycle.experiments.output import check_compare_out
 from upcycle.output_safety import publish_atomically, sweep_stale
 from upcycle.train.checkpoint import save_checkpoint
 from upcycle.train.export import check_replaceable_export

@@ -20,19 +20,14 @@ from pathlib import Path
 import pytest
 from train_helpers import moe_recipe, run_cli, source_recipe
 
-from upcycle.compare import RESULT_FILE, RunSpec, load_run
 from upcycle.errors import OptionError, OutputError
-from upcycle.sweep import (
-    combine,
-    grid_points,
-    parse_axis,
-    run_name,
-    safe_name,
-    split_values,
-    sweep_main,
-    variant_name,
-)
-from upcycle.sweep.plan import SweepPlan
+from upcycle.experiments.grid import combine, parse_axis, split_values
+from upcycle.experiments.naming import run_name, safe_name, variant_name
+from upcycle.experiments.points import grid_points
+from upcycle.experiments.run_data import RESULT_FILE, load_run
+from upcycle.experiments.run_spec import RunSpec
+from upcycle.experiments.sweep import sweep_main
+from upcycle.experiments.sweep_plan import SweepPlan
 from upcycle.train.metrics import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,12 +12,15 @@ import os
 import pytest
 from train_helpers import moe_recipe, source_recipe
 
-from upcycle.compare import SIZES, load_run
-from upcycle.compare.runner import slot_environments
 from upcycle.errors import OptionError
-from upcycle.sweep import grid_points, parse_axis, sweep_main
-from upcycle.sweep.plan import SweepPlan
-from upcycle.sweep.presets import PRESETS, describe_presets, size_sets, sweep_settings
+from upcycle.experiments.grid import parse_axis
+from upcycle.experiments.points import grid_points
+from upcycle.experiments.presets import PRESETS, describe_presets, size_sets, sweep_settings
+from upcycle.experiments.run_data import load_run
+from upcycle.experiments.runner import slot_environments
+from upcycle.experiments.sizes import SIZES
+from upcycle.experiments.sweep import sweep_main
+from upcycle.experiments.sweep_plan import SweepPlan
 from upcycle.train.recipe import load_recipe
 from upcycle.train.shipped_recipes import find_recipe
 

@@ -611,7 +611,7 @@ def compare_cmd(
 
     The sweep preset of named arms (upcycle sweep --preset compare): finished runs reused, a killed one resumed.
     """
-    from upcycle.compare import compare_main
+    from upcycle.experiments.compare import compare_main
 
     try:
         compare_main(
@@ -706,8 +706,8 @@ def sweep_cmd(
 
     One process per run, in OUT/runs; run it again to continue: finished runs reused, a killed one resumed.
     """
-    from upcycle.sweep import sweep_main
-    from upcycle.sweep.presets import COMPARE, describe_presets
+    from upcycle.experiments.presets import COMPARE, describe_presets
+    from upcycle.experiments.sweep import sweep_main
 
     if list_presets:
         for line in describe_presets():
@@ -716,7 +716,7 @@ def sweep_cmd(
     echo = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     try:
         if preset == COMPARE:
-            from upcycle.compare import compare_main
+            from upcycle.experiments.compare import compare_main
 
             refuse_for_compare(recipe, grid, zip_, seeds_for, with_dense, set_)
             compare_main(
@@ -790,7 +790,7 @@ def plot_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (atomically).")] = False,
 ) -> None:
     """Plot held-out loss against training tokens and training FLOPs for any set of runs."""
-    from upcycle.compare import plot_main
+    from upcycle.experiments.compare import plot_main
     from upcycle.routing_plot import plot_expert_load
 
     try:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.run_data import RunData
+from upcycle.experiments.run_data import RunData
 from upcycle.figures import save_figure
 
 

@@ -14,21 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.analysis import summarise
-from upcycle.compare.flops import FLOPS_FORMULA
-from upcycle.compare.output import check_compare_out, compare_inputs
-from upcycle.compare.recipes import DataEntries, paper_recipe
-from upcycle.compare.render import markdown_table, plot_runs
-from upcycle.compare.report import write_report
-from upcycle.compare.run_data import load_run
-from upcycle.compare.runner import Runner, check_parallel
-from upcycle.compare.sizes import Size, get_size
-from upcycle.compare.variants import arm_points, choose_arms, control_arm
 from upcycle.errors import OptionError
+from upcycle.experiments.compare_analysis import summarise
+from upcycle.experiments.compare_render import markdown_table, plot_runs
+from upcycle.experiments.execute import run_plan
+from upcycle.experiments.flops import FLOPS_FORMULA
+from upcycle.experiments.output import check_compare_out, compare_inputs
+from upcycle.experiments.paper_recipe import DataEntries, paper_recipe
+from upcycle.experiments.points import plan_conversions
+from upcycle.experiments.report import write_report
+from upcycle.experiments.run_data import load_run
+from upcycle.experiments.runner import Runner, check_parallel
+from upcycle.experiments.sizes import Size, get_size
+from upcycle.experiments.sweep_plan import SweepPlan
+from upcycle.experiments.variants import arm_points, choose_arms, control_arm
 from upcycle.output_safety import refuse_existing, refuse_overlap
-from upcycle.sweep.execute import run_plan
-from upcycle.sweep.plan import SweepPlan
-from upcycle.sweep.points import plan_conversions
 
 
 @dataclass
@@ -60,13 +60,13 @@ def compare_main(
     """``upcycle compare [RECIPE...] --size cpu|gpu --out DIR --seeds N``.
 
     With no recipe, trains the dense control and the paper's upcycles (``variants``, default
-    :data:`~upcycle.compare.variants.DEFAULT_VARIANTS`) of ``base`` (SmolLM2-135M by default) on the fixed
+    :data:`~upcycle.experiments.variants.DEFAULT_VARIANTS`) of ``base`` (SmolLM2-135M by default) on the fixed
     Shakespeare split. With recipes, each recipe is one arm (its model, data and optimiser; the size sets batch,
     sequence length and evaluation so every arm sees the same tokens); the dense control is the arm whose model
     has no experts. The dense control and the best MoE (lowest held-out loss at seed 0) run with ``seeds``
     seeds, the others with seed 0. Writes ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare.png``.
 
-    OUT is compare's own folder (see :func:`~upcycle.compare.output.check_compare_out`): it resumes the finished
+    OUT is compare's own folder (see :func:`~upcycle.experiments.output.check_compare_out`): it resumes the finished
     runs there, refuses a folder holding other files unless ``force``, and never lies over or inside what it
     reads (recipes, model folders, data files).
     """

@@ -1,10 +1,11 @@
 """A comparison's runs as training recipes: one base recipe per arm, each run derived from it.
 
-The paper's arms share one base recipe (the dense model or its upcycle, the fixed text, the size's learning-rate
-schedule, the paper's router losses); a user recipe is its own base (its model, data, optimiser and MoE
-settings). :func:`sized` then sets what must be equal across arms (sequence length, batch, steps, evaluation)
-and the run section, so every run of a comparison sees the same tokens. Runs are :class:`TrainRecipe` objects
-throughout: what a recipe is, and how it is checked, is defined once, in :mod:`upcycle.train.recipe`.
+The paper's arms share one base recipe, the shipped `paper-e8g1t2` (its optimiser and the paper's router losses),
+with the dense model or its upcycle, the fixed text and the size's learning-rate schedule; a user recipe is its
+own base (its model, data, optimiser and MoE settings). :func:`sized` then sets what must be equal across arms
+(sequence length, batch, steps, evaluation) and the run section, so every run of a comparison sees the same
+tokens. Runs are :class:`TrainRecipe` objects throughout: what a recipe is, and how it is checked, is defined
+once, in :mod:`upcycle.train.recipe`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.sizes import Size
-from upcycle.train.recipe import TrainRecipe
+from upcycle.experiments.sizes import Size
+from upcycle.train.recipe import TrainRecipe, load_recipe
 from upcycle.train.recipe_paths import data_files
-from upcycle.train.recipe_sections import (
-    BatchSection,
-    DataSection,
-    ModelSection,
-    MoESection,
-    OptimSection,
-    RunSection,
-    UpcycleSection,
-)
+from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, RunSection, UpcycleSection
+from upcycle.train.shipped_recipes import find_recipe
 
 DataEntries = str | Path | Sequence[str | Path]
 """Training or held-out text as compare takes it: files, folders, globs or ``asset:`` names."""
 
-PAPER_MOE = MoESection(aux_loss_coef=0.01, z_loss_coef=0.0, capacity_factor=None)
-"""The paper's router losses: its best load-balancing coefficient, no z-loss, dropless."""
+PAPER_RECIPE = "paper-e8g1t2"
+"""The shipped recipe of the paper's settings (optimiser, router losses): every paper arm derives from it, with
+its model, text, batch, evaluation and learning-rate schedule set by the comparison's size."""
+
+
+def paper_settings() -> TrainRecipe:
+    """The shipped paper recipe, its `asset:` names kept (nothing is fetched for settings that are replaced)."""
+    return load_recipe(find_recipe(PAPER_RECIPE), resolve_assets=False)
 
 
 def measurement_run(output_dir: Path | str, seed: int, precision: str = "auto", eval_interval: int = 0) -> RunSection:
@@ -55,7 +55,9 @@ def paper_recipe(size: Size, model: Path, train: DataEntries, heldout: DataEntri
     runs it; relative paths are taken against the current directory, as any command-line path.
     """
     cwd = Path.cwd()
-    return TrainRecipe(
+    paper = paper_settings()
+    return dataclasses.replace(
+        paper,
         model=ModelSection(path=str(model), experts_implementation=size.experts_implementation),
         data=DataSection(
             train=data_files(_entries(train), "data.train", cwd, resolve_assets=True),
@@ -64,9 +66,9 @@ def paper_recipe(size: Size, model: Path, train: DataEntries, heldout: DataEntri
             eval_sequences=size.eval_sequences,
         ),
         batch=size_batch(size),
-        optim=OptimSection(lr=size.lr, min_lr=size.min_lr, warmup_steps=size.warmup_steps, schedule="cosine"),
-        moe=PAPER_MOE,
+        optim=dataclasses.replace(paper.optim, lr=size.lr, min_lr=size.min_lr, warmup_steps=size.warmup_steps),
         run=measurement_run(runs_dir, 0, size.precision, size.eval_interval),  # each run's own: see sized()
+        source=None,  # the arms' recipes are built here, not read from a file of the user's
     )
 
 

@@ -8,7 +8,7 @@
 - ``compare`` is the fourth: the paper's upcycling variants as named arms, ``upcycle compare``.
 
 Each runs on a recipe (the shipped ``cpu-quickstart`` by default, or the user's own) at a size: ``cpu`` or
-``gpu``, compare's sizes (:mod:`upcycle.compare.sizes`), applied as the ``--set`` overrides :func:`size_sets`
+``gpu``, compare's sizes (:mod:`upcycle.experiments.sizes`), applied as the ``--set`` overrides :func:`size_sets`
 lists, or ``recipe`` (the recipe's own batch, steps and schedule). Seeds go where the verdict is decided: every
 setting at seed 0, then the best setting and its dense control at seed 1.
 """
@@ -19,8 +19,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from upcycle.compare.sizes import SIZES, Size
 from upcycle.errors import OptionError
+from upcycle.experiments.sizes import SIZES, Size
 from upcycle.train.recipe import TrainRecipe
 
 DEFAULT_RECIPE = "cpu-quickstart"
@@ -114,7 +114,7 @@ def describe_presets() -> list[str]:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """A sweep's arguments once a preset and a size are applied: what :func:`~upcycle.sweep.sweep_main` runs."""
+    """A sweep's arguments once a preset and a size are applied: what `sweep.sweep_main` runs."""
 
     recipe: str
     grid: list[str]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from upcycle.compare.runner import Runner
-from upcycle.sweep.plan import SweepPlan
+from upcycle.experiments.runner import Runner
+from upcycle.experiments.sweep_plan import SweepPlan
 
 
 def run_plan(plan: SweepPlan, runner: Runner, echo: Callable[[str], None]) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.errors import OptionError, UpcycleError
-from upcycle.sweep.control import applies_to_dense, check_control_keys, dense_recipe
-from upcycle.sweep.grid import SWEEP_OWNED, Axis, combine
-from upcycle.sweep.naming import label, point_text, run_name, variant_name
+from upcycle.experiments.control import applies_to_dense, check_control_keys, dense_recipe
+from upcycle.experiments.grid import SWEEP_OWNED, Axis, combine
+from upcycle.experiments.naming import label, point_text, run_name, variant_name
 from upcycle.train.overrides import split_override
 from upcycle.train.recipe import TrainRecipe, load_recipe
 

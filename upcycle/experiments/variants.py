@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.flops import model_cost
-from upcycle.compare.recipes import sized, with_upcycle
-from upcycle.compare.sizes import Size
 from upcycle.errors import OptionError
-from upcycle.sweep.points import Point
+from upcycle.experiments.flops import model_cost
+from upcycle.experiments.paper_recipe import sized, with_upcycle
+from upcycle.experiments.points import Point
+from upcycle.experiments.sizes import Size
 from upcycle.train.recipe import TrainRecipe, load_recipe
 
 

@@ -1,6 +1,6 @@
 """A sweep as data: one row per grid point (seeds averaged), compare's numbers, the best setting marked.
 
-The rows are compare's own (:func:`~upcycle.compare.analysis.variant_row`: held-out loss and perplexity at equal
+The rows are compare's own (`compare_analysis.variant_row`: held-out loss and perplexity at equal
 tokens and at equal FLOPs, step-0 loss, throughput), so a sweep and a comparison measure alike. What a sweep adds:
 each row's point (the swept keys' values), the share of token assignments its capacity factor dropped, the best
 setting (lowest held-out loss at equal tokens, dense controls excluded) and, with dense controls, each row's
@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.analysis import equal_budget, group_runs, improvement, seed_noise, variant_row, verdict
-from upcycle.compare.flops import FLOPS_FORMULA
-from upcycle.compare.run_data import RunData
 from upcycle.errors import OptionError
-from upcycle.sweep.control import follows
+from upcycle.experiments.compare_analysis import equal_budget, group_runs, improvement, seed_noise, variant_row, verdict
+from upcycle.experiments.control import follows
+from upcycle.experiments.flops import FLOPS_FORMULA
+from upcycle.experiments.run_data import RunData
 
 
 def summarise_sweep(runs: Sequence[RunData], keys: Sequence[str]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A sweep's runs: every point at its seeds, each a :class:`~upcycle.compare.plan.RunSpec` in its own folder.
+"""A sweep's runs: every point at its seeds, each a :class:`~upcycle.experiments.run_spec.RunSpec` in its own folder.
 
 Two ways to spend seeds. ``all``: every point at every seed, seed by seed (every point at the first seed, then
 every point at the next), so a sweep stopped early already holds one run of every setting. ``best``: every point
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.compare.plan import RunSpec
-from upcycle.compare.run_data import load_run
 from upcycle.errors import OptionError
-from upcycle.sweep.control import follows
-from upcycle.sweep.points import Point
+from upcycle.experiments.control import follows
+from upcycle.experiments.points import Point
+from upcycle.experiments.run_data import load_run
+from upcycle.experiments.run_spec import RunSpec
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.recipe_paths import ASSET_PREFIX
 

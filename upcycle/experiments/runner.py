@@ -8,7 +8,7 @@ A run in a process of its own hands the memory of its model back before the next
 again, so an interrupted comparison or sweep continues where it stopped. A resumable spec (a sweep's) also keeps
 checkpoints while it trains: a run killed midway continues from its latest checkpoint when the same spec comes
 again, and its checkpoints are removed once it has finished. The process's entry is
-``python -m upcycle.compare --worker SPEC.json [--resume]``; the spec crosses the process boundary as JSON
+``python -m upcycle.experiments --worker SPEC.json [--resume]``; the spec crosses the process boundary as JSON
 (:meth:`RunSpec.to_json`), its recipe rebuilt and checked again on the other side.
 """
 
@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.flops import FLOPS_FORMULA, model_cost
-from upcycle.compare.plan import RunSpec
-from upcycle.compare.run_data import RESULT_FILE, RUN_INFO_FILE, load_run
 from upcycle.errors import UpcycleError
+from upcycle.experiments.flops import FLOPS_FORMULA, model_cost
+from upcycle.experiments.run_data import RESULT_FILE, RUN_INFO_FILE, load_run
+from upcycle.experiments.run_spec import RunSpec
 from upcycle.output_safety import remove, write_json_atomically
 
 Echo = Callable[[str], None]
@@ -175,7 +175,14 @@ def start_isolated(spec: RunSpec, resume: bool = False, env: dict[str, str] | No
     write_json_atomically(spec_path, spec.to_json())
     with (run_dir / "log.txt").open("a" if resume else "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "upcycle.compare", "--worker", str(spec_path), *(["--resume"] if resume else [])],
+            [
+                sys.executable,
+                "-m",
+                "upcycle.experiments",
+                "--worker",
+                str(spec_path),
+                *(["--resume"] if resume else []),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
@@ -304,11 +311,11 @@ class Runner:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m upcycle.compare --worker SPEC.json [--resume]``: execute one run spec, its progress on stdout."""
+    """``python -m upcycle.experiments --worker SPEC.json [--resume]``: execute one run spec, its progress on stdout."""
     resume = argv[2:] == ["--resume"]
     if len(argv) not in (2, 3) or argv[0] != "--worker" or (len(argv) == 3 and not resume):
         print(
-            "usage: python -m upcycle.compare --worker SPEC.json [--resume] (internal; use `upcycle compare` or "
+            "usage: python -m upcycle.experiments --worker SPEC.json [--resume] (internal; use `upcycle compare` or "
             "`upcycle sweep`)",
             file=sys.stderr,
         )

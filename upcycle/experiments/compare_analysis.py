@@ -11,9 +11,9 @@ import math
 import statistics
 from typing import Any
 
-from upcycle.compare.flops import FLOPS_FORMULA
-from upcycle.compare.run_data import RunData
 from upcycle.errors import OptionError
+from upcycle.experiments.flops import FLOPS_FORMULA
+from upcycle.experiments.run_data import RunData
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:

@@ -1,7 +1,7 @@
 """The sizes of a comparison: everything that sets what a run costs, the same for every arm so tokens are equal.
 
 A size is numbers only (sequence length, batch, steps, evaluation, learning-rate schedule, precision and which
-decoder layers become MoE); :mod:`upcycle.compare.recipes` turns them into recipe sections.
+decoder layers become MoE); :mod:`upcycle.experiments.paper_recipe` turns them into recipe sections.
 """
 
 from __future__ import annotations

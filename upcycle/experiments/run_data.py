@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.flops import model_cost
 from upcycle.errors import OptionError
+from upcycle.experiments.flops import model_cost
 
 RESULT_FILE = "result.json"  # written last: the run finished (and with which spec)
 RUN_INFO_FILE = "run_info.json"  # written before training: what the run is

@@ -1,6 +1,6 @@
 """A sweep for people: compare's table with a column per swept key and the best row starred, and one PNG per key.
 
-The table is built from compare's columns (:mod:`upcycle.compare.render`), so a sweep reads like a comparison.
+The table is built from compare's columns (`compare_render`), so a sweep reads like a comparison.
 Each key's PNG shows held-out loss against the key's values (at equal tokens and at equal FLOPs, mean ± std over
 seeds; one line per setting of the other keys, the dense control as its own line or, for a key it does not
 follow, a horizontal reference) beside every run's loss curve, colored by the key's value.
@@ -12,10 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.render import Column, draw_curves, loss_columns, markdown_rows, model_columns, table_notes
-from upcycle.compare.run_data import RunData
+from upcycle.experiments.compare_render import (
+    Column,
+    draw_curves,
+    loss_columns,
+    markdown_rows,
+    model_columns,
+    table_notes,
+)
+from upcycle.experiments.naming import label, safe_name, value_text
+from upcycle.experiments.run_data import RunData
 from upcycle.figures import save_figure
-from upcycle.sweep.naming import label, safe_name, value_text
 
 BEST = "★"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.variants import Variant
 from upcycle.errors import OutputError
+from upcycle.experiments.variants import Variant
 from upcycle.output_safety import exists
 
 COMPARE_FOLDERS = ("runs", "models")

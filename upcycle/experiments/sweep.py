@@ -15,21 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle.compare.output import OwnedNames, check_owned_out
-from upcycle.compare.render import plot_runs
-from upcycle.compare.report import write_report
-from upcycle.compare.run_data import load_run
-from upcycle.compare.runner import Runner, check_parallel
 from upcycle.errors import OptionError
+from upcycle.experiments.compare_render import plot_runs
+from upcycle.experiments.control import applies_to_dense
+from upcycle.experiments.execute import run_plan
+from upcycle.experiments.grid import parse_axis
+from upcycle.experiments.output import OwnedNames, check_owned_out
+from upcycle.experiments.points import grid_points
+from upcycle.experiments.presets import sweep_settings
+from upcycle.experiments.report import write_report
+from upcycle.experiments.run_data import load_run
+from upcycle.experiments.runner import Runner, check_parallel
+from upcycle.experiments.sweep_analysis import summarise_sweep
+from upcycle.experiments.sweep_plan import UPCYCLE_SEED, SweepPlan
+from upcycle.experiments.sweep_render import key_plot_path, plot_key, sweep_table
 from upcycle.output_safety import refuse_overlap
-from upcycle.sweep.analysis import summarise_sweep
-from upcycle.sweep.control import applies_to_dense
-from upcycle.sweep.execute import run_plan
-from upcycle.sweep.grid import parse_axis
-from upcycle.sweep.plan import UPCYCLE_SEED, SweepPlan
-from upcycle.sweep.points import grid_points
-from upcycle.sweep.presets import sweep_settings
-from upcycle.sweep.render import key_plot_path, plot_key, sweep_table
 
 SWEEP_NAMES = OwnedNames("sweep", ("runs",), ("sweep.md", "sweep.json"), ("sweep-*.png",))
 """What a sweep writes into OUT: it resumes and replaces these, and refuses a folder holding anything else."""
@@ -74,7 +74,7 @@ def sweep_main(
     values together with ``zip_axes``), at seeds 0..N-1 (``seeds``; default: the recipe's own seed; with
     ``seeds_for="best"`` only the best setting and its control run the seeds after the first), plus the dense
     control (``with_dense``: the recipe's model.source trained as it is). A ``preset``
-    (:mod:`upcycle.sweep.presets`) brings its grid, seeds and control; ``size`` (cpu, gpu) sets batch, steps,
+    (:mod:`upcycle.experiments.presets`) brings its grid, seeds and control; ``size`` (cpu, gpu) sets batch, steps,
     schedule and MoE layers. Every point is validated before the first run. Writes ``OUT/sweep.json``,
     ``OUT/sweep.md`` and ``OUT/sweep-KEY.png`` per key.
 

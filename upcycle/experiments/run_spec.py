@@ -1,6 +1,6 @@
 """One run of a comparison or sweep, complete enough to be executed in another process.
 
-Which runs there are, and at which seeds, is the sweep's plan (:class:`upcycle.sweep.plan.SweepPlan`): a
+Which runs there are, and at which seeds, is the sweep's plan (:class:`upcycle.experiments.sweep_plan.SweepPlan`): a
 comparison is a sweep over named arms.
 """
 
