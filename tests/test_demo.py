@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from upcycle import demo
-from upcycle.cli import show_demo_step
+from upcycle.cli.demo import show_demo_step
 from upcycle.convert.source import index_weights
 
 

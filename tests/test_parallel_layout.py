@@ -170,7 +170,7 @@ def test_every_size_option_reads_a_size_the_same_way(text, expected):
 
 
 def test_the_shard_size_default_is_the_command_lines():
-    from upcycle.cli import convert_cmd
+    from upcycle.cli.convert import convert_cmd
     from upcycle.convert.options import UpcycleOptions
 
     default = inspect.signature(convert_cmd).parameters["shard_size"].default

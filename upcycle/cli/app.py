@@ -1,0 +1,65 @@
+"""The app, its consoles and the one way a command fails: one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from upcycle.errors import UpcycleError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+    help="Turn a dense Hugging Face model into an exact Mixture-of-Experts model, verify it, train it.",
+)
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+EXIT_NOT_EQUIVALENT = 1
+EXIT_BAD_INPUT = 2
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from upcycle import __version__
+
+        console.print(f"upcycle {__version__}")
+        raise typer.Exit(0)
+    STATE["debug"] = debug
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers' per-tensor loading bars and advisory warnings drown the report; errors still show."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def fail(error: BaseException) -> typer.Exit:
+    """One line naming the problem and the fix; the traceback only with --debug."""
+    if STATE["debug"]:
+        console.print_exception()
+    if isinstance(error, UpcycleError):
+        err_console.print(f"[bold red]error:[/] {escape(error.line())}", highlight=False)  # 'upcycle[gguf]' stays
+        return typer.Exit(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        err_console.print("[bold red]interrupted:[/] nothing was written. Fix: run the command again.")
+        return typer.Exit(EXIT_BAD_INPUT)
+    raise error

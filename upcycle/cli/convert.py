@@ -1,0 +1,180 @@
+"""`upcycle convert` and `upcycle families`: the plan as a table, the targets a family has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from upcycle.cli.app import app, console, err_console, fail, quiet_transformers
+from upcycle.errors import UpcycleError
+from upcycle.spans import layer_spans
+from upcycle.units import parse_size
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Dense model: a local Hugging Face folder or a .gguf file.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist).")],
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Expansion rate E: copies of each MLP.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
+    granularity: Annotated[int, typer.Option("--granularity", "-g", help="Shards per copy (virtual groups).")] = 1,
+    router: Annotated[str, typer.Option(help="renorm (exact) or softmax-topk (the paper's router).")] = "renorm",
+    router_init: Annotated[str, typer.Option(help="random, zero or tied.")] = "random",
+    weight_scale: Annotated[str, typer.Option(help="auto (the paper's factor), none, or a number.")] = "auto",
+    drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
+    noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
+    layers: Annotated[str, typer.Option(help="Layers that become MoE: all, 0-11, 0,2,4 ...")] = "all",
+    target: Annotated[str, typer.Option(help="auto, or a target class from `upcycle families`.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (as the source), float32, bfloat16, float16.")] = "auto",
+    shard_size: Annotated[
+        str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
+    ] = "2GB",
+    seed: Annotated[int, typer.Option(help="Seed for routers, Drop-Upcycling and noise.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Accept a source that declares custom code.")] = False,
+    show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
+) -> None:
+    """Upcycle a dense model into a native transformers MoE checkpoint (exact by default: E=8, top-2)."""
+    from upcycle.convert import UpcycleOptions, convert
+
+    try:
+        options = UpcycleOptions(
+            experts=experts,
+            top_k=top_k,
+            granularity=granularity,
+            router=router,
+            router_init=router_init,
+            weight_scale=weight_scale,
+            drop_upcycling=drop_upcycling,
+            noise=noise,
+            layers=layers,
+            target=target,
+            dtype=dtype,
+            shard_size=parse_size(shard_size, "--shard-size"),
+            seed=seed,
+        )
+        with _transfer_progress(disable=dry_run) as progress:
+            task = progress.add_task("writing", total=None)
+            result = convert(
+                src,
+                out,
+                options,
+                force=force,
+                dry_run=dry_run,
+                trust_remote_code=trust_remote_code,
+                progress=lambda done, total, name: progress.update(task, completed=done, total=total),
+            )
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error) from None
+    _print_plan(result.plan, show_plan)
+    if dry_run:
+        console.print("[yellow]dry run:[/] nothing was written.")
+        return
+    rate = result.bytes_written / result.seconds / 1e6 if result.seconds else 0.0
+    console.print(
+        f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s, {rate:.0f} MB/s)"
+    )
+
+
+def _transfer_progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=disable,
+    )
+
+
+def _print_plan(plan: Any, show_tensors: bool) -> None:
+    opts = plan.options
+    table = Table(title="Upcycle plan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    exact = f"[{'green' if plan.exactness.exact else 'yellow'}]{plan.exactness.label}[/]"
+    measured = plan.exactness.rounding_deviation or {}
+    rounding = (
+        [("rounding", f"{measured['what']} deviate {measured['relative']:.3g} relative from the dense model as stored")]
+        if "relative" in measured
+        else []
+    )
+    rows = [
+        ("source family", plan.family),
+        ("target", f"{plan.architecture} ({plan.target})"),
+        ("experts", f"{opts.num_experts} = E {opts.experts} x G {opts.granularity}, top-{opts.top_k}"),
+        ("router", f"{opts.router}, init {opts.router_init}"),
+        ("MoE layers", layer_spans(plan.moe_layers)),
+        ("dtype", plan.dtype),
+        ("method", f"{plan.exactness.method}: {exact}"),
+        ("config check", _config_check_text(plan.config_check)),
+        *[("note", note) for note in plan.exactness.notes],
+        *rounding,
+        ("tensors / files", f"{len(plan.recipes)} in {len(plan.shards)} safetensors file(s)"),
+        ("size", f"{plan.total_bytes / 1e9:.3f} GB"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if show_tensors:
+        detail = Table("file", "tensor", "shape", "dtype", "recipe")
+        for name, shard in zip(plan.shard_names(), plan.shards, strict=True):
+            for r in shard:
+                how = r.op + (f" {r.source}" if r.source else "")
+                how += f" rows{list(r.rows)}" if r.rows else ""
+                how += f" cols{list(r.cols)}" if r.cols else ""
+                how += f" x{r.scale:g}" if r.scale != 1 else ""
+                how += f" drop {r.drop_ratio:g}" if r.drop_ratio else ""
+                detail.add_row(name, r.name, str(list(r.shape)), r.dtype, how)
+        console.print(detail)
+
+
+def _config_check_text(record: dict) -> str:
+    if not record:
+        return "not run"
+    windows = "full attention" if record.get("smallest_window") is None else f"windows from {record['smallest_window']}"
+    return (
+        f"[green]passed[/]: transformers {record.get('transformers')} computes every layer of the MoE config as the "
+        f"dense one ({windows})"
+    )
+
+
+@app.command("families")
+def families_cmd(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (the README's).")] = False,
+) -> None:
+    """Every dense family: its exact native MoE targets and the methods they hold, or why it is refused."""
+    from upcycle.convert.families.table import METHODS, family_rows
+    from upcycle.convert.families.table import markdown as markdown_table
+
+    quiet_transformers()
+    if markdown:
+        typer.echo(markdown_table(), nl=False)
+        return
+    rows = family_rows()
+    table = Table(title="dense families upcycle converts exactly")
+    table.add_column("family")
+    table.add_column("targets")
+    for method in METHODS:
+        table.add_column(method)
+    for row in rows:
+        if row.targets:
+            needs = f" (transformers >= {row.needs})" if row.needs else ""
+            cells = [", ".join(row.methods[m]) or "[red]no[/]" for m in METHODS]
+            table.add_row(f"{row.family}{needs}", ", ".join(row.targets), *cells)
+    console.print(table)
+    for row in rows:
+        for reason in row.refused_configs:
+            console.print(f"  [yellow]{row.family}[/] configs refused: {reason}")
+    refused = [row for row in rows if not row.targets]
+    exact = len(rows) - len(refused)
+    console.print(f"{exact} families exact; {len(refused)} refused:")
+    for row in refused:
+        console.print(f"  [yellow]{row.family}[/]: {row.reason}")
