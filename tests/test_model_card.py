@@ -14,7 +14,8 @@ from train_helpers import recipe_dict
 
 from upcycle.convert import UpcycleOptions, convert
 from upcycle.errors import SourceError
-from upcycle.model_card import read_front_matter, rewrite_conversion_card, source_identity
+from upcycle.model_card import rewrite_conversion_card
+from upcycle.model_identity import read_front_matter, source_identity
 from upcycle.train.export import export_checkpoint
 from upcycle.train.loop import train
 from upcycle.train.metrics import read_metrics

@@ -22,8 +22,9 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
 from upcycle.errors import OutputError
-from upcycle.model_card import source_identity, write_conversion_card
+from upcycle.model_card import write_conversion_card
 from upcycle.model_files import copied_files, record_files
+from upcycle.model_identity import source_identity
 from upcycle.output_safety import (
     free_space,
     publish_atomically,
