@@ -19,9 +19,10 @@ import transformers as tf
 from hypothesis import given
 from hypothesis import strategies as st
 
+from upcycle.convert.exactness import expert_scales
 from upcycle.convert.families import DenseModel, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
-from upcycle.convert.plan import UpcyclePlan, build_plan, expert_scales
+from upcycle.convert.plan import UpcyclePlan, build_plan
 from upcycle.convert.recipe import Op, TensorRecipe
 from upcycle.convert.source import DenseSource, TensorInfo
 from upcycle.convert.targets import TARGETS, Layout, candidate_targets, check_options

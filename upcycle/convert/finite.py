@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 import torch
 
+from upcycle.convert.exactness import CODE_NAMES, leaf_recipes
 from upcycle.convert.materialize import CachedReader
-from upcycle.convert.plan import CODE_NAMES, DTYPE_CODES, leaf_recipes
 from upcycle.convert.recipe import TensorRecipe
-from upcycle.convert.source import SAFETENSORS_DTYPES, DenseSource
+from upcycle.convert.source import DTYPE_CODES, SAFETENSORS_DTYPES, DenseSource
 from upcycle.errors import OptionError, SourceError, UpcycleError
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from upcycle import __version__
 from upcycle.assets import cache_dir, cache_lock
-from upcycle.convert.plan import Exactness
+from upcycle.convert.exactness import Exactness
 from upcycle.errors import SourceError, UpcycleError
 from upcycle.output_safety import remove, write_json_atomically
 from upcycle.train.cache_integrity import changed_files, describe, folder_digests, set_aside

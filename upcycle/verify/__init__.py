@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from upcycle.convert.plan import Exactness, UpcyclePlan, mark_rounding, rounded_sources
+from upcycle.convert.exactness import Exactness, mark_rounding, rounded_sources
+from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
