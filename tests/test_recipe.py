@@ -27,7 +27,7 @@ def batch_of(recipe: TrainRecipe, world_size: int):
     return resolve_batch(recipe.batch, recipe.data.seq_len, world_size)
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "upcycle" / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 GPU_MOE = ("paper-e8g1t2", "paper-e8g8t8", "drop-upcycling")
 
@@ -514,7 +514,7 @@ def test_shipped_moe_recipes_use_the_papers_per_layer_aux_coefficient():
 
     from upcycle.train.recipe import load_recipe
 
-    shipped = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    shipped = sorted((Path(__file__).resolve().parent.parent / "upcycle" / "recipes").glob("*.yaml"))
     moe = [path for path in shipped if path.stem != "dense-control"]
     assert len(moe) == 5  # quickstart, E8G1T2, E8G8T8, Drop-Upcycling, multi-node
     for path in moe:

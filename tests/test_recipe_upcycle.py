@@ -18,7 +18,7 @@ from upcycle.train.recipe import load_recipe, recipe_from_dict
 from upcycle.train.recipe_sections import UpcycleSection
 from upcycle.train.shipped_recipes import copy_recipe, find_recipe, shipped_recipes, summary
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "upcycle" / "recipes"
 
 
 @pytest.fixture

@@ -59,10 +59,10 @@ def test_the_wheel_carries_upcycle_and_its_recipes_and_nothing_of_the_checkout(i
     where = run([str(bin_dir / "python"), "-c", "import upcycle; print(upcycle.__file__)"], work, env).stdout.strip()
     assert Path(where).is_relative_to(bin_dir.parent) and not Path(where).is_relative_to(REPO)
     listed = run([str(bin_dir / "upcycle"), "recipes"], work, env).stdout
-    for recipe in REPO.joinpath("recipes").glob("*.yaml"):
+    for recipe in REPO.joinpath("upcycle", "recipes").glob("*.yaml"):
         assert recipe.stem in listed
     shown = run([str(bin_dir / "upcycle"), "recipes", "show", "cpu-quickstart"], work, env).stdout
-    assert shown == (REPO / "recipes" / "cpu-quickstart.yaml").read_text()
+    assert shown == (REPO / "upcycle" / "recipes" / "cpu-quickstart.yaml").read_text()
 
 
 def test_train_by_name_converts_exports_and_the_second_run_reuses_the_conversion(installed) -> None:

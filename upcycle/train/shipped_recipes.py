@@ -1,7 +1,7 @@
 """The recipes that ship with upcycle: found by name from any folder, listed, shown and copied for editing.
 
-The repository's top-level ``recipes/`` folder is their one source: a wheel carries it as ``upcycle/recipes``
-(see setup.py), and a source checkout reads it where it is. Each recipe's first comment line is its summary.
+They are package data (``upcycle/recipes``), the same files in a checkout and in a wheel. Each recipe's first
+comment line is its summary.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ SUFFIX = ".yaml"
 
 
 def recipes_dir() -> Path:
-    """The installed recipes (``upcycle/recipes`` in a wheel), else the checkout's ``recipes/``."""
-    package = Path(__file__).resolve().parents[1]
-    for folder in (package / "recipes", package.parent / "recipes"):
-        if folder.is_dir() and any(folder.glob(f"*{SUFFIX}")):
-            return folder
+    """The package's ``recipes/`` folder."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    if folder.is_dir() and any(folder.glob(f"*{SUFFIX}")):
+        return folder
     raise OptionError(
         "this installation of upcycle carries no recipes.", "reinstall upcycle from its wheel or a full checkout."
     )
