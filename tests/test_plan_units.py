@@ -23,9 +23,9 @@ from upcycle.convert.exactness import expert_scales
 from upcycle.convert.families import DenseModel, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.plan import UpcyclePlan, build_plan
-from upcycle.convert.recipe import Op, TensorRecipe
 from upcycle.convert.source import DenseSource, TensorInfo
 from upcycle.convert.targets import TARGETS, Layout, candidate_targets, check_options
+from upcycle.convert.tensor_recipe import Op, TensorRecipe
 from upcycle.errors import OptionError, UnsupportedModelError
 
 # ------------------------------------------------------------------------------------------------- parse_layers

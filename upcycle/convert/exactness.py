@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 

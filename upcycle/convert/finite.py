@@ -13,8 +13,8 @@ import torch
 
 from upcycle.convert.exactness import CODE_NAMES, leaf_recipes
 from upcycle.convert.materialize import CachedReader
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, SAFETENSORS_DTYPES, DenseSource
+from upcycle.convert.tensor_recipe import TensorRecipe
 from upcycle.errors import OptionError, SourceError, UpcycleError
 
 

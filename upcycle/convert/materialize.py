@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from upcycle.convert.recipe import TensorRecipe, derive_seed
 from upcycle.convert.source import SAFETENSORS_DTYPES
+from upcycle.convert.tensor_recipe import TensorRecipe, derive_seed
 
 Reader = Callable[[str], torch.Tensor]
 

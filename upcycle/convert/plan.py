@@ -23,9 +23,9 @@ from upcycle.convert.exactness import (
 )
 from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
+from upcycle.convert.tensor_recipe import TensorRecipe
 from upcycle.errors import SourceError, UnsupportedModelError
 from upcycle.memory import available_memory
 

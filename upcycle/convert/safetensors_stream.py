@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import torch
 
-from upcycle.convert.recipe import TensorRecipe
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 

@@ -10,8 +10,8 @@ import torch
 from upcycle.convert.finite import non_finite_count
 from upcycle.convert.materialize import CachedReader, materialize
 from upcycle.convert.plan import UpcyclePlan
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.source import SAFETENSORS_DTYPES, DenseSource
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 CHUNK_BYTES = 64 * 1024**2  # rows compared at a time for copied tensors (embeddings, LM head)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
+from upcycle.convert.tensor_recipe import TensorRecipe
 from upcycle.spans import layer_spans
 
 # Copied from the dense config as transformers resolves it (absent fields take the *source* class's default, and

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.targets.base import Layout, Target, window_fields
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 class GroupLimitedTarget(Target):

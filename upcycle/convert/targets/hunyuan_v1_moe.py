@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.targets.base import Layout, Target, no_groups_problem
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 class HunyuanMoeTarget(Target):

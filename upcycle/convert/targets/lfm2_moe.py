@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.targets.base import Layout, Target, no_groups_problem, sibling_fields
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 class Lfm2MoeTarget(Target):

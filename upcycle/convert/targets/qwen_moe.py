@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.recipe import TensorRecipe
 from upcycle.convert.targets.base import Layout, Target, uniform_window_problem, window_fields
+from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 def _routing(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
