@@ -203,17 +203,16 @@ def test_an_exact_upcycle_that_differs_at_step_0_is_not_trained(tiny_pair, texts
 def test_step_0_stops_beyond_the_precisions_margin_and_warns_within_it(
     tiny_pair, texts, tmp_path, precision, deviation, stops
 ):
-    from upcycle.train.loop import _step0_failure
-    from upcycle.train.step0 import STEP0_TOLERANCE, Step0Result
+    from upcycle.train.step0 import STEP0_TOLERANCE, Step0Result, beyond_tolerance
 
     _, moe = tiny_pair
     result = Step0Result(3.0, deviation, 0.99, precision, STEP0_TOLERANCE[precision], True, False)
     recipe = recipe_from_dict(short(moe, tmp_path / "run", texts), tmp_path)
     if stops:
         with pytest.raises(UpcycleError, match="nothing was trained"):
-            _step0_failure(result, moe, recipe)
+            beyond_tolerance(result, moe, recipe)
     else:
-        assert _step0_failure(result, moe, recipe).startswith("warning: at step 0")
+        assert beyond_tolerance(result, moe, recipe).startswith("warning: at step 0")
 
 
 # ---- resume is bound to its data, its packing and its steps ---------------------------------------------------

@@ -16,8 +16,9 @@ from train_helpers import VOCAB, losses, recipe_dict, run_cli, run_ranks, write_
 
 from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist
-from upcycle.train.loop import TrainingDiverged, load_model, train
+from upcycle.train.loop import TrainingDiverged, train
 from upcycle.train.metrics import read_metrics
+from upcycle.train.model_setup import load_model
 from upcycle.train.parallel import Layout
 from upcycle.train.recipe import recipe_from_dict
 

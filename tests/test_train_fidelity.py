@@ -164,9 +164,9 @@ def test_a_checkpoint_before_the_first_real_step_changes_nothing(tiny_pair, text
         data["optim"] = {**data["optim"], "warmup_steps": 0}
         recipe = recipe_from_dict(data, tmp_path)
         with pytest.MonkeyPatch.context() as patch:  # the first step is skipped as non-finite, as after a bad batch
-            import upcycle.train.loop as loop
+            import upcycle.train.trainer as trainer
 
-            original = loop.run_micro_batch
+            original = trainer.run_micro_batch
             calls = {"n": 0}
 
             def first_step_blows_up(model, taps, batch_BS, recipe, scale, autocast, original=original, calls=calls):
@@ -178,7 +178,7 @@ def test_a_checkpoint_before_the_first_real_step_changes_nothing(tiny_pair, text
                             p.grad.fill_(math.nan)
                 return values
 
-            patch.setattr(loop, "run_micro_batch", first_step_blows_up)
+            patch.setattr(trainer, "run_micro_batch", first_step_blows_up)
             train(recipe)
         runs[checkpoints] = losses(tmp_path / f"run-{checkpoints}")
     assert runs[True] == runs[False]

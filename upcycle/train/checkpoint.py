@@ -21,17 +21,17 @@ Resharding and RNG: a checkpoint written by W ranks and loaded by M ranks restor
 (DCP reshards). Rank r < W restores ``rng-rank{r}.pt``; files of ranks >= M are ignored; a rank r >= W has no RNG of
 its own, so it is seeded deterministically from rank 0's saved state combined with r (distinct from rank 0's
 stream, the same on every such resume).
+
+Finding and verifying checkpoints (reads only) is `upcycle.train.checkpoint_manifest`; the RNG states are
+`upcycle.train.rng_state`. This module saves and loads, and names the whole API in ``__all__``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
-import random
-import re
 import secrets
 import shutil
 import warnings
@@ -40,7 +40,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -53,10 +52,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from upcycle.errors import UpcycleError
 from upcycle.hashing import file_sha256
 from upcycle.output_safety import publish_atomically
+from upcycle.train.checkpoint_manifest import (
+    CHECKPOINTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    TRAINER,
+    CheckpointError,
+    checkpoint_name,
+    fix_for,
+    latest_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+    remove_stale,
+    step_of,
+    verify_checkpoint,
+)
 from upcycle.train.distributed import barrier, rank_and_world
+from upcycle.train.rng_state import rng_state, seed_extra_rank, set_rng_state
 
 __all__ = [
     "FORMAT_VERSION",
@@ -71,191 +85,10 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-TRAINER = "trainer.json"
-_FINAL = re.compile(r"^step-(\d{8,})$")
-_STALE = re.compile(r"^\.step-\d+\.(tmp|old)-")
-
 T = TypeVar("T")
 
 # Test seam: called with the name of each point in the save protocol; a test makes it stop the process there.
 _crash_hook: Callable[[str], None] | None = None
-
-
-class CheckpointError(UpcycleError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the model; or one could not be written."""
-
-    exit_code = 3
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding checkpoints
-
-
-def checkpoint_name(step: int) -> str:
-    """Zero-padded so that names sort like steps (up to 10^8; beyond that the step parsed from the name decides)."""
-    return f"step-{step:08d}"
-
-
-def _step_of(path: Path) -> int | None:
-    match = _FINAL.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(run_dir: Path | str) -> list[Path]:
-    """Every final-named checkpoint folder of the run, oldest step first; not verified (see `verify_checkpoint`)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if _FINAL.match(p.name) and p.is_dir()), key=lambda p: _step_of(p) or 0)
-
-
-def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The newest checkpoint, or None when there is none; raises CheckpointError if the newest is incomplete.
-
-    Only names, the manifest and file sizes are checked here (cheap, on every rank); `load_checkpoint` also checks
-    sha256. A damaged newest checkpoint is never skipped in favour of an older one: the user decides.
-    """
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        return None
-    verify_checkpoint(checkpoints[-1], hashes=False)
-    return checkpoints[-1]
-
-
-def remove_stale(run_dir: Path | str) -> list[Path]:
-    """Delete leftovers of interrupted saves (``.step-*.tmp-*``, ``.step-*.old-*``); rank 0 only, one writer per run.
-
-    `save_checkpoint` calls it; `load_checkpoint` does not, because it may be pointed at another run's folder whose
-    save is in progress.
-    """
-    root = Path(run_dir) / CHECKPOINTS
-    removed = []
-    if root.is_dir():
-        for path in sorted(root.iterdir()):
-            if _STALE.match(path.name):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Verification
-
-
-def _fix_for(path: Path) -> str:
-    step = _step_of(path)
-    older = [p for p in list_checkpoints(path.parent.parent) if step is not None and (_step_of(p) or 0) < step]
-    hint = f" (the one before it is {older[-1]})" if older else ""
-    return (
-        f"delete {path} (or move it out of {path.parent}) to resume from the checkpoint before it{hint}, "
-        "or resume from an older one with --resume-from PATH."
-    )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise CheckpointError(f"Checkpoint {path} does not exist.", "pass a folder under RUN_DIR/checkpoints.")
-    if (path / CHECKPOINTS).is_dir():
-        raise CheckpointError(
-            f"{path} is a run folder, not a checkpoint.", f"pass one of {path / CHECKPOINTS}/step-*, e.g. the latest."
-        )
-    file = path / MANIFEST
-    if not file.is_file():
-        raise CheckpointError(
-            f"Checkpoint {path} is incomplete: it has no {MANIFEST}, the marker written last by a complete save.",
-            _fix_for(path),
-        )
-    try:
-        manifest = json.loads(file.read_text())
-        files = manifest["files"]
-        ok = manifest.get("format") == "upcycle-checkpoint" and isinstance(manifest.get("format_version"), int)
-        ok = ok and isinstance(files, dict)
-        ok = ok and all(isinstance(e, dict) and {"size", "sha256"} <= e.keys() for e in files.values())
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"Checkpoint {path} is corrupt: {file} is not a valid manifest.", _fix_for(path))
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {path} has format version {manifest['format_version']}; this upcycle reads up to "
-            f"{FORMAT_VERSION}.",
-            "upgrade upcycle.",
-        )
-    for name in files:
-        if not name or "/" in name or "\\" in name or name in {".", "..", MANIFEST}:
-            raise CheckpointError(
-                f"Checkpoint {path} is corrupt: its manifest names an invalid file {name!r}.", _fix_for(path)
-            )
-    for name in (".metadata", TRAINER, "rng-rank0.pt"):
-        if name not in files:
-            raise CheckpointError(f"Checkpoint {path} is corrupt: its manifest lists no {name}.", _fix_for(path))
-    return manifest
-
-
-def _check_file(path: Path, name: str, entry: dict[str, Any], hashes: bool) -> str | None:
-    """The problem with one listed file, or None."""
-    file = path / name
-    if not file.is_file():
-        return f"{file} is missing"
-    size = file.stat().st_size
-    if size != entry["size"]:
-        return f"{file} has {size} bytes, the manifest says {entry['size']}"
-    if hashes and file_sha256(file) != entry["sha256"]:
-        return f"{file} does not match its sha256 in the manifest (its contents changed after the save)"
-    return None
-
-
-def verify_checkpoint(path: Path | str, *, hashes: bool = True) -> dict[str, Any]:
-    """Check the manifest and every file it lists (size, and sha256 when `hashes`); return the manifest.
-
-    Collective when a process group is initialised: each rank hashes a share of the files, and all ranks raise the
-    same CheckpointError, naming the first bad file.
-    """
-    path = Path(path)
-    rank, world = rank_and_world()
-    manifest = _read_manifest(path)  # every rank: it raises the same way everywhere, no collective needed
-    names = sorted(manifest["files"])
-    mine = names[rank::world] if hashes else names
-    problems = {n: p for n in mine if (p := _check_file(path, n, manifest["files"][n], hashes))}
-    if hashes and world > 1:
-        gathered: list[dict[str, str] | None] = [None] * world
-        dist.all_gather_object(gathered, problems)
-        problems = {k: v for part in gathered for k, v in (part or {}).items()}
-    if problems:
-        first = problems[min(problems)]
-        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
-        raise CheckpointError(f"Checkpoint {path} is corrupt: {first}{more}.", _fix_for(path))
-    return manifest
-
-
-def read_trainer_state(path: Path | str) -> dict[str, Any]:
-    """The trainer state saved with a checkpoint (its trainer.json checked against the manifest), nothing loaded."""
-    path = Path(path)
-    manifest = _read_manifest(path)
-    problem = _check_file(path, TRAINER, manifest["files"][TRAINER], hashes=True)
-    if problem:
-        raise CheckpointError(f"Checkpoint {path} is corrupt: {problem}.", _fix_for(path))
-    try:
-        record = json.loads((path / TRAINER).read_text())
-        state = record["trainer_state"]
-        version = record["format_version"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"Checkpoint {path} is corrupt: {path / TRAINER} is unreadable ({exc}).", _fix_for(path)
-        ) from exc
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {path} has format version {version}; this upcycle reads up to {FORMAT_VERSION}.",
-            "upgrade upcycle.",
-        )
-    state.setdefault("step", record.get("step"))
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,62 +180,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RNG states: only tensors, ints, floats, strings and containers, so that torch.load(weights_only=True) reads them.
-
-
-def _rng_state() -> dict[str, Any]:
-    version, mt, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's current device
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["kind"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _seed_extra_rank(rank0_state: dict[str, Any], rank: int) -> None:
-    """A rank the checkpoint had no RNG for: a seed from rank 0's state and this rank, distinct and reproducible."""
-    digest = hashlib.sha256(rank0_state["torch"].numpy().tobytes() + rank.to_bytes(8, "little")).digest()
-    seed = int.from_bytes(digest[:8], "little")
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Save
 
 
 def _write_rank_files(tmp: Path, rank: int, trainer_json: str) -> None:
     buffer = io.BytesIO()
-    torch.save(_rng_state(), buffer)
+    torch.save(rng_state(), buffer)
     _write_durably(tmp / f"rng-rank{rank}.pt", buffer.getvalue())
     if rank == 0:
         _write_durably(tmp / TRAINER, trainer_json.encode())
@@ -518,7 +301,7 @@ def save_checkpoint(
         _at("renamed")
         _fsync_dir(root)
         _prune(root, keep, final)
-        newer = [p.name for p in list_checkpoints(run_dir) if (_step_of(p) or 0) > step]
+        newer = [p.name for p in list_checkpoints(run_dir) if (step_of(p) or 0) > step]
         if newer:
             warnings.warn(
                 f"checkpoints of later steps ({', '.join(newer)}) remain in {root}: latest_checkpoint returns "
@@ -570,10 +353,10 @@ def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
     own = path / f"rng-rank{rank}.pt"
     try:
         if own.name in manifest["files"]:
-            _set_rng_state(torch.load(own, weights_only=True))
+            set_rng_state(torch.load(own, weights_only=True))
         else:
-            _seed_extra_rank(torch.load(path / "rng-rank0.pt", weights_only=True), rank)
+            seed_extra_rank(torch.load(path / "rng-rank0.pt", weights_only=True), rank)
     except Exception as exc:
-        raise CheckpointError(f"Checkpoint {path} is corrupt: {own} is unreadable ({exc}).", _fix_for(path)) from exc
+        raise CheckpointError(f"Checkpoint {path} is corrupt: {own} is unreadable ({exc}).", fix_for(path)) from exc
     barrier()
     return state

@@ -181,7 +181,7 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_of(checkpoint: Path) -> Path | None:
     """The run folder a checkpoint was saved in (RUN/checkpoints/step-N), or None for a checkpoint moved elsewhere."""
-    from upcycle.train.checkpoint import CHECKPOINTS
+    from upcycle.train.checkpoint_manifest import CHECKPOINTS
 
     where = resolved(checkpoint)
     return where.parent.parent if where.parent.name == CHECKPOINTS else None
@@ -189,7 +189,7 @@ def run_of(checkpoint: Path) -> Path | None:
 
 def find_checkpoint(run_dir: Path) -> Path:
     """RUN_DIR itself when it is one checkpoint folder, else the latest checkpoint of the run in it."""
-    from upcycle.train.checkpoint import MANIFEST, latest_checkpoint
+    from upcycle.train.checkpoint_manifest import MANIFEST, latest_checkpoint
 
     checkpoint = run_dir if (run_dir / MANIFEST).is_file() else latest_checkpoint(run_dir)
     if checkpoint is None:

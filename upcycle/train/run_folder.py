@@ -17,7 +17,13 @@ from filelock import FileLock, Timeout
 
 from upcycle.errors import OptionError
 from upcycle.output_safety import remove
-from upcycle.train.checkpoint import CHECKPOINTS, TRAINER, latest_checkpoint, list_checkpoints, verify_checkpoint
+from upcycle.train.checkpoint_manifest import (
+    CHECKPOINTS,
+    TRAINER,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from upcycle.train.export import check_replaceable_export
 
 LOCK_NAME = ".upcycle-run.lock"

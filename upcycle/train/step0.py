@@ -7,6 +7,9 @@ beyond it stops the run before any step. An approximate method
 (noise, Drop-Upcycling, the paper's softmax-then-top-k), or an exact one whose conversion rounded the dense weights
 to a narrower dtype, reports its deviation instead of passing. A model trained
 after conversion (an export) is not compared with the original dense model.
+
+`check` is what a run calls at step 0: it loads the dense source, compares, and turns the result into the eval
+record's fields and the message the run prints (or the error that stops it).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from upcycle.errors import UpcycleError
+from upcycle.hf.loading import load_causal_lm_strict
 from upcycle.train.distributed import Dist, all_reduce_max, all_reduce_sum
 from upcycle.train.eval_plan import eval_batches
 from upcycle.train.packing import PackedDataset, make_batch
+from upcycle.train.recipe import TrainRecipe
 
 PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # What correct upcycles measure at step 0 in the training's precision (max relative logit difference), with a
@@ -120,3 +126,80 @@ def _predicted_tokens(counts: list[int], dataset: PackedDataset, info: Dist) -> 
     """Tokens whose next token is predicted (seq_len - 1 per real sequence), summed over ranks."""
     local = torch.tensor([float(sum(counts) * (dataset.seq_len - 1))], dtype=torch.float64)
     return all_reduce_sum(local, info)[0]
+
+
+def check(
+    model: nn.Module,
+    recipe: TrainRecipe,
+    dataset: PackedDataset,
+    info: Dist,
+    precision: torch.dtype,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[dict[str, Any], str | None]:
+    """The record fields and a message: an upcycle's step-0 logits against its dense source, in the run's precision."""
+    folder, plan = dense_source(Path(recipe.model.path))
+    if folder is None:
+        return {}, (f"step-0 check: not run ({plan})" if "trained" in str(plan) else None)
+    dense = load_causal_lm_strict(folder, torch.float32).to(info.device)
+    if info.enabled and precision != torch.float32:
+        dense = dense.to(precision)  # FSDP computes the MoE in the policy's dtype: the dense model does too
+    result = compare_with_dense(
+        model,
+        dense,
+        plan,
+        dataset,
+        recipe.data.eval_sequences,
+        recipe.batch.micro_batch_size,
+        info,
+        precision,
+        autocast,
+    )
+    del dense
+    record = result.record() | {"step0_matches_dense": result.passed}
+    if result.passed is None:
+        return record, _deviation_message(result, plan)
+    if result.passed is False:
+        return record, beyond_tolerance(result, folder, recipe)
+    return record, None
+
+
+def _deviation_message(result: Step0Result, plan: dict) -> str:
+    """An approximate upcycle (by design, or by rounding at conversion): its deviation, reported, not judged."""
+    exactness = plan.get("exactness") or {}
+    measured = (exactness.get("rounding_deviation") or {}).get("relative")
+    kind = (
+        f"exact up to rounding to {exactness.get('rounded_to')}"
+        + (f" ({measured:.3g} measured at conversion)" if measured is not None else "")
+        if exactness.get("exact_up_to_rounding")
+        else "approximate by design"
+    )
+    return (
+        f"step-0 check: {kind}, the logits deviate {result.rel_diff:.3g} relative from the dense "
+        f"model's (top-1 agreement {result.top1_agreement:.2%})"
+    )
+
+
+def beyond_tolerance(result: Step0Result, dense: Path, recipe: TrainRecipe) -> str:
+    """An exact upcycle beyond its step-0 tolerance: stop (nothing trained), or in half precision, well within
+    what its rounding might reach on a larger model than those measured, warn."""
+    figures = (
+        f"{result.rel_diff:.3g} relative ({result.precision}, tolerance {result.tolerance:g}; top-1 agreement "
+        f"{result.top1_agreement:.2%})"
+    )
+    stop_at = result.tolerance * STOP_FACTOR[result.precision]
+    if result.rel_diff <= stop_at:
+        return (
+            f"warning: at step 0 the model's logits differ from its dense source's by {figures}, more than exact "
+            f"upcycles measured in {result.precision} but under the {stop_at:g} at which a run stops; check it in "
+            f"float32 with `upcycle verify {dense} {recipe.model.path}`"
+        )
+    rebuild = (
+        f"; if it reports a difference, delete {recipe.model.path} so that the next run converts again"
+        if recipe.model.source is not None
+        else ", and convert again"
+    )
+    raise UpcycleError(
+        f"at step 0 the model's logits differ from its dense source's by {figures}, although its conversion is "
+        "exact by design; nothing was trained.",
+        f"run `upcycle verify {dense} {recipe.model.path}` to find what differs{rebuild}.",
+    )

@@ -1,0 +1,71 @@
+"""The trained model and its optimizer: fp32 master weights laid out as the run's layout says, AdamW."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from upcycle.hf.loading import load_causal_lm_strict
+from upcycle.train import moe_losses
+from upcycle.train.distributed import Dist, shard_model
+from upcycle.train.parallel import Layout, engine_available
+from upcycle.train.recipe import TrainRecipe
+
+
+def choose_experts_implementation(requested: str, device: torch.device) -> str:
+    """'auto' takes the project's kernels where they run compiled (a CUDA GPU with Triton), else grouped_mm."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        from upcycle.kernels import select_backend
+
+        if select_backend(device) == "triton":
+            return "upcycle"
+    return "grouped_mm"
+
+
+def load_model(recipe: TrainRecipe, info: Dist, layout: Layout, compute_dtype: torch.dtype) -> nn.Module:
+    """The model in fp32 master weights, laid out as `layout` says.
+
+    Sharded layouts are loaded by transformers' distributed engine: each rank builds the model on the meta
+    device, applies expert parallelism and FSDP2, then reads only its own shard of every tensor, so no rank holds
+    the whole model. Without that engine (older transformers), each rank loads the whole model and FSDP2 shards it
+    afterwards.
+    """
+    implementation = choose_experts_implementation(recipe.model.experts_implementation, info.device)
+    if implementation == "upcycle":
+        import upcycle.kernels  # noqa: F401  (registers the implementation with transformers)
+    path, remote = recipe.model.path, recipe.model.trust_remote_code
+    mixed = compute_dtype != torch.float32
+    by_engine = layout.sharded and engine_available()
+    if by_engine:
+        model = load_causal_lm_strict(path, torch.float32, remote, distributed_config=layout.distributed_config(mixed))
+    else:
+        model = load_causal_lm_strict(path, torch.float32, remote)
+    if moe_losses.find_routers(model) and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(implementation)
+    model.config.use_cache = False
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False  # upcycle adds the aux loss itself, for every class alike
+    if recipe.model.activation_checkpointing:
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if not by_engine:
+        model.to(info.device)
+        if info.enabled:
+            shard_model(model, info, compute_dtype if mixed else None)
+    model.train()
+    return model
+
+
+def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm scales and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    o = recipe.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters on a GPU
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
