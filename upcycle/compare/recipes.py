@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.compare.sizes import Size
+from upcycle.convert.options import UpcycleOptions
 from upcycle.train.recipe import TrainRecipe
 from upcycle.train.recipe_paths import data_files
 from upcycle.train.recipe_sections import (
@@ -24,7 +25,6 @@ from upcycle.train.recipe_sections import (
     MoESection,
     OptimSection,
     RunSection,
-    UpcycleSection,
 )
 
 DataEntries = str | Path | Sequence[str | Path]
@@ -88,7 +88,7 @@ def sized(recipe: TrainRecipe, size: Size) -> TrainRecipe:
 def with_upcycle(recipe: TrainRecipe, options: dict[str, Any]) -> TrainRecipe:
     """``recipe`` (training a dense ``model.path``) as the upcycle of that model with convert's ``options``."""
     model = recipe.model
-    upcycle = UpcycleSection(**options)
+    upcycle = UpcycleOptions(**options)
     return dataclasses.replace(recipe, model=dataclasses.replace(model, path=None, source=model.path, upcycle=upcycle))
 
 
