@@ -121,7 +121,7 @@ def test_top_k_not_a_multiple_of_granularity(cli, llama, tmp_path):
 
 def test_unknown_router(cli, llama, tmp_path):
     out = tmp_path / "out"
-    assert_refused(cli("convert", llama, out, "--router", "sigmoid"), out, "unknown --router")
+    assert_refused(cli("convert", llama, out, "--router", "sigmoid"), out, "--router: unknown value 'sigmoid'")
 
 
 def test_existing_output_is_refused_and_kept(cli, llama, tmp_path):

@@ -241,6 +241,59 @@ def test_yaml_mistakes_are_reported_with_their_place(folder: Path) -> None:
         load_recipe(folder / "nope.yaml")
 
 
+@pytest.mark.parametrize(
+    ("sections", "line"),
+    [
+        (
+            {"model": {"source": "dense", "upcycle": {"experts": "x"}}},
+            "model.upcycle.experts: expected an integer, got 'x'. "
+            "Fix: set model.upcycle.experts to an integer, e.g. 1000 or 1_000_000.",
+        ),
+        (
+            {"model": {"source": "dense", "upcycle": {"noise": -1}}},
+            "model.upcycle.noise: must be 0 or more, got -1. Fix: use e.g. 0.01.",
+        ),
+        (
+            {"model": {"source": "dense", "upcycle": {"router": "sigmoid"}}},
+            "model.upcycle.router: unknown value 'sigmoid'. Fix: choose one of renorm, softmax-topk.",
+        ),
+        (
+            {"optim": {"betas": [0.9, 1.5]}},
+            "optim.betas[1]: must be in [0, 1), got 1.5. Fix: use e.g. 0.95.",
+        ),
+        (
+            {"run": {"seed": -1}},
+            "run.seed: must be in [0, 2**63), got -1. Fix: use e.g. 0.",
+        ),
+    ],
+)
+def test_a_validation_error_is_one_line_naming_the_dotted_key(folder: Path, sections: dict, line: str) -> None:
+    """Pydantic's error, at any depth, becomes the one line users see (problem and fix), never its dump."""
+    data = minimal(**sections)
+    if "model" in sections:
+        del data["model"]["path"]
+    assert error(folder, data) == line
+
+
+def test_upcycle_shard_size_reads_a_size_as_the_command_line_does(folder: Path) -> None:
+    """model.upcycle is convert's options, --shard-size included: GB = 1e9, GiB = 2^30, an integer is bytes."""
+    data = minimal(model={"source": "dense", "upcycle": {"experts": 4, "shard_size": "500MB"}})
+    del data["model"]["path"]
+    assert load(folder, data).model.upcycle.shard_size == 500 * 1000**2
+    assert load(folder, data, "model.upcycle.shard_size=2GiB").model.upcycle.shard_size == 2 * 1024**3
+    assert load(folder, data, "model.upcycle.shard_size=3000000").model.upcycle.shard_size == 3_000_000
+    default = load(folder, data, "model.upcycle={experts: 4}")
+    assert (
+        default.model.upcycle.shard_size == 2 * 1000**3 and default.to_dict()["model"]["upcycle"]["shard_size"] == 2e9
+    )
+    assert error(folder, data, "model.upcycle.shard_size=2XB").startswith(
+        "model.upcycle.shard_size: '2XB' is not a size. Fix: write it like 2GB"
+    )
+    assert "model.upcycle.shard_size: must be at least 1_000_000, got 5." in error(
+        folder, data, "model.upcycle.shard_size=5"
+    )
+
+
 def test_sections_are_validated_when_built_in_code_too() -> None:
     with pytest.raises(OptionError, match="optim.lr: must be positive"):
         OptimSection(lr=-1.0)

@@ -12,10 +12,11 @@ import pytest
 import yaml
 from train_helpers import isolated_cache, make_tiny_pair, recipe_dict, run_cli, shakespeare_texts, write_recipe
 
+from upcycle.convert.options import UpcycleOptions
+from upcycle.convert.targets import check_options
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.train import conversion
 from upcycle.train.recipe import load_recipe, recipe_from_dict
-from upcycle.train.recipe_sections import UpcycleSection
 from upcycle.train.shipped_recipes import copy_recipe, find_recipe, shipped_recipes, summary
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "upcycle" / "recipes"
@@ -50,13 +51,45 @@ def test_upcycle_section_takes_converts_options_and_round_trips(dense: Path, tmp
     data = source_recipe(dense, tmp_path / "run", layers=1, weight_scale=1.5, router="softmax-topk")
     recipe = recipe_from_dict(data, tmp_path)
     assert recipe.model.path is None and recipe.model.source == str(dense)
-    assert recipe.model.upcycle == UpcycleSection(
+    assert recipe.model.upcycle == UpcycleOptions(
         experts=4, top_k=2, layers="1", weight_scale="1.5", router="softmax-topk"
     )
-    options = recipe.model.upcycle.options()
+    options = recipe.model.upcycle
     assert (options.experts, options.top_k, options.layers, options.weight_scale_factor_override()) == (4, 2, "1", 1.5)
     again = recipe_from_dict(json.loads(json.dumps(recipe.to_dict())), Path("/elsewhere"))
     assert again == recipe
+
+
+def test_the_options_json_and_so_the_conversion_key_are_what_they_were() -> None:
+    """The conversion cache is keyed by the options' JSON: a recipe and convert give the same, and it did not move."""
+    assert UpcycleOptions().to_json() == {
+        "experts": 8, "top_k": 2, "granularity": 1, "router": "renorm", "router_init": "random", "router_std": None,
+        "weight_scale": "auto", "drop_upcycling": 0.0, "noise": 0.0, "layers": "all", "target": "auto",
+        "dtype": "auto", "shard_size": 2_000_000_000, "seed": 0, "extra": {},
+    }  # fmt: skip
+    data = {
+        "model": {"source": "d", "upcycle": {"experts": 8, "top_k": 2, "noise": 0, "weight_scale": 2}},
+        "data": {"train": "asset:shakespeare/train"},
+        "batch": {"steps": 1},
+        "run": {"output_dir": "o"},
+    }
+    recipe = recipe_from_dict(data, Path("/base"), resolve_assets=False)
+    built = UpcycleOptions(experts=8, top_k=2, noise=0.0, weight_scale="2")
+    assert json.dumps(recipe.model.upcycle.to_json(), sort_keys=True) == json.dumps(built.to_json(), sort_keys=True)
+
+
+def test_options_built_directly_are_refused_in_one_line_naming_the_flag() -> None:
+    for options, line in [
+        ({"experts": 0}, "--experts: must be at least 1, got 0. Fix: use e.g. 8."),
+        ({"router": "sigmoid"}, "--router: unknown value 'sigmoid'. Fix: choose one of renorm, softmax-topk."),
+        ({"shard_size": "2XB"}, "--shard-size: '2XB' is not a size."),
+        ({"seed": True}, "--seed: expected an integer, got true."),
+    ]:
+        with pytest.raises(OptionError) as info:
+            UpcycleOptions(**options)
+        assert str(info.value).startswith(line) and "\n" not in str(info.value)
+    with pytest.raises(OptionError, match="exceeds the number of experts"):  # options together: when converted
+        check_options(UpcycleOptions(experts=2, top_k=3))
 
 
 def test_upcycle_keys_are_checked_like_every_other_key(dense: Path, tmp_path: Path) -> None:
@@ -86,7 +119,7 @@ def test_set_reaches_into_the_upcycle_section(dense: Path, tmp_path: Path) -> No
     plain = load_recipe(path, ["model.upcycle=null", "model.source=null", f"model.path={dense}"])
     assert plain.model.path == str(dense) and plain.model.upcycle is None and plain.model.source is None
     whole = load_recipe(path, ["model.upcycle={experts: 2, top_k: 1}"])
-    assert whole.model.upcycle == UpcycleSection(experts=2, top_k=1)
+    assert whole.model.upcycle == UpcycleOptions(experts=2, top_k=1)
 
 
 # ------------------------------------------------------------------------------------------ the conversion

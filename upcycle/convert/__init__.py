@@ -1,17 +1,21 @@
-"""Dense → MoE conversion: plan it from headers and config, then stream it into a native HF checkpoint."""
+"""Dense → MoE conversion: plan it from headers and config, then stream it into a native HF checkpoint.
+
+The options import alone (no torch): a recipe's ``model.upcycle`` is :class:`UpcycleOptions`, and reading a recipe
+must stay quick. The conversion's modules load when :func:`convert`, ``build_plan`` or ``UpcyclePlan`` is used.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.plan import UpcyclePlan, build_plan
-from upcycle.convert.source import open_source
-from upcycle.convert.targets import check_options
-from upcycle.convert.writer import Progress, check_output, write_plan
-from upcycle.output_safety import free_space, refuse_overlap
+
+if TYPE_CHECKING:
+    from upcycle.convert.plan import UpcyclePlan
+    from upcycle.convert.writer import Progress
 
 
 @dataclass
@@ -38,6 +42,12 @@ def convert(
     overrides that, and a dry run refuses it too, since no real run could use that OUT. An existing OUT is
     replaced only with ``force``, atomically; a dry run does not check that (``--force`` can still fix it).
     """
+    from upcycle.convert.plan import build_plan
+    from upcycle.convert.source import open_source
+    from upcycle.convert.targets import check_options
+    from upcycle.convert.writer import check_output, write_plan
+    from upcycle.output_safety import free_space, refuse_overlap
+
     start = time.perf_counter()
     options = options or UpcycleOptions()
     check_options(options)
@@ -54,6 +64,15 @@ def convert(
 
         written = write_plan(plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written)
     return ConvertResult(plan, out, written, time.perf_counter() - start)
+
+
+def __getattr__(name: str) -> Any:
+    """``UpcyclePlan`` and ``build_plan``, imported on first use (they bring torch)."""
+    if name in ("UpcyclePlan", "build_plan"):
+        from upcycle.convert import plan
+
+        return getattr(plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ConvertResult", "UpcycleOptions", "UpcyclePlan", "build_plan", "convert"]

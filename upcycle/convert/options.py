@@ -1,37 +1,64 @@
-"""Conversion options: what the user asked for, validated once, before any file is read."""
+"""Conversion options: what the user asked for, validated before any file is read.
+
+One definition for the command line (``upcycle convert``), the library and a recipe's ``model.upcycle`` section.
+Pydantic checks each option's type, range and choices when the options are built (a refusal names the flag,
+``--top-k``, or inside a recipe the dotted key); :meth:`UpcycleOptions.validate` checks them together.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
 
 from upcycle.errors import OptionError
+from upcycle.units import parse_size
+from upcycle.validation import Integer, Number, Text, flag, rule, validated
 
 RouterKind = Literal["renorm", "softmax-topk"]
 RouterInit = Literal["random", "zero", "tied"]
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
+def _text(value: Any) -> Any:
+    """YAML reads ``weight_scale: 1.5`` and ``layers: 7`` as numbers; they are spellings."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _size(value: Any) -> Any:
+    """``2GB`` (1e9 bytes) or ``2GiB`` (2^30), as ``--shard-size`` reads it; an integer is bytes."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_size(value, "")
+    except OptionError as error:
+        raise rule(error.problem.strip(), error.fix, relative=True) from None
+
+
+Spelling = Annotated[Text, BeforeValidator(_text)]
+Size = Annotated[Integer, BeforeValidator(_size)]
+
+
+@validated(flag)
 class UpcycleOptions:
     """Every choice that shapes the converted checkpoint; recorded verbatim in upcycle.json."""
 
-    experts: int = 8  # expansion rate E: copies of each dense MLP
-    top_k: int = 2  # experts each token uses (T in the paper)
-    granularity: int = 1  # G: shards per copy along the intermediate dim (virtual groups when > 1)
+    experts: Integer = Field(8, ge=1)  # expansion rate E: copies of each dense MLP
+    top_k: Integer = Field(2, ge=1)  # experts each token uses (T in the paper)
+    granularity: Integer = Field(1, ge=1)  # G: shards per copy (virtual groups when > 1)
     router: RouterKind = "renorm"  # renorm: softmax→top-k→renormalise; softmax-topk: no renormalisation
     router_init: RouterInit = "random"
-    router_std: float | None = None  # None: the source config's initializer_range (0.02 when absent)
-    weight_scale: str = "auto"  # "auto", "none" or a float factor s
-    drop_upcycling: float = 0.0  # fraction r of intermediate neurons re-drawn per expert
-    noise: float = 0.0  # Gaussian noise std, relative to each dense tensor's std
-    layers: str = "all"  # which decoder layers become MoE (others stay dense)
-    target: str = "auto"
-    dtype: str = "auto"
-    shard_size: int = 2 * 1000**3  # bytes per output safetensors file: 2GB, as `--shard-size` reads it
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
+    router_std: Number | None = Field(None, ge=0)  # None: the source config's initializer_range (0.02 when absent)
+    weight_scale: Spelling = "auto"  # "auto", "none" or a float factor s
+    drop_upcycling: Number = Field(0.0, ge=0, lt=1, examples=[0.5])  # fraction r of neurons re-drawn per expert
+    noise: Number = Field(0.0, ge=0, examples=[0.01])  # Gaussian noise std, relative to each dense tensor's std
+    layers: Spelling = "all"  # which decoder layers become MoE (others stay dense)
+    target: Text = "auto"  # checked against the targets by convert.targets.check_options
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_size: Size = Field(2 * 1000**3, ge=1000**2, examples=["2GB"])  # bytes per safetensors file: 2GB
+    seed: Integer = 0
+    extra: dict = Field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
 
     @property
     def num_experts(self) -> int:
@@ -41,13 +68,11 @@ class UpcycleOptions:
         return asdict(self)
 
     def validate(self) -> None:
-        """Reject inconsistent options with the reason and the fix, before touching any file."""
-        if self.experts < 1:
-            raise OptionError(f"--experts must be at least 1 (got {self.experts}).", "pass --experts 8.")
-        if self.granularity < 1:
-            raise OptionError(f"--granularity must be at least 1 (got {self.granularity}).", "pass -g 1.")
-        if self.top_k < 1:
-            raise OptionError(f"--top-k must be at least 1 (got {self.top_k}).", "pass --top-k 2.")
+        """The options together (each alone was checked when built), with the reason and the fix.
+
+        Not when built: `convert` and a recipe call it through `targets.check_options`, so a caller may still build
+        options no conversion takes, e.g. to study their scale factors.
+        """
         if self.top_k > self.num_experts:
             raise OptionError(
                 f"--top-k {self.top_k} exceeds the number of experts "
@@ -67,29 +92,12 @@ class UpcycleOptions:
                 "group-limited routers (Glm4-MoE, Dots1) score with a sigmoid, not a softmax.",
                 "use --router renorm with virtual groups (exact), or --granularity 1.",
             )
-        if self.router not in ("renorm", "softmax-topk"):
-            raise OptionError(f"unknown --router {self.router!r}.", "choose renorm or softmax-topk.")
-        if self.router_init not in ("random", "zero", "tied"):
-            raise OptionError(f"unknown --router-init {self.router_init!r}.", "choose random, zero or tied.")
         if self.router_init == "tied" and self.granularity == 1:
             raise OptionError(
                 "--router-init tied ties router rows within a virtual group and needs --granularity > 1.",
                 "use --router-init random (or zero).",
             )
-        if not 0.0 <= self.drop_upcycling < 1.0:
-            raise OptionError(
-                f"--drop-upcycling must be a ratio in [0, 1) (got {self.drop_upcycling}).",
-                "pass e.g. --drop-upcycling 0.5.",
-            )
-        if self.noise < 0 or not math.isfinite(self.noise):
-            raise OptionError(f"--noise must be a finite std >= 0 (got {self.noise}).", "pass --noise 0.01.")
-        if self.router_std is not None and (self.router_std < 0 or not math.isfinite(self.router_std)):
-            raise OptionError(f"router std must be >= 0 (got {self.router_std}).", "omit it.")
         self.weight_scale_factor_override()
-        if self.dtype not in DTYPES:
-            raise OptionError(f"unknown --dtype {self.dtype!r}.", f"choose one of: {', '.join(DTYPES)}.")
-        if self.shard_size < 1000**2:
-            raise OptionError(f"--shard-size must be at least 1MB (got {self.shard_size} bytes).", "use 2GB.")
 
     def weight_scale_factor_override(self) -> float | None:
         """The explicit factor from --weight-scale FLOAT; None for 'auto' and 'none'."""

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from upcycle.convert.options import UpcycleOptions
 from upcycle.experiments.sizes import Size
 from upcycle.train.recipe import TrainRecipe, load_recipe
 from upcycle.train.recipe_paths import data_files
-from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, RunSection, UpcycleSection
+from upcycle.train.recipe_sections import BatchSection, DataSection, ModelSection, RunSection
 from upcycle.train.shipped_recipes import find_recipe
 
 DataEntries = str | Path | Sequence[str | Path]
@@ -90,7 +91,7 @@ def sized(recipe: TrainRecipe, size: Size) -> TrainRecipe:
 def with_upcycle(recipe: TrainRecipe, options: dict[str, Any]) -> TrainRecipe:
     """``recipe`` (training a dense ``model.path``) as the upcycle of that model with convert's ``options``."""
     model = recipe.model
-    upcycle = UpcycleSection(**options)
+    upcycle = UpcycleOptions(**options)
     return dataclasses.replace(recipe, model=dataclasses.replace(model, path=None, source=model.path, upcycle=upcycle))
 
 

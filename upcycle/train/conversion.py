@@ -73,7 +73,7 @@ def prepare_model(
     started = time.perf_counter()
     hashes = source_hashes(source)
     hash_seconds = time.perf_counter() - started
-    options = model.upcycle.options()
+    options = model.upcycle
     key = conversion_key(hashes, options.to_json())
     folder = conversions_dir() / key[:32]
     with cache_lock(f"conversion-{key[:32]}"):
@@ -113,7 +113,7 @@ def cached_conversion(recipe: TrainRecipe) -> Path | None:
     model = recipe.model
     if model.upcycle is None or model.source is None or not Path(model.source).exists():
         return None
-    key = conversion_key(source_hashes(Path(model.source)), model.upcycle.options().to_json())
+    key = conversion_key(source_hashes(Path(model.source)), model.upcycle.to_json())
     folder = conversions_dir() / key[:32]
     return folder if read_record(folder, key) is not None else None
 
@@ -126,7 +126,7 @@ def planned_config(recipe: TrainRecipe) -> dict[str, Any]:
     assert model.upcycle is not None and model.source is not None
     scratch = conversions_dir() / "planned"  # never written: a dry run only checks where it would write
     plan = convert(
-        Path(model.source), scratch, model.upcycle.options(), dry_run=True, trust_remote_code=model.trust_remote_code
+        Path(model.source), scratch, model.upcycle, dry_run=True, trust_remote_code=model.trust_remote_code
     ).plan
     return plan.config
 

@@ -12,10 +12,23 @@ from typing import Any
 import yaml
 
 from upcycle.errors import OptionError
-from upcycle.train.recipe_fields import StrictLoader, field_types, nested_section
 from upcycle.train.recipe_keys import dotted_keys, unknown_key
 from upcycle.train.recipe_paths import PATH_KEYS, command_line_path
 from upcycle.train.recipe_sections import SECTIONS
+from upcycle.validation import nested_model
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (plain PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -48,24 +61,20 @@ def split_override(item: str, option: str = "--set") -> tuple[str, str]:
 
 def check_key(key: str, item: str, option: str = "--set") -> None:
     """Refuse a key no recipe has (naming the nearest valid one), a whole section, or ``source``."""
-    section, dot, _ = key.partition(".")
-    if section in SECTIONS and not dot:
+    parts = key.split(".")
+    if len(parts) == 1 and key in SECTIONS:
+        example = next(iter(SECTIONS[key].__pydantic_fields__))  # type: ignore[attr-defined]
         raise OptionError(
-            f"{option} {key}: {key} is a section.",
-            f"set one of its keys, e.g. {option} {key}.{next(iter(field_types(SECTIONS[section])))}=...",
+            f"{option} {key}: {key} is a section.", f"set one of its keys, e.g. {option} {key}.{example}=..."
         )
-    if key in dotted_keys() or _is_nested_section(key):  # model.upcycle=null or ={experts: 4} too
+    if key in dotted_keys() or (len(parts) > 1 and _settings(parts) is not None):  # model.upcycle={experts: 4}
         return
     if key == "source":
         raise OptionError(f"{option} source: source is set from the recipe file.", f"remove this {option}.")
-    origin = f" in {option} {item}"
-    nested = _nested_keys(key)
-    if nested is not None:
-        parent, known = nested
-        raise unknown_key(key, known, parent, origin)
-    if section in SECTIONS:
-        raise unknown_key(key, list(field_types(SECTIONS[section])), section, origin)
-    raise unknown_key(key, list(SECTIONS), None, origin)
+    depth = next((i for i in range(len(parts) - 1, 0, -1) if _settings(parts[:i]) is not None), 0)
+    owner = _settings(parts[:depth])
+    known = list(owner.__pydantic_fields__) if owner is not None else list(SECTIONS)  # type: ignore[attr-defined]
+    raise unknown_key(key, known, ".".join(parts[:depth]) or None, f" in {option} {item}")
 
 
 def parse_value(text: str) -> Any:
@@ -76,17 +85,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _is_nested_section(key: str) -> bool:
-    section, _, name = key.partition(".")
-    hint = field_types(SECTIONS[section]).get(name) if section in SECTIONS else None
-    return hint is not None and nested_section(hint) is not None
-
-
-def _nested_keys(key: str) -> tuple[str, list[str]] | None:
-    """For ``model.upcycle.expert``: the nested section's key (``model.upcycle``) and its valid keys."""
-    parts = key.split(".")
-    if len(parts) < 3 or parts[0] not in SECTIONS:
-        return None
-    hint = field_types(SECTIONS[parts[0]]).get(parts[1])
-    nested = nested_section(hint) if hint is not None else None
-    return None if nested is None else (f"{parts[0]}.{parts[1]}", list(field_types(nested)))
+def _settings(path: list[str]) -> type | None:
+    """The section or nested settings at a dotted path (``model.upcycle``: UpcycleOptions), else None."""
+    cls = SECTIONS.get(path[0]) if path else None
+    for part in path[1:]:
+        cls = nested_model(cls, part) if cls is not None and part in cls.__pydantic_fields__ else None
+    return cls

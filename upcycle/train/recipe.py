@@ -1,8 +1,8 @@
 """Training recipes: YAML in, a validated, immutable :class:`TrainRecipe` out, before anything runs.
 
-A recipe is nested frozen dataclasses, one per YAML section (:mod:`upcycle.train.recipe_sections`). Every value is
-type-checked and range-checked when a section is built, so an unknown key, a wrong type or an impossible setting
-stops the run at once with the full dotted key in the message (``optim.lr: expected a number, got 'fast'.``),
+A recipe is nested frozen pydantic dataclasses, one per YAML section (:mod:`upcycle.train.recipe_sections`). Every
+value is type-checked and range-checked when a recipe is built, so an unknown key, a wrong type or an impossible
+setting stops the run at once with the full dotted key in one line (``optim.lr: expected a number, got 'fast'.``),
 never after the model has loaded. Paths are made absolute at load time (:mod:`upcycle.train.recipe_paths`);
 ``--set`` overrides are applied to the YAML data first (:mod:`upcycle.train.overrides`).
 """
@@ -10,20 +10,18 @@ never after the model has loaded. Paths are made absolute at load time (:mod:`up
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from upcycle.errors import OptionError
 from upcycle.train.batch_size import check_whole_micro_batches
-from upcycle.train.overrides import apply_overrides
-from upcycle.train.recipe_fields import StrictLoader, UnknownKey, describe, section_mapping, type_error
+from upcycle.train.overrides import StrictLoader, apply_overrides
 from upcycle.train.recipe_keys import unknown_key
 from upcycle.train.recipe_paths import absolute_path, data_files, model_path
 from upcycle.train.recipe_sections import (
-    SECTIONS,
     BatchSection,
     DataSection,
     ModelSection,
@@ -32,47 +30,44 @@ from upcycle.train.recipe_sections import (
     ParallelSection,
     RunSection,
 )
+from upcycle.validation import Text, describe, dotted, one_line, validated
+
+_EMPTY = BeforeValidator(lambda value: {} if value is None else value)  # "moe:" with nothing under it
 
 
-@dataclass(frozen=True, kw_only=True)
+def _section() -> Any:
+    """A missing section is its defaults, checked: a section may require keys (data.train)."""
+    return Field(default_factory=dict, validate_default=True)
+
+
+@validated(dotted())
 class TrainRecipe:
     """A whole training run, validated; ``source`` is the YAML file it came from (None if built in code)."""
 
-    model: ModelSection
-    data: DataSection
-    batch: BatchSection
-    optim: OptimSection = field(default_factory=OptimSection)
-    moe: MoESection = field(default_factory=MoESection)
-    run: RunSection
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    source: str | None = None
+    model: Annotated[ModelSection, _EMPTY] = _section()
+    data: Annotated[DataSection, _EMPTY] = _section()
+    batch: Annotated[BatchSection, _EMPTY] = _section()
+    optim: Annotated[OptimSection, _EMPTY] = _section()
+    moe: Annotated[MoESection, _EMPTY] = _section()
+    run: Annotated[RunSection, _EMPTY] = _section()
+    parallel: Annotated[ParallelSection, _EMPTY] = _section()
+    source: Text | None = None
 
-    def __post_init__(self) -> None:
-        for name, cls in SECTIONS.items():
-            if not isinstance(getattr(self, name), cls):
-                raise TypeError(f"TrainRecipe.{name} must be a {cls.__name__}")  # a programming error
+    def _check(self) -> None:
         check_whole_micro_batches(self.batch.global_batch_tokens, self.data.seq_len, self.batch.micro_batch_size)
         if self.run.output_dir is None:
             raise OptionError("missing required key run.output_dir.", "add output_dir: under run:.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready data (lists, not tuples); :func:`recipe_from_dict` rebuilds the same recipe."""
-        out: dict[str, Any] = {}
-        for name in SECTIONS:
-            section = getattr(self, name)
-            out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
-        out["source"] = self.source
-        return out
+        return _RECIPE.dump_python(self, mode="json")
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, e.g. to save next to checkpoints."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):  # a nested section, e.g. model.upcycle
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+_RECIPE = TypeAdapter(TrainRecipe)
 
 
 def recipe_from_dict(
@@ -88,28 +83,22 @@ def recipe_from_dict(
             f"a recipe must be a mapping of sections, got {describe(data)}.",
             "see `upcycle recipes show cpu-quickstart`.",
         )
-    top = [*SECTIONS, "source"]
-    for key in data:
-        if not isinstance(key, str) or key not in top:
-            raise unknown_key(str(key), top, None)
-    source = data.get("source")
-    if source is not None and not isinstance(source, str):
-        raise type_error("source", "a string", source, "recipes/my.yaml")
+    run = data.get("run")
+    if default_output is not None and (run is None or isinstance(run, dict) and run.get("output_dir") is None):
+        data = {**data, "run": {**(run or {}), "output_dir": str(default_output)}}
     try:
-        kwargs = {name: section_mapping(cls, data.get(name), name) for name, cls in SECTIONS.items()}
-        model, dat, run = ModelSection(**kwargs["model"]), DataSection(**kwargs["data"]), RunSection(**kwargs["run"])
-        batch, optim = BatchSection(**kwargs["batch"]), OptimSection(**kwargs["optim"])
-        moe, parallel = MoESection(**kwargs["moe"]), ParallelSection(**kwargs["parallel"])
-    except UnknownKey as error:  # the nearest valid key, from every section's keys
-        raise unknown_key(error.key, error.known, error.section) from None
+        recipe = _RECIPE.validate_python(data)
+    except ValidationError as error:  # unknown keys get the nearest valid key, from every section's keys
+        raise one_line(error, TrainRecipe, dotted(), unknown_key) from None
+    model, dat = recipe.model, recipe.data
     if model.path is not None and model.source is not None:
         raise OptionError(
             "model.path and model.source are both set.",
             "keep one: path trains a folder as it is, source (with upcycle) converts a dense model first.",
         )
     base = Path(base_dir).expanduser().absolute()
-    output_dir = run.output_dir if run.output_dir is not None else default_output
-    return TrainRecipe(
+    return dataclasses.replace(
+        recipe,
         model=dataclasses.replace(
             model,
             path=None if model.path is None else model_path(model.path, base, resolve_assets, "model.path"),
@@ -121,12 +110,7 @@ def recipe_from_dict(
             eval=data_files(dat.eval, "data.eval", base, resolve_assets),
             cache_dir=None if dat.cache_dir is None else absolute_path(dat.cache_dir, base),
         ),
-        batch=batch,
-        optim=optim,
-        moe=moe,
-        run=dataclasses.replace(run, output_dir=None if output_dir is None else absolute_path(str(output_dir), base)),
-        parallel=parallel,
-        source=source,
+        run=dataclasses.replace(recipe.run, output_dir=absolute_path(str(recipe.run.output_dir), base)),
     )
 
 

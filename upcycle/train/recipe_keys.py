@@ -10,8 +10,8 @@ import difflib
 from functools import cache
 
 from upcycle.errors import OptionError
-from upcycle.train.recipe_fields import field_types, nested_section
 from upcycle.train.recipe_sections import SECTIONS
+from upcycle.validation import nested_model
 
 # Names other trainers use (HF Trainer, torchtitan, Megatron), which difflib alone would match poorly.
 ALIASES = {
@@ -81,7 +81,7 @@ def dotted_keys() -> list[str]:
 
 def _keys_of(cls: type, prefix: str) -> list[str]:
     keys = []
-    for name, hint in field_types(cls).items():
-        nested = nested_section(hint)
+    for name in cls.__pydantic_fields__:  # type: ignore[attr-defined]
+        nested = nested_model(cls, name)
         keys += _keys_of(nested, f"{prefix}.{name}") if nested is not None else [f"{prefix}.{name}"]
     return keys
