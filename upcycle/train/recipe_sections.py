@@ -66,7 +66,7 @@ class DataSection:
     eval: Paths = ()  # held-out text, never trained on
     text_field: NotBlank = "text"  # the field holding the text in .jsonl and .parquet files
     seq_len: Integer = Field(1024, ge=2)
-    eval_sequences: Integer = Field(64, ge=0)  # held-out sequences per evaluation (0 = all)
+    eval_sequences: Integer = Field(64, ge=0, examples=["64", "0 (all)"])  # held-out sequences per evaluation
     cache_dir: Text | None = None  # tokenised-data cache (None: upcycle.assets.cache_dir()/tokens)
 
     def _check(self) -> None:
