@@ -135,21 +135,21 @@ def main() -> int:
     parser.add_argument("--after", default="HEAD", help="git revision after it (default HEAD)")
     parser.add_argument("--source", type=Path, default=CACHE / "smollm2-135m-instruct-fp32", help="dense folder")
     args = parser.parse_args()
+    commits = {  # resolved now: HEAD may move while the two revisions run
+        label: subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for label, rev in (("before", args.before), ("after", args.after))
+    }
     with tempfile.TemporaryDirectory(prefix="layout-unchanged-") as tmp:
         root = Path(tmp)
         prints = {}
         try:
-            for label, rev in (("before", args.before), ("after", args.after)):
+            for label, rev in commits.items():
                 tree = worktree_of(rev, root / f"tree-{label}")
                 prints[label] = fingerprint(tree, args.source.resolve(), root / f"work-{label}")
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
-    commits = {
-        label: subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True
-        ).stdout.strip()  # fmt: skip
-        for label, rev in (("before", args.before), ("after", args.after))
-    }
     print(f"before {commits['before']}  after {commits['after']}  source {args.source}")
     failed = False
     for artifact in prints["before"]:
