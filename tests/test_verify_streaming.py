@@ -131,18 +131,24 @@ def peak_bytes(dense: Path, moe: Path, mode: str) -> int:
 def test_streaming_peak_memory_does_not_grow_with_the_layer_count(tmp_path):
     from tiny_models import make_dense
 
+    # One process's peak RSS varies by about half a layer from run to run (allocator, import order), whatever the
+    # layer count: four more layers and the least of three runs keep the signal (400 MB if streaming loaded every
+    # layer) far from that noise.
     dims = dict(hidden_size=512, intermediate_size=2048, vocab_size=256, max_position_embeddings=512)
     peaks = {}
-    for layers in (2, 4):
+    for layers in (2, 6):
         dense = make_dense("llama", tmp_path / f"dense{layers}", num_hidden_layers=layers, **dims)
         moe = tmp_path / f"moe{layers}"
         convert(dense, moe, UpcycleOptions(experts=8, top_k=2))  # one MoE layer: 25 M parameters, 100 MB in fp32
-        peaks[layers] = {mode: peak_bytes(dense, moe, mode) for mode in ("streaming", "full")}
+        peaks[layers] = {
+            "streaming": min(peak_bytes(dense, moe, "streaming") for _ in range(3)),
+            "full": peak_bytes(dense, moe, "full"),
+        }
     layer_bytes = 8 * 3 * 512 * 2048 * 4
-    streaming_growth = peaks[4]["streaming"] - peaks[2]["streaming"]
-    full_growth = peaks[4]["full"] - peaks[2]["full"]
-    assert full_growth > 2 * layer_bytes, peaks  # the measurement sees two more layers when they are loaded ...
-    assert streaming_growth < layer_bytes / 2, peaks  # ... and the streaming check does not load them
+    streaming_growth = peaks[6]["streaming"] - peaks[2]["streaming"]
+    full_growth = peaks[6]["full"] - peaks[2]["full"]
+    assert full_growth > 3 * layer_bytes, peaks  # the measurement sees four more layers when they are loaded ...
+    assert streaming_growth < layer_bytes, peaks  # ... and the streaming check holds at most one at a time
 
 
 def test_streaming_feeds_the_weight_check_every_tensor(dense_dir, tmp_path):
