@@ -59,7 +59,8 @@ GOAL_MEMORY = 4.0  # ... and use at most 1/this of the peak RSS
 
 
 def child_upcycle(src: Path, out: Path, experts: int, top_k: int, dtype: str) -> None:
-    from upcycle.convert import UpcycleOptions, convert
+    from upcycle.convert import UpcycleOptions
+    from upcycle.upcycling import convert
 
     convert(src, out, UpcycleOptions(experts=experts, top_k=top_k, dtype=dtype))
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from upcycle.assets import sample_text, smollm2_folder
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.hf.loading import load_causal_lm_strict
 from upcycle.train.moe_losses import find_routers
 from upcycle.train.router_precision import run_routers_in_fp32
+from upcycle.upcycling import convert
 
 
 def routed(

@@ -295,9 +295,10 @@ def child_prepare(spec: dict[str, Any], events: Events) -> None:
     import transformers
 
     from upcycle.assets import shakespeare_split, smollm2_folder
-    from upcycle.convert import UpcycleOptions, convert
+    from upcycle.convert import UpcycleOptions
     from upcycle.train.batch_order import BatchOrder
     from upcycle.train.packing import make_batch, packed_dataset
+    from upcycle.upcycling import convert
 
     cuda = torch.cuda.is_available() and spec["device"] != "cpu"
     settings = dict(GPU_DEFAULTS if cuda else CPU_DEFAULTS)

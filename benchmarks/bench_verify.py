@@ -42,7 +42,8 @@ SHAPE = dict(
 PEAK = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))) * 1024"
 CHILD = {
     "convert": """
-        from upcycle.convert import UpcycleOptions, convert
+        from upcycle.convert import UpcycleOptions
+        from upcycle.upcycling import convert
         convert(SRC, OUT, UpcycleOptions(experts=8, top_k=2, dtype="bfloat16"))
     """,
     "verify": """

@@ -91,7 +91,8 @@ def converted_model(work: Path) -> Path:
         print(f"model: reusing {out}")
         return out
     from upcycle.assets import smollm2_folder
-    from upcycle.convert import UpcycleOptions, convert
+    from upcycle.convert import UpcycleOptions
+    from upcycle.upcycling import convert
 
     work.mkdir(parents=True, exist_ok=True)
     src = smollm2_folder()

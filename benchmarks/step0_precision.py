@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from train_helpers import make_tiny_pair, shakespeare_texts  # noqa: E402
 
 from upcycle import assets  # noqa: E402
-from upcycle.convert import UpcycleOptions, convert  # noqa: E402
+from upcycle.convert import UpcycleOptions  # noqa: E402
 from upcycle.hf.loading import load_causal_lm_strict  # noqa: E402
 from upcycle.train.distributed import Dist  # noqa: E402
 from upcycle.train.packing import packed_dataset  # noqa: E402
 from upcycle.train.step0 import compare_with_dense  # noqa: E402
+from upcycle.upcycling import convert  # noqa: E402
 
 SEQUENCES, SEQ_LEN, MICRO_BATCH = 4, 128, 2
 

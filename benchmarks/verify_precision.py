@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tiny_models import make_dense  # noqa: E402
 
-from upcycle.convert import UpcycleOptions, convert  # noqa: E402
+from upcycle.convert import UpcycleOptions  # noqa: E402
+from upcycle.upcycling import convert  # noqa: E402
 from upcycle.verify.function import check_function  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -11,7 +11,7 @@ import pytest
 from tiny_models import make_dense
 
 from upcycle import assets
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.experiments.compare import compare_main, plot_main
 from upcycle.experiments.flops import model_cost
 from upcycle.experiments.paper_recipe import paper_recipe, paper_settings
@@ -22,6 +22,7 @@ from upcycle.experiments.sweep_plan import SweepPlan
 from upcycle.experiments.variants import VARIANTS, arm_points
 from upcycle.model_files import COPIED_FILES
 from upcycle.train.metrics import read_metrics
+from upcycle.upcycling import convert
 
 VOCAB = 49152  # SmolLM2's tokenizer: the text is real tokens
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import load_clean
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.errors import UnsupportedModelError
+from upcycle.upcycling import convert
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 EXACT = {

@@ -11,11 +11,12 @@ import torch
 import transformers
 from hub_models import LLAMA3_ROPE, relative_difference, save_hub_style
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.convert import plan as plan_module
 from upcycle.convert.targets import base as target_base
 from upcycle.convert.targets.group_limited import Glm4MoeTarget
 from upcycle.errors import UnsupportedModelError
+from upcycle.upcycling import convert
 
 DIMS = dict(
     vocab_size=128,

@@ -11,11 +11,12 @@ from family_configs import FAMILY_CONFIGS, FAMILY_OPTIONS, family_config
 from hub_models import relative_difference, save_hub_style
 from transformers import CONFIG_MAPPING
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.convert.families import FAMILIES, REFUSED, family_of
 from upcycle.convert.families.table import family_rows, markdown
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import UnsupportedModelError
+from upcycle.upcycling import convert
 from upcycle.verify import verify
 
 pytestmark = pytest.mark.filterwarnings("ignore")

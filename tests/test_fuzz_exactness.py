@@ -34,9 +34,10 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.errors import SourceError, UpcycleError
 from upcycle.hf.config import load_config
+from upcycle.upcycling import convert
 from upcycle.verify import verify
 
 pytestmark = pytest.mark.slow

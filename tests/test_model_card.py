@@ -12,7 +12,7 @@ import pytest
 import yaml
 from train_helpers import recipe_dict
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.errors import SourceError
 from upcycle.model_card import rewrite_conversion_card
 from upcycle.model_identity import read_front_matter, source_identity
@@ -20,6 +20,7 @@ from upcycle.train.export import export_checkpoint
 from upcycle.train.loop import train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import recipe_from_dict
+from upcycle.upcycling import convert
 
 SOURCE_README = (
     "---\nlicense: apache-2.0\nmodel_name: tiny-org/tiny-llama\nbase_model: someone/its-parent\n---\n# Tiny\n"

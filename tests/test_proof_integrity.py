@@ -27,11 +27,12 @@ from hub_models import (
 from safetensors.torch import load_file, save_file
 from tiny_models import COMMON
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.convert import plan as plan_module
 from upcycle.convert.families import phi3
 from upcycle.errors import OptionError, SourceError, UnsupportedModelError
 from upcycle.hf.config_check import check_config_equivalence
+from upcycle.upcycling import convert
 
 MODES = ["--full", "--streaming", "--weights-only"]
 

@@ -9,7 +9,8 @@ import torch
 from conftest import load_clean
 
 from upcycle import assets
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
+from upcycle.upcycling import convert
 from upcycle.verify import verify
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,8 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
+from upcycle.upcycling import convert
 
 SHARD = "model-00001-of-00001.safetensors"
 

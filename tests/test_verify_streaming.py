@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
+from upcycle.upcycling import convert
 from upcycle.verify import verify
 
 SHARD = "model-00001-of-00001.safetensors"

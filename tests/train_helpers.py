@@ -13,9 +13,10 @@ import yaml
 from tiny_models import make_dense
 
 from upcycle import assets
-from upcycle.convert import UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.model_files import COPIED_FILES
 from upcycle.train.metrics import read_metrics
+from upcycle.upcycling import convert
 
 VOCAB = 49152  # SmolLM2's tokenizer, so the text is real tokens
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upcycle import assets
-from upcycle.convert import ConvertResult, UpcycleOptions, convert
+from upcycle.convert import UpcycleOptions
 from upcycle.memory import available_memory
 from upcycle.routing_plot import plot_expert_load
+from upcycle.upcycling import ConvertResult, convert
 from upcycle.verify import VerifyReport, verify
 
 DEMO_PROMPTS = (

@@ -29,7 +29,8 @@ from hub_models import save_hub_style  # noqa: E402
 from tiny_models import make_dense  # noqa: E402
 
 from upcycle import assets  # noqa: E402
-from upcycle.convert import UpcycleOptions, convert  # noqa: E402
+from upcycle.convert import UpcycleOptions  # noqa: E402
+from upcycle.upcycling import convert  # noqa: E402
 
 ROPE_THETA = 100000.0  # no MoE class defaults to it (Mixtral: 1e6; Qwen2/3-MoE, Glm4-MoE, Dots1: 1e4)
 TINY_TOKENS = 32

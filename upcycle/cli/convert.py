@@ -40,7 +40,8 @@ def convert_cmd(
     show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
 ) -> None:
     """Upcycle a dense model into a native transformers MoE checkpoint (exact by default: E=8, top-2)."""
-    from upcycle.convert import UpcycleOptions, convert
+    from upcycle.convert import UpcycleOptions
+    from upcycle.upcycling import convert
 
     try:
         options = UpcycleOptions(

@@ -120,7 +120,7 @@ def cached_conversion(recipe: TrainRecipe) -> Path | None:
 
 def planned_config(recipe: TrainRecipe) -> dict[str, Any]:
     """The config.json the recipe's conversion will write, from its plan alone (headers and config read)."""
-    from upcycle.convert import convert
+    from upcycle.upcycling import convert
 
     model = recipe.model
     assert model.upcycle is not None and model.source is not None
@@ -164,8 +164,8 @@ def _convert_and_verify(
     trust_remote_code: bool,
     echo: Callable[[str], None],
 ) -> Conversion:
-    from upcycle.convert import convert
     from upcycle.model_card import rewrite_conversion_card
+    from upcycle.upcycling import convert
     from upcycle.verify import verify
 
     remove(record_path(folder))  # a stale record must never vouch for the folder written now
