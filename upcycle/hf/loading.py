@@ -12,7 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from upcycle.errors import SourceError
+from upcycle.errors import OptionError, SourceError
+
+TORCH_DTYPES = {  # the dtypes a user may name for loading or computing, by name
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_named(name: str, option: str = "--dtype") -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise OptionError(f"unknown {option} {name!r}.", f"choose one of {', '.join(TORCH_DTYPES)}.")
+    return TORCH_DTYPES[name]
 
 
 def load_causal_lm(

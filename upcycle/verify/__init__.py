@@ -23,11 +23,11 @@ from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
 from upcycle.errors import SourceError
 from upcycle.hf.config_check import ConfigReport, check_config_equivalence
+from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.hf.skeleton import SkeletonError
 from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
     TOLERANCE,
-    TORCH_DTYPES,
     FunctionReport,
     check_function,
     function_length,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from upcycle.hf.loading import TORCH_DTYPES
+
 # Relative logits tolerance an exact method must meet in each compute dtype; fp32 (the default, whatever the
 # storage dtype) is the sharp check. In bf16/fp16, what correct upcycles measure (benchmarks/verify_precision.py,
 # benchmarks/RESULTS.md) depends on the class: Mixtral combines the experts with fp32 routing weights and measures
@@ -29,12 +31,6 @@ def tolerance_for(dtype: str, rounds_routing_weights: bool) -> float:
     return TOLERANCE[dtype]
 
 
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 WINDOW_CHECK_LIMIT = 4096
 
 

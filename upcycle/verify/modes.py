@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from upcycle.convert.source import DenseSource
+from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.memory import available_memory
-from upcycle.verify.function import TORCH_DTYPES, load_dtype
+from upcycle.verify.function import load_dtype
 
 MODES = ("auto", "full", "streaming")
 FULL_CHECK_OVERHEAD = 1_000_000_000  # bytes beyond the weights: torch, transformers, activations (SmolLM2: 7.3 GB)

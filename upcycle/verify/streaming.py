@@ -30,13 +30,14 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource
 from upcycle.convert.targets import TARGETS
 from upcycle.hf.config import load_config
+from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.hf.skeleton import (
     SkeletonError,
     decoder_layers,
     meta_model,
     rebuild_rotary,
 )
-from upcycle.verify.function import TORCH_DTYPES, load_text_tokens
+from upcycle.verify.function import load_text_tokens
 from upcycle.verify.layer_pairs import (
     PairedLayer,
     Pairs,

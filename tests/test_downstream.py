@@ -1,0 +1,134 @@
+"""`upcycle eval`: the harness' request protocol, per-item outcomes, and an exact upcycle scoring as its dense model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import statistics
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from upcycle import assets
+from upcycle.convert import UpcycleOptions
+from upcycle.downstream import TASKS, evaluate, parse_tasks
+from upcycle.downstream.items import Item, Request, load_items
+from upcycle.downstream.loglikelihood import Scored, encode, score
+from upcycle.downstream.metrics import mean_and_stderr, outcome
+from upcycle.errors import OptionError, SourceError
+from upcycle.hf.loading import load_causal_lm_strict
+from upcycle.upcycling import convert
+
+SLICE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(assets.smollm2_folder())
+
+
+def test_a_pair_is_tokenised_as_the_harness_does(tokenizer):
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pair = encode(tokenizer, Request("Question: 2+2?\nAnswer: ", "four"), window=2048)  # the space moves right
+    assert pair.continuation == ids("Question: 2+2?\nAnswer: four")[len(ids("Question: 2+2?\nAnswer:")) :]
+    assert pair.input_ids + pair.continuation[-1:] == ids("Question: 2+2?\nAnswer: four")
+    empty = encode(tokenizer, Request("", " four"), window=2048)  # nothing to condition on: start from <bos>/<eos>
+    assert empty.input_ids[0] in (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    cut = encode(tokenizer, Request("one two three four five six", " seven"), window=4)  # the left goes first
+    assert len(cut.input_ids) == 4 and cut.continuation == ids(" seven")
+
+
+def test_a_batch_scores_as_each_request_alone(tiny_pair, tokenizer):
+    dense, _ = tiny_pair
+    model = load_causal_lm_strict(dense)
+    requests = [
+        Request("The cat sat on the", " mat"),
+        Request("A", " long answer of several words here"),
+        Request("Question: why?\nAnswer:", " because"),
+    ]
+    batched = score(model, tokenizer, requests, batch_size=3)
+    for request, together in zip(requests, batched, strict=True):
+        e = encode(tokenizer, request, 2048)
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, -len(e.continuation) :].float(), -1)
+        target = torch.tensor(e.continuation)
+        alone = logprobs.gather(-1, target[:, None]).sum().item()
+        assert together.logprob == pytest.approx(alone, abs=1e-4) and together.tokens == len(e.continuation)
+        assert together.greedy == bool((logprobs.argmax(-1) == target).all())
+
+
+def test_outcomes_follow_the_harness_definitions():
+    spec = TASKS["arc_easy"]
+    item = Item(0, "x", (Request("Q:", " a"), Request("Q:", " bbbb")), gold=1)
+    result = outcome(spec, item, [Scored(-2.0, False, 1), Scored(-4.0, False, 2)])
+    assert result.prediction == 0 and result.acc == 0.0  # -2 beats -4 ...
+    assert result.prediction_norm == 1 and result.acc_norm == 1.0  # ... but -4/4 beats -2/1 (the space not counted)
+    assert result.gold_bits_per_byte == pytest.approx(4.0 / math.log(2) / len(" bbbb"))
+    tie = outcome(spec, item, [Scored(-1.0, False, 1), Scored(-1.0, False, 1)])
+    assert tie.prediction == 0  # ties go to the first choice, as numpy's argmax
+    word = outcome(TASKS["lambada"], Item(0, "x", (Request("c", " w"),), 0), [Scored(-0.1, True, 1)])
+    assert word.acc == 1.0
+    values = [1.0, 0.0, 1.0, 1.0]
+    assert mean_and_stderr(values) == pytest.approx((0.75, statistics.stdev(values) / 2))
+
+
+def test_task_names_and_shots_are_checked():
+    assert parse_tasks("piqa, arc_easy") == ("piqa", "arc_easy") and parse_tasks("all") == tuple(TASKS)
+    for bad in ("arc_easy,nope", "", "piqa,piqa"):
+        with pytest.raises(OptionError):
+            parse_tasks(bad)
+    with pytest.raises(OptionError, match="--shots 0"):
+        TASKS["lambada"].variant(5)
+
+
+def test_items_are_the_first_of_a_fixed_order_and_damage_is_named(tmp_path):
+    folder = assets.eval_tasks_dir()
+    items = load_items(folder, TASKS["arc_easy"], 0, None)
+    assert len(items) == 570 and all(len(i.choices) in (3, 4, 5) for i in items)  # ARC-Easy validation, 0-shot
+    assert load_items(folder, TASKS["arc_easy"], 0, 5) == items[:5]
+    assert len(load_items(folder, TASKS["hellaswag"], 5, None)) == 1000  # the 5-shot prompts: a fixed 1,000
+    copy = tmp_path / "tasks"
+    shutil.copytree(folder / "piqa", copy / "piqa")
+    data = copy / "piqa" / "rc_0shot" / "requests.jsonl.gz"
+    data.write_bytes(gzip.compress(b'{"doc_id": 0, "idx": 0')[:40])
+    with pytest.raises(SourceError, match="damaged"):
+        load_items(copy, TASKS["piqa"], 0, None)
+
+
+def test_the_command_reports_and_refuses(cli, tiny_pair):
+    dense, _ = tiny_pair
+    result = cli("eval", dense, "--tasks", "arc_easy,lambada", "--limit", "3", "--json", "--per-item")
+    assert result.exit_code == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert [t["task"] for t in report["tasks"]] == ["arc_easy", "lambada"] and report["limit"] == 3
+    assert all(len(t["predictions"]) == 3 and t["items"] == 3 for t in report["tasks"])
+    assert report["macro_average"] == pytest.approx(sum(t["score"] for t in report["tasks"]) / 2)
+    shown = cli("eval", dense, "--tasks", "winogrande", "--limit", "2")
+    assert shown.exit_code == 0 and "WinoGrande" in shown.stdout and "macro average" in shown.stdout
+    for args, words in (
+        (("--tasks", "mmlu_pro"), "unknown task"),
+        (("--tasks", "lambada", "--shots", "5"), "--shots 0"),
+        (("--dtype", "float8"), "unknown --dtype"),
+        (("--limit", "0"), "limit"),
+    ):
+        refused = cli("eval", dense, *args)
+        assert refused.exit_code == 2 and words in refused.stderr, (args, refused.stderr)
+    missing = cli("eval", dense.parent / "nowhere", "--limit", "1")
+    assert missing.exit_code == 2 and "config.json" in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_exact_upcycle_of_smollm2_predicts_every_item_as_the_dense_model(tmp_path):
+    """Step 0 is the dense model: the same choice on every item of a fixed slice of seven tasks."""
+    dense = assets.smollm2_folder()
+    moe = tmp_path / "moe"
+    convert(dense, moe, UpcycleOptions())
+    reports = [evaluate(folder, SLICE, limit=10, batch_size=8) for folder in (dense, moe)]
+    for before, after in zip(reports[0].tasks, reports[1].tasks, strict=True):
+        assert [o.prediction for o in before.outcomes] == [o.prediction for o in after.outcomes], before.task
+        assert [o.prediction_norm for o in before.outcomes] == [o.prediction_norm for o in after.outcomes]
+        assert after.bits_per_byte == pytest.approx(before.bits_per_byte, rel=1e-4)

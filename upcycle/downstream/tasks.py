@@ -1,0 +1,64 @@
+"""The tasks `upcycle eval` scores: where their items live, how they are scored, and which figure leads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from upcycle.errors import OptionError
+
+Kind = Literal["choice", "last_word"]
+Metric = Literal["acc", "acc_norm", "bpb"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    title: str
+    kind: Kind  # choice: pick the most likely continuation; last_word: greedy-decode the gold continuation
+    primary: Metric  # the figure papers report for the task, and the one the macro average takes
+    shots: tuple[int, ...]  # the few-shot counts the item source has prompts for
+    split: str
+
+    def variant(self, shots: int) -> str:
+        """The item source's folder for this many shots."""
+        if shots not in self.shots:
+            counts = ", ".join(str(n) for n in self.shots)
+            raise OptionError(f"{self.name} has prompts for {counts} shots, not {shots}.", f"Use --shots {counts}.")
+        return "bpb_0shot" if self.kind == "last_word" else f"rc_{shots}shot"
+
+
+# acc_norm where lm-evaluation-harness' reports and the upcycling papers lead with it (choices of unequal length);
+# acc where the choices are one word or share their text (BoolQ yes/no, WinoGrande's shared suffix, SciQ).
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("arc_easy", "ARC-Easy", "choice", "acc_norm", (0, 5), "validation"),
+        TaskSpec("arc_challenge", "ARC-Challenge", "choice", "acc_norm", (0, 5), "validation"),
+        TaskSpec("hellaswag", "HellaSwag", "choice", "acc_norm", (0, 5), "validation"),
+        TaskSpec("piqa", "PIQA", "choice", "acc_norm", (0, 5), "validation"),
+        TaskSpec("winogrande", "WinoGrande", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("boolq", "BoolQ", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("sciq", "SciQ", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("openbookqa", "OpenBookQA", "choice", "acc_norm", (0, 5), "validation"),
+        TaskSpec("socialiqa", "SocialIQA", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("csqa", "CommonsenseQA", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("lambada", "LAMBADA", "last_word", "acc", (0,), "test"),
+    )
+}
+DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "sciq", "openbookqa")
+
+
+def parse_tasks(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Task names from ``a,b,c`` (or a list), in the order given, each known and named once; ``all`` for every task."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if names == ["all"]:
+        return tuple(TASKS)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        known = ", ".join(TASKS)
+        what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
+        raise OptionError(f"{what}.", f"Choose from: {known} (or all).")
+    if len(set(names)) != len(names):
+        raise OptionError(f"a task is named twice in {','.join(names)}.", "Name each task once.")
+    return tuple(names)
