@@ -249,3 +249,30 @@ def test_bad_input(tmp_path):
         compare_main([tmp_path / "arm.yaml"], size=TINY, out=tmp_path, variants=["dense"])
     with pytest.raises(OptionError, match="no run folders"):
         plot_main([], tmp_path / "x.png")
+
+
+def test_compare_scores_every_arm_on_the_same_downstream_tasks(tiny_dense, texts, tmp_path):
+    result = compare_main(
+        size=TINY,
+        out=tmp_path / "out",
+        seeds=1,
+        variants=["dense", "e8g1t2-renorm"],
+        base=tiny_dense,
+        train=texts[0],
+        heldout=texts[1],
+        isolate=False,
+        tasks=["arc_easy", "lambada"],
+        task_limit=3,
+        echo=lambda _text: None,
+    )
+    rows = {row["variant"]: row for row in result.summary["rows"]}
+    for row in rows.values():
+        run = load_run(result.out / "runs" / f"{row['runs'][0]}")
+        assert row["downstream"] == {task: run.downstream["tasks"][task]["score"] for task in ("arc_easy", "lambada")}
+        assert row["downstream_macro"] == run.downstream["macro_average"] and row["downstream_items"]["arc_easy"] == 3
+    header = result.markdown.splitlines()[0]
+    assert "| arc_easy | lambada | tasks avg |" in header and "Downstream tasks (%)" in result.markdown
+    from upcycle.errors import OptionError
+
+    with pytest.raises(OptionError, match="unknown task"):
+        compare_main(size=TINY, out=tmp_path / "other", variants=["dense"], base=tiny_dense, tasks=["arc_eas"])

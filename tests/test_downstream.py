@@ -132,3 +132,45 @@ def test_the_exact_upcycle_of_smollm2_predicts_every_item_as_the_dense_model(tmp
         assert [o.prediction for o in before.outcomes] == [o.prediction for o in after.outcomes], before.task
         assert [o.prediction_norm for o in before.outcomes] == [o.prediction_norm for o in after.outcomes]
         assert after.bits_per_byte == pytest.approx(before.bits_per_byte, rel=1e-4)
+
+
+def test_training_scores_the_recipe_tasks_at_every_evaluation(tiny_pair, texts, tmp_path):
+    from train_helpers import recipe_dict
+
+    from upcycle.train.loop import train
+    from upcycle.train.metrics import read_metrics
+    from upcycle.train.recipe import recipe_from_dict
+
+    _, moe = tiny_pair
+    tasks = {"tasks": "arc_easy,lambada", "limit": 3, "batch_size": 4}
+    train(recipe_from_dict(recipe_dict(moe, tmp_path / "run", texts, eval=tasks), tmp_path))
+    records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "tasks"]
+    assert [r["step"] for r in records] == [0, 3, 6] and all(
+        set(r["tasks"]) == {"arc_easy", "lambada"} for r in records
+    )
+    before = evaluate(moe, ["arc_easy", "lambada"], limit=3, batch_size=4).compact()  # step 0 is the folder itself
+    assert records[0]["tasks"] == before["tasks"] and records[0]["macro_average"] == before["macro_average"]
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "upcycle.json").read_text())["training"]["downstream"]["step"] == 6
+    card = (export / "README.md").read_text()
+    assert "Downstream tasks at step 6" in card and "| ARC-Easy | 3 | acc_norm |" in card
+
+
+def test_ranks_score_the_tasks_as_one_process(tiny_pair, texts, tmp_path):
+    from train_helpers import recipe_dict, run_ranks, write_recipe
+
+    from upcycle.train.metrics import read_metrics
+
+    _, moe = tiny_pair
+    sections = {
+        "batch": {"micro_batch_size": 2, "grad_accum": None, "global_batch_tokens": 4 * 2 * 32, "steps": 1},
+        "run": {"export": False, "checkpoints": False},
+        "eval": {"tasks": ["piqa"], "limit": 5, "batch_size": 2},
+    }
+    recipe = write_recipe(tmp_path / "two.yaml", recipe_dict(moe, tmp_path / "two", texts, **sections))
+    launched = run_ranks(2, "train", str(recipe))  # FSDP over two gloo ranks: every forward is collective
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    step0 = next(r for r in read_metrics(tmp_path / "two") if r["kind"] == "tasks" and r["step"] == 0)
+    alone = evaluate(moe, ["piqa"], limit=5, batch_size=2).compact()
+    assert step0["tasks"]["piqa"]["score"] == alone["tasks"]["piqa"]["score"]
+    assert step0["tasks"]["piqa"]["bits_per_byte"] == pytest.approx(alone["tasks"]["piqa"]["bits_per_byte"], rel=1e-4)

@@ -57,7 +57,7 @@ def recipe_dict(model_path: Path, out: Path, texts, **sections) -> dict:
         },
     }
     for section, values in sections.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     return data
 
 

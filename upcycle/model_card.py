@@ -82,6 +82,7 @@ def training_card(
         "## Training\n",
         _table(_training_rows(record, architecture, config)),
         _held_out_section(held_out),
+        _downstream_section(record["training"].get("downstream")),
     ]
     if conversion:
         parts += ["## Upcycled from\n", _table(_conversion_rows(conversion, with_dtype=False))]
@@ -270,6 +271,28 @@ def _held_out_section(held_out: list[tuple[int, float]]) -> str:
         return "No held-out loss was measured (the run had no eval data).\n"
     rows = "".join(f"| {step} | {loss:.4f} |\n" for step, loss in held_out)
     return "Held-out loss (mean cross-entropy per token) by step:\n\n| Step | Held-out loss |\n|---:|---:|\n" + rows
+
+
+def _downstream_section(downstream: dict[str, Any] | None) -> str:
+    """The last evaluation's task scores, with the protocol that makes them comparable (or not) with others'."""
+    if not downstream:
+        return ""
+    tasks = downstream["tasks"]
+    shots = {t["shots"] for t in tasks.values()}
+    items = "every item" if downstream.get("limit") is None else f"the first {downstream['limit']} items"
+    rows = "".join(
+        f"| {t['title']} | {t['items']} | {t['primary']} | {100 * t['score']:.1f} | {t['bits_per_byte']:.3f} |\n"
+        for t in tasks.values()
+    )
+    return (
+        f"Downstream tasks at step {downstream['step']}, scored by `upcycle eval` ({'/'.join(map(str, shots))}-shot, "
+        f"{items} of each task from {downstream['source']}): the log-likelihood of each choice as "
+        "lm-evaluation-harness scores it; acc_norm divides it by the choice's length in characters; LAMBADA counts "
+        "greedy last words; bits per byte are the gold continuation's.\n\n"
+        "| Task | Items | Metric | Score (%) | Bits per byte |\n|---|---:|---|---:|---:|\n"
+        + rows
+        + f"\nMacro average: {100 * downstream['macro_average']:.1f} over {len(tasks)} tasks.\n"
+    )
 
 
 def _loading_section(model_id: str, tokenizer: bool) -> str:

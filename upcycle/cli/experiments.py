@@ -30,6 +30,10 @@ def compare_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
     ] = False,
+    tasks: Annotated[
+        str | None, typer.Option(help="Downstream tasks scored at every evaluation, e.g. arc_easy,piqa (upcycle eval).")
+    ] = None,
+    task_limit: Annotated[int, typer.Option(min=1, help="Items per task at each evaluation.")] = 100,
 ) -> None:
     """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON.
 
@@ -46,6 +50,8 @@ def compare_cmd(
             variants=variant,
             parallel=parallel,
             force=force,
+            tasks=tasks.split(",") if tasks else (),
+            task_limit=task_limit,
             echo=lambda text: console.print(text, markup=False, highlight=False),
         )
     except (UpcycleError, KeyboardInterrupt) as error:

@@ -60,12 +60,13 @@ def score(
     requests: Sequence[Request],
     batch_size: int,
     progress: ProgressFn | None = None,
+    device: torch.device | None = None,
 ) -> list[Scored]:
-    """One :class:`Scored` per request, in the order given."""
+    """One :class:`Scored` per request, in the order given; inputs go to ``device`` (default: the first weight's)."""
     window = int(getattr(model.config, "max_position_embeddings", None) or 2048)
     encoded = [encode(tokenizer, request, window) for request in requests]
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     keep_last = _keeps_last_logits(model)
     results: list[Scored | None] = [None] * len(encoded)

@@ -62,6 +62,12 @@ class EvalReport:
     def macro_average(self) -> float:
         return sum(t.score for t in self.tasks) / len(self.tasks)
 
+    def compact(self) -> dict[str, Any]:
+        """The figures a training record, a comparison table and a model card keep: per task and the average."""
+        keep = ("title", "score", "primary", "acc", "acc_norm", "bits_per_byte", "items", "shots")
+        tasks = {t.task: {k: v for k, v in t.summary().items() if k in keep} for t in self.tasks}
+        return {"tasks": tasks, "macro_average": self.macro_average, "limit": self.limit, "source": self.source}
+
     def to_json(self, per_item: bool = False) -> dict[str, Any]:
         tasks = []
         for t in self.tasks:
@@ -83,8 +89,12 @@ def evaluate_model(
     batch_size: int = 16,
     progress: TaskProgress | None = None,
     name: str = "model",
+    device: torch.device | None = None,
 ) -> EvalReport:
-    """Score an already loaded model (training evaluates its live model this way); ``model`` is put in eval mode."""
+    """Score an already loaded model (training evaluates its live model this way), in eval mode while it runs.
+
+    Under FSDP or expert parallelism every rank calls this with the same arguments: each forward is collective.
+    """
     if batch_size < 1:
         raise OptionError(f"batch size must be at least 1, got {batch_size}.", "Use e.g. --batch-size 16.")
     if limit is not None and limit < 1:
@@ -107,7 +117,7 @@ def evaluate_model(
                 if progress is not None:
                     progress(task, done, total)
 
-            scored = score(model, tokenizer, requests, batch_size, advance)
+            scored = score(model, tokenizer, requests, batch_size, advance, device)
             outcomes, at = [], 0
             for item in items:
                 outcomes.append(outcome(spec, item, scored[at : at + len(item.choices)]))

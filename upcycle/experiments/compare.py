@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from upcycle.downstream.tasks import parse_tasks
 from upcycle.errors import OptionError
 from upcycle.experiments.compare_analysis import summarise
 from upcycle.experiments.compare_render import markdown_table, plot_runs
@@ -21,7 +22,7 @@ from upcycle.experiments.execute import run_plan
 from upcycle.experiments.flops import FLOPS_FORMULA
 from upcycle.experiments.output import check_compare_out, compare_inputs
 from upcycle.experiments.paper_recipe import DataEntries, paper_recipe
-from upcycle.experiments.points import plan_conversions
+from upcycle.experiments.points import Point, plan_conversions
 from upcycle.experiments.report import write_report
 from upcycle.experiments.run_data import load_run
 from upcycle.experiments.runner import Runner, check_parallel
@@ -29,6 +30,7 @@ from upcycle.experiments.sizes import Size, get_size
 from upcycle.experiments.sweep_plan import SweepPlan
 from upcycle.experiments.variants import arm_points, choose_arms, control_arm
 from upcycle.output_safety import refuse_existing, refuse_overlap
+from upcycle.train.recipe_sections import EvalSection
 
 
 @dataclass
@@ -55,6 +57,8 @@ def compare_main(
     isolate: bool = True,
     parallel: int = 1,
     force: bool = False,
+    tasks: Sequence[str] = (),
+    task_limit: int | None = 100,
     echo: Callable[[str], None] = print,
 ) -> CompareResult:
     """``upcycle compare [RECIPE...] --size cpu|gpu --out DIR --seeds N``.
@@ -75,6 +79,7 @@ def compare_main(
     if seeds < 1:
         raise OptionError(f"--seeds must be at least 1, got {seeds}.", "use 2 to measure seed noise.")
     check_parallel(parallel)
+    tasks = parse_tasks(list(tasks)) if tasks else ()  # a mistyped task stops here, before anything trains
     out = Path(out).absolute()
     arms = choose_arms(recipes, variants)
     echo(size.describe())
@@ -97,7 +102,7 @@ def compare_main(
 
     control = control_arm(arms)
     paper = paper_recipe(size, dense_model, train, heldout, out / "runs") if dense_model is not None else None
-    points = arm_points(arms, control, size, paper)
+    points = with_tasks(arm_points(arms, control, size, paper), tasks, task_limit)
     plan_conversions(points)
     plan = SweepPlan(None, (), tuple(points), tuple(range(seeds)), out, seeds_for="best")
     echo(f"plan: {plan.describe(isolate, parallel)}")
@@ -125,6 +130,14 @@ def compare_main(
         out, "compare", header, payload, summary, markdown, [plot_path], echo, f" ({size.budget})"
     )
     return CompareResult(out, summary, markdown, json_path, table_path, plot_path, seconds)
+
+
+def with_tasks(points: list[Point], tasks: Sequence[str], limit: int | None) -> list[Point]:
+    """Every arm scored on the same downstream tasks (the recipe's own ``eval`` section gives way to them)."""
+    if not tasks:
+        return points
+    section = EvalSection(tasks=parse_tasks(list(tasks)), limit=limit)
+    return [dataclasses.replace(p, recipe=dataclasses.replace(p.recipe, eval=section)) for p in points]
 
 
 def plot_main(

@@ -66,6 +66,21 @@ def variant_row(group: list[RunData], equal_tokens: int, equal_flops: float | No
         "loss_equal_flops_per_seed": at_flops,
         "ppl_equal_flops": math.exp(loss_f) if loss_f is not None else None,
         "tokens_per_s": statistics.fmean(speeds) if speeds else None,
+        **downstream_means(group),
+    }
+
+
+def downstream_means(group: list[RunData]) -> dict[str, Any]:
+    """Each task's final score and the macro average, averaged over the seeds; empty unless every seed has them."""
+    records = [r.downstream for r in group]
+    if not records or any(record is None for record in records):
+        return {}
+    tasks = [task for task in records[0]["tasks"] if all(task in record["tasks"] for record in records)]
+    return {
+        "downstream": {task: statistics.fmean(record["tasks"][task]["score"] for record in records) for task in tasks},
+        "downstream_macro": statistics.fmean(record["macro_average"] for record in records),
+        "downstream_step": min(record["step"] for record in records),
+        "downstream_items": {task: records[0]["tasks"][task]["items"] for task in tasks},
     }
 
 

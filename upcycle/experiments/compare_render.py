@@ -64,6 +64,30 @@ def loss_columns(summary: dict[str, Any], versus: str | None = "Δ vs dense") ->
     ]
 
 
+def downstream_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
+    """A column per downstream task the rows share, and their macro average (none when no row was scored)."""
+    scored = [r for r in rows if r.get("downstream")]
+    if not scored:
+        return []
+    tasks = [task for task in scored[0]["downstream"] if all(task in r["downstream"] for r in scored)]
+    cell = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
+    columns: list[Column] = [(task, lambda r, task=task: cell((r.get("downstream") or {}).get(task))) for task in tasks]
+    columns.append(("tasks avg", lambda r: cell(r.get("downstream_macro"))))
+    return columns
+
+
+def downstream_note(rows: Sequence[dict[str, Any]]) -> list[str]:
+    scored = [r for r in rows if r.get("downstream")]
+    if not scored:
+        return []
+    items = sorted({n for r in scored for n in r["downstream_items"].values()})
+    return [
+        f"Downstream tasks (%): each run's last evaluation, scored as `upcycle eval` scores them (acc_norm or acc, "
+        f"the task's leading figure; {'/'.join(map(str, items))} items per task, mean over seeds). At a few hundred "
+        "items a task's standard error is several points: differences smaller than that are noise."
+    ]
+
+
 def model_columns() -> list[Column]:
     """Seeds, active parameters and FLOPs per token of a row."""
     return [
@@ -88,8 +112,14 @@ def table_notes(summary: dict[str, Any], versus: str | None = "the dense control
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """The paper's Table 1, small: held-out loss and perplexity at equal tokens and equal FLOPs."""
-    columns: list[Column] = [("model", lambda r: r["label"]), *model_columns(), *loss_columns(summary)]
-    return "\n".join(markdown_rows(columns, summary["rows"]) + table_notes(summary)) + "\n"
+    rows = summary["rows"]
+    columns: list[Column] = [
+        ("model", lambda r: r["label"]),
+        *model_columns(),
+        *loss_columns(summary),
+        *downstream_columns(rows),
+    ]
+    return "\n".join(markdown_rows(columns, rows) + table_notes(summary) + downstream_note(rows)) + "\n"
 
 
 def plot_runs(runs: Sequence[RunData], out: Path | str, title: str | None = None, force: bool = False) -> Path:

@@ -36,6 +36,7 @@ class RunData:
     evals: list[dict[str, Any]]  # step, tokens, flops, eval_loss, eval_ppl
     tokens_per_s: float | None
     info: dict[str, Any] = field(default_factory=dict)
+    downstream: dict[str, Any] | None = None  # the last downstream evaluation (a "tasks" record), if the run had one
 
     @property
     def final_tokens(self) -> int:
@@ -98,6 +99,7 @@ def load_run(run_dir: Path | str) -> RunData:
         evals=evals,
         tokens_per_s=statistics.median(speeds) if speeds else None,
         info=info,
+        downstream=next((r for r in reversed(records) if r.get("kind") == "tasks"), None),
     )
 
 

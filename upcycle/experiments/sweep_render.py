@@ -14,6 +14,8 @@ from typing import Any
 
 from upcycle.experiments.compare_render import (
     Column,
+    downstream_columns,
+    downstream_note,
     draw_curves,
     loss_columns,
     markdown_rows,
@@ -39,11 +41,13 @@ def sweep_table(summary: dict[str, Any]) -> str:
     if not summary["keys"]:
         columns.append(("run", lambda r: r["label"]))
     columns += model_columns() + loss_columns(summary, "Δ vs dense" if has_control else None)
+    columns += downstream_columns(rows)
     if any(r["dropped_fraction"] is not None for r in rows):
         columns.append(("dropped", lambda r: _percent(r["dropped_fraction"])))
     notes = table_notes(
         summary, "the dense control at the same setting of the keys it follows" if has_control else None
     )
+    notes += downstream_note(rows)
     among = " among the upcycled settings" if has_control else ""
     notes.append(f"{BEST} = the lowest held-out loss at equal tokens{among}.")
     if any(r["dropped_fraction"] is not None for r in rows):

@@ -24,6 +24,7 @@ from upcycle.train.recipe_paths import absolute_path, data_files, model_path
 from upcycle.train.recipe_sections import (
     BatchSection,
     DataSection,
+    EvalSection,
     ModelSection,
     MoESection,
     OptimSection,
@@ -50,6 +51,7 @@ class TrainRecipe:
     optim: Annotated[OptimSection, _EMPTY] = _section()
     moe: Annotated[MoESection, _EMPTY] = _section()
     run: Annotated[RunSection, _EMPTY] = _section()
+    eval: Annotated[EvalSection, _EMPTY] = _section()
     parallel: Annotated[ParallelSection, _EMPTY] = _section()
     source: Text | None = None
 

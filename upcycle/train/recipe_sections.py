@@ -11,13 +11,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from annotated_types import Interval
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from upcycle.convert.options import UpcycleOptions
 from upcycle.errors import OptionError
 from upcycle.validation import Flag, Integer, NotBlank, Number, Paths, Text, dotted, validated
 
 Beta = Annotated[Number, Interval(ge=0, lt=1)]
+# a list of names, or one string of them separated by commas (as --set eval.tasks=arc_easy,piqa gives it)
+TaskNames = Annotated[
+    tuple[Text, ...],
+    BeforeValidator(lambda v: tuple(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else v),
+]
 
 
 @validated(dotted("model"))
@@ -170,6 +175,25 @@ class RunSection:
     compile: Flag = False
 
 
+@validated(dotted("eval"))
+class EvalSection:
+    """Downstream tasks scored at every evaluation (as ``upcycle eval`` scores them), on their first ``limit`` items."""
+
+    tasks: TaskNames = Field((), examples=["[arc_easy, hellaswag, piqa]", "arc_easy,piqa"])  # none: held-out loss only
+    limit: Integer | None = Field(100, ge=1, examples=["100", "null (every item)"])  # items per task
+    shots: Integer = Field(0, ge=0, examples=["0", "5"])
+    batch_size: Integer = Field(16, ge=1)  # requests per forward pass
+
+    def _check(self) -> None:
+        from upcycle.downstream.tasks import TASKS, parse_tasks
+
+        try:
+            for name in parse_tasks(self.tasks) if self.tasks else ():
+                TASKS[name].variant(self.shots)
+        except OptionError as error:
+            raise OptionError(f"eval.tasks: {error.problem}", error.fix.replace("--shots", "eval.shots")) from None
+
+
 @validated(dotted("parallel"))
 class ParallelSection:
     """How the ranks lay out the model: degrees of sharding, replication and expert and tensor parallelism.
@@ -193,6 +217,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimSection,
     "moe": MoESection,
     "run": RunSection,
+    "eval": EvalSection,
     "parallel": ParallelSection,
 }
 """The recipe's YAML sections, in the order they are written out."""

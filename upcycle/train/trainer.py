@@ -71,6 +71,8 @@ class Trainer:
         self.resumed_from: int | None = None
         self.saved: dict[str, Any] = {}  # the resumed checkpoint's trainer state
         self.point: ResumePoint | None = None
+        self.tokenizer = None  # loaded on the first downstream evaluation
+        self.downstream: dict[str, Any] | None = None  # the latest downstream evaluation's record
 
     # ---- the run ---------------------------------------------------------------------------------------------
 
@@ -308,9 +310,13 @@ class Trainer:
     # ---- evaluation, checkpoints, export ---------------------------------------------------------------------
 
     def evaluate(self, step: int) -> None:
-        """The held-out evaluation after `step` steps (with the step-0 check at 0): logged, reported, kept."""
-        if self.eval_set is None:
-            return
+        """The evaluations after `step` steps: held-out loss (with the step-0 check at 0), then downstream tasks."""
+        if self.eval_set is not None:
+            self._held_out(step)
+        if self.recipe.eval.tasks:
+            self._tasks(step)
+
+    def _held_out(self, step: int) -> None:
         evaluated = evaluate(self.model, self.eval_set, self.recipe, self.info, self.taps, self.autocast)
         record = {"kind": "eval", "step": step, **evaluated}
         if step == 0:
@@ -323,6 +329,31 @@ class Trainer:
         self.progress.history.append({k: v for k, v in record.items() if k != "expert_load"})
         self.log.write(record)
         self.report.evaluated(record)
+
+    def _tasks(self, step: int) -> None:
+        """Downstream accuracy on the recipe's tasks, as `upcycle eval` scores them; every rank runs the forwards."""
+        from transformers import AutoTokenizer
+
+        from upcycle.downstream import evaluate_model, parse_tasks
+
+        settings = self.recipe.eval
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.recipe.model.path)
+        with self.autocast:
+            report = evaluate_model(
+                self.model,
+                self.tokenizer,
+                parse_tasks(settings.tasks),
+                shots=settings.shots,
+                limit=settings.limit,
+                batch_size=settings.batch_size,
+                device=self.info.device,
+            )
+        self.taps.clear()  # the router taps saw the task requests; they are no training step's
+        self.downstream = {"kind": "tasks", "step": step, **report.compact()}
+        self.log.write(self.downstream)
+        scores = ", ".join(f"{t.task} {100 * t.score:.1f}" for t in report.tasks)
+        self.report.message(f"step {step}: {scores} (macro {100 * report.macro_average:.1f}, {report.limit} items)")
 
     def checkpoint(self, step: int) -> None:
         """Save the model, the optimizer once it has stepped, and where the run stands after `step` steps."""
@@ -346,6 +377,7 @@ class Trainer:
             "tokens": summary.tokens,
             "final_loss": summary.final_loss,
             "eval_history": self.progress.history,
+            "downstream": self.downstream,
             "recipe": self.recipe.to_dict(),
         }
         model_dir = Path(self.recipe.model.path)
