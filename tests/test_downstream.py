@@ -41,6 +41,20 @@ def test_a_pair_is_tokenised_as_the_harness_does(tokenizer):
     assert len(cut.input_ids) == 4 and cut.continuation == ids(" seven")
 
 
+def test_a_tokenizer_that_adds_a_bos_conditions_every_request_on_it():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_folder())
+    plain = encode(tokenizer, Request("Question: 2+2?\nAnswer:", " four"), window=2048)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    token = tokenizer.convert_ids_to_tokens(bos)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{token} $A", special_tokens=[(token, bos)])
+    with_bos = encode(tokenizer, Request("Question: 2+2?\nAnswer:", " four"), window=2048)
+    assert with_bos.input_ids == [bos, *plain.input_ids] and with_bos.continuation == plain.continuation
+    starts_with_it = encode(tokenizer, Request("", token + " four"), window=2048)  # the prefix is not doubled
+    assert starts_with_it.input_ids[:2] != [bos, bos] and starts_with_it.input_ids[0] == bos
+
+
 def test_a_batch_scores_as_each_request_alone(tiny_pair, tokenizer):
     dense, _ = tiny_pair
     model = load_causal_lm_strict(dense)

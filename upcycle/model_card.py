@@ -69,14 +69,18 @@ def training_card(
     source = (conversion or {}).get("source") or base or {}
     name = source.get("name")
     architecture = (config.get("architectures") or ["?"])[0]
+    random = record.get("exactness", {}).get("method") == "trained from a random initialisation"
     if conversion:
         what = f"A Mixture-of-Experts model upcycled from {f'the dense model {name}' if name else 'a dense model'}"
         what += f" and then trained with upcycle {_tool_version(record)}.\n"
+    elif random:
+        what = f"A `{architecture}` model trained from a random initialisation with upcycle {_tool_version(record)}: "
+        what += f"it has the architecture of the folder it was trained from, and none of {name or 'its'} weights.\n"
     else:
         what = f"A `{architecture}` model{f' based on {name}' if name else ''}, trained with upcycle "
         what += f"{_tool_version(record)}.\n"
     parts = [
-        front_matter(source, moe=bool(conversion)),
+        front_matter(source, moe=bool(conversion), derived=not random),
         f"# {model_id}\n",
         what,
         "## Training\n",
@@ -95,10 +99,13 @@ def training_card(
     return "\n".join(parts)
 
 
-def front_matter(source: dict[str, Any], moe: bool) -> str:
-    """Hugging Face card metadata: what the source states about itself, never a guess."""
+def front_matter(source: dict[str, Any], moe: bool, derived: bool = True) -> str:
+    """Hugging Face card metadata: what the source states about itself, never a guess; a model not derived from the
+    source's weights (trained from a random initialisation) names no base model."""
     matter: dict[str, Any] = {}
-    if HUB_ID.fullmatch(source.get("name") or ""):  # the Hub links base_model only as a repo id (owner/name)
+    if derived and HUB_ID.fullmatch(
+        source.get("name") or ""
+    ):  # the Hub links base_model only as a repo id (owner/name)
         matter["base_model"] = source["name"]
     matter["library_name"] = "transformers"
     for key in LICENSE_FIELDS:

@@ -97,7 +97,9 @@ def print_eval_report(report: Any) -> None:
         table.add_column(column, justify="left" if column == "task" else "right")
     for t in report.tasks:
         acc = _figure(t.acc, t.acc_stderr, bold=t.primary == "acc")
-        acc_norm = _figure(t.acc_norm, t.acc_norm_stderr, bold=t.primary == "acc_norm") if t.kind == "choice" else "-"
+        acc_norm = (
+            _figure(t.acc_norm, t.acc_norm_stderr, bold=t.primary == "acc_norm") if t.acc_norm is not None else "-"
+        )
         table.add_row(t.title, str(t.items), acc, acc_norm, f"{t.bits_per_byte:.3f}", f"{t.seconds:.0f} s")
     console.print(table)
     console.print(

@@ -9,6 +9,7 @@ import typer
 
 from upcycle.cli.app import app, console, fail
 from upcycle.errors import OptionError, UpcycleError
+from upcycle.experiments.variants import VARIANTS
 
 
 @app.command("compare")
@@ -24,7 +25,7 @@ def compare_cmd(
     seeds: Annotated[int, typer.Option(help="Seeds for the dense control and the best MoE (others: 1).")] = 2,
     variant: Annotated[
         list[str] | None,
-        typer.Option("--variant", help="Repeatable: dense, e8g1t2-renorm, e8g1t2-softmax, e8g8t8, drop-upcycling."),
+        typer.Option("--variant", help=f"Repeatable: {', '.join(VARIANTS)}."),
     ] = None,
     parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
     force: Annotated[

@@ -38,15 +38,31 @@ def encode(tokenizer, request: Request, window: int) -> Encoded:
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    if context:
-        context_ids = ids(context)
-        continuation_ids = ids(context + continuation)[len(context_ids) :]
-    else:  # nothing to condition on: the harness starts from the beginning-of-text token
+    if context:  # the tokenizer's own special tokens (a BOS where it adds one), as the harness encodes a pair
+        context_ids = tokenizer(context)["input_ids"]
+        continuation_ids = tokenizer(context + continuation)["input_ids"][len(context_ids) :]
+    else:  # nothing to condition on: the harness starts from the beginning-of-text token, once
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        context_ids, continuation_ids = [prefix], ids(continuation)
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if continuation_ids and continuation_ids[0] == prefix:
+            context_ids, continuation_ids = continuation_ids[:1], continuation_ids[1:]
+        else:
+            context_ids = [prefix]
     whole = (context_ids + continuation_ids)[-(window + 1) :]
     return Encoded(whole[:-1], continuation_ids[-window:])
+
+
+UNBOUNDED = 10**12  # tokenizers without a length limit report about 1e30
+
+
+def window_of(model: nn.Module, tokenizer) -> int:
+    """The model's context length as the harness finds it: the config's, else the tokenizer's, else 2048."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, name, None)
+        if value:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < UNBOUNDED else 2048
 
 
 def _keeps_last_logits(model: nn.Module) -> bool:
@@ -63,7 +79,7 @@ def score(
     device: torch.device | None = None,
 ) -> list[Scored]:
     """One :class:`Scored` per request, in the order given; inputs go to ``device`` (default: the first weight's)."""
-    window = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+    window = window_of(model, tokenizer)
     encoded = [encode(tokenizer, request, window) for request in requests]
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
     device = device if device is not None else next(model.parameters()).device

@@ -32,8 +32,8 @@ class TaskResult:
     primary: str
     acc: float
     acc_stderr: float
-    acc_norm: float
-    acc_norm_stderr: float
+    acc_norm: float | None  # None where the task's choices share their continuation (WinoGrande)
+    acc_norm_stderr: float | None
     bits_per_byte: float
     bits_per_byte_stderr: float
     seconds: float
@@ -132,7 +132,8 @@ def evaluate_model(
 def _task_result(task: str, shots: int, outcomes: list[Outcome], seconds: float) -> TaskResult:
     spec = TASKS[task]
     acc = mean_and_stderr([o.acc for o in outcomes])
-    acc_norm = mean_and_stderr([o.acc_norm for o in outcomes])
+    normalised = spec.kind == "choice" and spec.length_normalised
+    acc_norm = mean_and_stderr([o.acc_norm for o in outcomes]) if normalised else (None, None)
     bpb = mean_and_stderr([o.gold_bits_per_byte for o in outcomes])
     primary = spec.primary if spec.kind == "choice" else "acc"
     return TaskResult(

@@ -19,6 +19,8 @@ class TaskSpec:
     primary: Metric  # the figure papers report for the task, and the one the macro average takes
     shots: tuple[int, ...]  # the few-shot counts the item source has prompts for
     split: str
+    # acc_norm needs choices that differ in their continuation: WinoGrande's share one (the option sits in the context)
+    length_normalised: bool = True
 
     def variant(self, shots: int) -> str:
         """The item source's folder for this many shots."""
@@ -37,7 +39,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_challenge", "ARC-Challenge", "choice", "acc_norm", (0, 5), "validation"),
         TaskSpec("hellaswag", "HellaSwag", "choice", "acc_norm", (0, 5), "validation"),
         TaskSpec("piqa", "PIQA", "choice", "acc_norm", (0, 5), "validation"),
-        TaskSpec("winogrande", "WinoGrande", "choice", "acc", (0, 5), "validation"),
+        TaskSpec("winogrande", "WinoGrande", "choice", "acc", (0, 5), "validation", length_normalised=False),
         TaskSpec("boolq", "BoolQ", "choice", "acc", (0, 5), "validation"),
         TaskSpec("sciq", "SciQ", "choice", "acc", (0, 5), "validation"),
         TaskSpec("openbookqa", "OpenBookQA", "choice", "acc_norm", (0, 5), "validation"),

@@ -75,7 +75,7 @@ def execute_run(spec: RunSpec, echo: Echo = print, resume: bool = False) -> dict
     if recipe.model.path is None:  # the recipe names model.source: its cached, verified upcycle
         recipe, conversion = prepare_model(recipe, echo)
         assert conversion is not None
-        exact = conversion.record.get("exact")
+        exact = conversion.record.get("exact") and recipe.model.init == "pretrained"  # fresh weights: nothing exact
         convert_seconds = conversion.seconds
     model_dir = Path(recipe.model.path)
     cost = model_cost(model_dir)

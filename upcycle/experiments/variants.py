@@ -6,6 +6,7 @@ settings); what must stay equal across arms comes from the size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class Variant:
     label: str  # as in the paper's tables
     options: dict[str, Any] | None = None  # UpcycleOptions fields; None = the dense model itself
     recipe: TrainRecipe | None = None  # a user recipe (then the model is its model.path, no conversion)
+    random_init: bool = False  # the upcycle's architecture trained from fresh weights (model.init random)
 
     @property
     def is_dense(self) -> bool:
@@ -45,9 +47,10 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant("e8g8t8", "E8G8T8, virtual groups", {"experts": 8, "granularity": 8, "top_k": 8}),
         Variant("drop-upcycling", "E8G1T2, Drop-Upcycling r=0.5", {"experts": 8, "top_k": 2, "drop_upcycling": 0.5}),
+        Variant("e8g1t2-random", "E8G1T2 from a random initialisation", {"experts": 8, "top_k": 2}, random_init=True),
     )
 }
-DEFAULT_VARIANTS = ("dense", "e8g1t2-renorm", "e8g1t2-softmax", "e8g8t8")
+DEFAULT_VARIANTS = ("dense", "e8g1t2-renorm", "e8g1t2-softmax", "e8g8t8", "e8g1t2-random")
 
 
 def recipe_variant(path: Path | str) -> Variant:
@@ -102,5 +105,7 @@ def arm_points(arms: Sequence[Variant], control: Variant, size: Size, paper: Tra
             recipe = paper
         else:
             recipe = with_upcycle(paper, {**(arm.options or {}), "dtype": "float32", "layers": size.moe_layers})
+            if arm.random_init:
+                recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, init="random"))
         points.append(Point({}, recipe, control=arm is control, arm=arm.name, arm_label=arm.label))
     return points

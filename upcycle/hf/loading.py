@@ -50,6 +50,19 @@ def load_causal_lm(
     return model, problems
 
 
+def random_causal_lm(
+    folder: Path | str, seed: int, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> nn.Module:
+    """The folder's architecture with fresh weights, drawn on the CPU by the class's own initialisation from `seed`:
+    the same weights in every process that asks with the same seed. The global RNG is left as it was."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def load_causal_lm_strict(
     folder: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **options: Any
 ) -> nn.Module:

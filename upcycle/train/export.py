@@ -167,12 +167,17 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
     from upcycle import __version__
 
     previous = json.loads((source / "upcycle.json").read_text()) if (source / "upcycle.json").is_file() else {}
+    if ((summary.get("recipe") or {}).get("model") or {}).get("init") == "random":
+        previous = {}  # fresh weights: neither the conversion nor earlier trainings of the folder are this model's
+        method = "trained from a random initialisation"
+    else:
+        method = "trained after conversion"
     conversion = previous.get("conversion") if "training" in previous else (previous or None)
     trainings = [*previous.get("trainings", []), {**summary, "from": str(source)}] if "training" in previous else []
     return {
         "tool": {"name": "upcycle", "version": __version__},
         "kind": "trained",
-        "exactness": {"exact": False, "method": "trained after conversion", "notes": []},
+        "exactness": {"exact": False, "method": method, "notes": []},
         "conversion": conversion,
         "trainings": trainings or [{**summary, "from": str(source)}],
         "training": {**summary, "from": str(source)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upcycle.hf.loading import load_causal_lm_strict
+from upcycle.hf.loading import load_causal_lm_strict, random_causal_lm
 from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist, shard_model
 from upcycle.train.parallel import Layout, engine_available
@@ -37,8 +37,11 @@ def load_model(recipe: TrainRecipe, info: Dist, layout: Layout, compute_dtype: t
         import upcycle.kernels  # noqa: F401  (registers the implementation with transformers)
     path, remote = recipe.model.path, recipe.model.trust_remote_code
     mixed = compute_dtype != torch.float32
-    by_engine = layout.sharded and engine_available()
-    if by_engine:
+    random = recipe.model.init == "random"
+    by_engine = layout.sharded and engine_available() and not random  # a random model is drawn whole, then sharded
+    if random:
+        model = random_causal_lm(path, recipe.run.seed, torch.float32, remote)
+    elif by_engine:
         model = load_causal_lm_strict(path, torch.float32, remote, distributed_config=layout.distributed_config(mixed))
     else:
         model = load_causal_lm_strict(path, torch.float32, remote)

@@ -35,6 +35,9 @@ class ModelSection:
     source: NotBlank | None = None
     upcycle: UpcycleOptions | None = None  # the conversion of `source` (cached, verified, reused)
     experts_implementation: Literal["auto", "upcycle", "grouped_mm", "eager"] = "auto"
+    # random: the model's architecture with fresh weights drawn by its class's own initialisation (seed run.seed),
+    # the control that tells what upcycling's weights are worth; pretrained: the folder's weights
+    init: Literal["pretrained", "random"] = "pretrained"
     activation_checkpointing: Flag = False
     trust_remote_code: Flag = False
 

@@ -21,7 +21,7 @@ from upcycle.errors import OptionError
 
 # name for --allow-changes -> the recipe keys it covers (dotted); "global_batch" is the resolved sequences per step
 GUARDED = {
-    "model": ("model.path", "model.source"),  # a changed upcycle option changes model.path (its cache folder)
+    "model": ("model.path", "model.source", "model.init"),  # an upcycle option changes model.path (its cache)
     "data": ("data.train", "data.text_field"),  # and the data's content (check_same_data)
     "seed": ("run.seed",),
     "global_batch": (),

@@ -137,6 +137,11 @@ def check(
     autocast: contextlib.AbstractContextManager,
 ) -> tuple[dict[str, Any], str | None]:
     """The record fields and a message: an upcycle's step-0 logits against its dense source, in the run's precision."""
+    if recipe.model.init == "random":
+        return (
+            {},
+            "step-0 check: not run (model.init is random: the model starts from fresh weights, not the dense one's)",
+        )
     folder, plan = dense_source(Path(recipe.model.path))
     if folder is None:
         return {}, (f"step-0 check: not run ({plan})" if "trained" in str(plan) else None)
