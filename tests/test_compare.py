@@ -268,6 +268,8 @@ def test_compare_scores_every_arm_on_the_same_downstream_tasks(tiny_dense, texts
     rows = {row["variant"]: row for row in result.summary["rows"]}
     for row in rows.values():
         run = load_run(result.out / "runs" / f"{row['runs'][0]}")
+        scored = [r["step"] for r in read_metrics(result.out / "runs" / row["runs"][0]) if r["kind"] == "tasks"]
+        assert scored == [0, TINY.steps]  # at the start and the end only
         assert row["downstream"] == {task: run.downstream["tasks"][task]["score"] for task in ("arc_easy", "lambada")}
         assert row["downstream_macro"] == run.downstream["macro_average"] and row["downstream_items"]["arc_easy"] == 3
     header = result.markdown.splitlines()[0]

@@ -32,9 +32,10 @@ def compare_cmd(
         bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
     ] = False,
     tasks: Annotated[
-        str | None, typer.Option(help="Downstream tasks scored at every evaluation, e.g. arc_easy,piqa (upcycle eval).")
+        str | None,
+        typer.Option(help="Downstream tasks scored at each run's start and end, e.g. arc_easy,piqa (upcycle eval)."),
     ] = None,
-    task_limit: Annotated[int, typer.Option(min=1, help="Items per task at each evaluation.")] = 100,
+    task_limit: Annotated[int, typer.Option(min=1, help="Items per task (the first of each).")] = 100,
 ) -> None:
     """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON.
 

@@ -133,10 +133,10 @@ def compare_main(
 
 
 def with_tasks(points: list[Point], tasks: Sequence[str], limit: int | None) -> list[Point]:
-    """Every arm scored on the same downstream tasks (the recipe's own ``eval`` section gives way to them)."""
+    """Every arm scored on the same downstream tasks at its start and end (the recipe's ``eval`` section gives way)."""
     if not tasks:
         return points
-    section = EvalSection(tasks=parse_tasks(list(tasks)), limit=limit)
+    section = EvalSection(tasks=parse_tasks(list(tasks)), limit=limit, interval=0)
     return [dataclasses.replace(p, recipe=dataclasses.replace(p.recipe, eval=section)) for p in points]
 
 

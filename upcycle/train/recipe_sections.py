@@ -186,6 +186,9 @@ class EvalSection:
     limit: Integer | None = Field(100, ge=1, examples=["100", "null (every item)"])  # items per task
     shots: Integer = Field(0, ge=0, examples=["0", "5"])
     batch_size: Integer = Field(16, ge=1)  # requests per forward pass
+    # steps between task evaluations (each at a held-out evaluation's step, so a multiple of run.eval_interval
+    # is best); null: at every held-out evaluation; 0: at step 0 and at the end only
+    interval: Integer | None = Field(None, ge=0, examples=["null (every evaluation)", "0 (start and end)", "500"])
 
     def _check(self) -> None:
         from upcycle.downstream.tasks import TASKS, parse_tasks

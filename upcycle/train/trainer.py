@@ -313,8 +313,13 @@ class Trainer:
         """The evaluations after `step` steps: held-out loss (with the step-0 check at 0), then downstream tasks."""
         if self.eval_set is not None:
             self._held_out(step)
-        if self.recipe.eval.tasks:
+        if self.recipe.eval.tasks and self._tasks_due(step):
             self._tasks(step)
+
+    def _tasks_due(self, step: int) -> bool:
+        """Step 0 and the last step always; between them every eval.interval steps (null: every evaluation)."""
+        interval = self.recipe.eval.interval
+        return step in (0, self.batch.steps) or interval is None or (interval > 0 and step % interval == 0)
 
     def _held_out(self, step: int) -> None:
         evaluated = evaluate(self.model, self.eval_set, self.recipe, self.info, self.taps, self.autocast)
