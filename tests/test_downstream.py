@@ -123,6 +123,9 @@ def test_the_command_reports_and_refuses(cli, tiny_pair):
     assert report["macro_average"] == pytest.approx(sum(t["score"] for t in report["tasks"]) / 2)
     shown = cli("eval", dense, "--tasks", "winogrande", "--limit", "2")
     assert shown.exit_code == 0 and "WinoGrande" in shown.stdout and "macro average" in shown.stdout
+    single = cli("eval", dense, "--tasks", "piqa", "--limit", "1", "--json")  # no spread: no error, and valid JSON
+    task = json.loads(single.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["tasks"][0]
+    assert task["acc_stderr"] is None and task["acc_norm"] is not None
     for args, words in (
         (("--tasks", "mmlu_pro"), "unknown task"),
         (("--tasks", "lambada", "--shots", "5"), "--shots 0"),
@@ -176,8 +179,9 @@ def test_ranks_score_the_tasks_as_one_process(tiny_pair, texts, tmp_path):
     from upcycle.train.metrics import read_metrics
 
     _, moe = tiny_pair
-    sections = {
-        "batch": {"micro_batch_size": 2, "grad_accum": None, "global_batch_tokens": 4 * 2 * 32, "steps": 1},
+    sections = {  # no held-out text: the tasks' forwards are the first FSDP2 sees, then training ones follow
+        "data": {"eval": []},
+        "batch": {"micro_batch_size": 2, "grad_accum": None, "global_batch_tokens": 4 * 2 * 32, "steps": 2},
         "run": {"export": False, "checkpoints": False},
         "eval": {"tasks": ["piqa"], "limit": 5, "batch_size": 2},
     }
@@ -188,3 +192,26 @@ def test_ranks_score_the_tasks_as_one_process(tiny_pair, texts, tmp_path):
     alone = evaluate(moe, ["piqa"], limit=5, batch_size=2).compact()
     assert step0["tasks"]["piqa"]["score"] == alone["tasks"]["piqa"]["score"]
     assert step0["tasks"]["piqa"]["bits_per_byte"] == pytest.approx(alone["tasks"]["piqa"]["bits_per_byte"], rel=1e-4)
+    assert [r["step"] for r in read_metrics(tmp_path / "two") if r["kind"] == "tasks"] == [0, 2]
+
+
+def test_task_evaluations_follow_their_interval_and_survive_a_resume(tmp_path):
+    from upcycle.train.distributed import Dist
+    from upcycle.train.recipe_sections import EvalSection
+    from upcycle.train.task_scoring import TaskScoring
+
+    one = Dist(0, 1, 0, torch.device("cpu"))
+
+    def due(interval, held_out_steps=()):
+        scoring = TaskScoring(EvalSection(tasks=("piqa",), interval=interval), None, one, 12, "fp32")
+        return [step for step in range(13) if scoring.due(step, step in held_out_steps)]
+
+    assert due(0) == [0, 12]
+    assert due(5) == [0, 5, 10, 12]  # its own schedule, whatever the held-out loss's
+    assert due(None, held_out_steps=(4, 8)) == [0, 4, 8, 12]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"kind": "tasks", "step": s, "tasks": {}}) + "\n" for s in (0, 5, 10))
+    )
+    scoring = TaskScoring(EvalSection(tasks=("piqa",)), None, one, 12, "fp32")
+    scoring.restore(tmp_path, 8)
+    assert scoring.latest["step"] == 5  # the last one up to the checkpoint

@@ -60,6 +60,31 @@ def test_training_from_random_weights_is_recorded_as_such(tiny_pair, texts, tmp_
         train(recipe_from_dict(data, tmp_path), resume=True)
 
 
+def test_model_init_never_changes_on_resume_and_old_checkpoints_still_resume():
+    from upcycle.errors import OptionError
+    from upcycle.train.resume import resume_point
+
+    recipe = {"model": {"path": "/m", "init": "pretrained"}, "data": {"seq_len": 32}}
+    old = {"step": 2, "recipe": {"model": {"path": "/m"}, "data": {"seq_len": 32}}, "global_batch_sequences": 4}
+    assert resume_point(old, recipe, 4, 1, set()).step == 2  # saved before model.init existed: it trained weights
+    fresh = {**recipe, "model": {"path": "/m", "init": "random"}}
+    for allow in (set(), {"model"}):
+        with pytest.raises(OptionError, match="model.init"):
+            resume_point(old, fresh, 4, 1, allow)
+
+
+def test_random_init_refuses_layouts_it_cannot_hold():
+    from upcycle.errors import OptionError
+    from upcycle.train.model_setup import check_random_init_layout
+    from upcycle.train.parallel import Layout
+
+    check_random_init_layout("random", Layout(world_size=2, fsdp=2))  # plain FSDP holds it
+    check_random_init_layout("pretrained", Layout(world_size=2, fsdp=2, ep=2))
+    for layout in (Layout(world_size=2, fsdp=2, ep=2), Layout(world_size=2, replicate=2)):
+        with pytest.raises(OptionError, match="model.init: random"):
+            check_random_init_layout("random", layout)
+
+
 def test_compare_has_the_random_initialisation_control():
     from upcycle.experiments.sizes import SIZES
     from upcycle.experiments.variants import VARIANTS, arm_points

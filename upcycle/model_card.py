@@ -30,6 +30,8 @@ ROUTERS = {
 
 # ------------------------------------------------------------------------------------------------------- rendering
 
+RANDOM_INIT_METHOD = "trained from a random initialisation"  # upcycle.json exactness.method of such a model
+
 
 def conversion_card(
     record: dict[str, Any], *, model_id: str, tokenizer: bool = True, verify: dict[str, Any] | None = None
@@ -69,18 +71,19 @@ def training_card(
     source = (conversion or {}).get("source") or base or {}
     name = source.get("name")
     architecture = (config.get("architectures") or ["?"])[0]
-    random = record.get("exactness", {}).get("method") == "trained from a random initialisation"
+    fresh = record.get("exactness", {}).get("method") == RANDOM_INIT_METHOD
     if conversion:
         what = f"A Mixture-of-Experts model upcycled from {f'the dense model {name}' if name else 'a dense model'}"
         what += f" and then trained with upcycle {_tool_version(record)}.\n"
-    elif random:
-        what = f"A `{architecture}` model trained from a random initialisation with upcycle {_tool_version(record)}: "
-        what += f"it has the architecture of the folder it was trained from, and none of {name or 'its'} weights.\n"
+    elif fresh:
+        what = f"A `{architecture}` model trained from a random initialisation with upcycle {_tool_version(record)}. "
+        what += "It has the architecture of the folder it was trained from, but none of that folder's weights"
+        what += f" (nor those of {name}).\n" if name else ".\n"
     else:
         what = f"A `{architecture}` model{f' based on {name}' if name else ''}, trained with upcycle "
         what += f"{_tool_version(record)}.\n"
     parts = [
-        front_matter(source, moe=bool(conversion), derived=not random),
+        front_matter(source, moe=bool(conversion), derived=not fresh),
         f"# {model_id}\n",
         what,
         "## Training\n",
@@ -292,10 +295,11 @@ def _downstream_section(downstream: dict[str, Any] | None) -> str:
         for t in tasks.values()
     )
     return (
-        f"Downstream tasks at step {downstream['step']}, scored by `upcycle eval` ({'/'.join(map(str, shots))}-shot, "
-        f"{items} of each task from {downstream['source']}): the log-likelihood of each choice as "
-        "lm-evaluation-harness scores it; acc_norm divides it by the choice's length in characters; LAMBADA counts "
-        "greedy last words; bits per byte are the gold continuation's.\n\n"
+        f"Downstream tasks at step {downstream['step']}, scored as `upcycle eval` scores them "
+        f"({'/'.join(map(str, shots))}-shot, {items} of each task from {downstream['source']}"
+        f"{', in ' + downstream['precision'] if downstream.get('precision') else ''}): the log-likelihood of each "
+        "choice as lm-evaluation-harness scores it; acc_norm divides it by the choice's length in characters; "
+        "LAMBADA counts greedy last words; bits per byte are the gold continuation's.\n\n"
         "| Task | Items | Metric | Score (%) | Bits per byte |\n|---|---:|---|---:|---:|\n"
         + rows
         + f"\nMacro average: {100 * downstream['macro_average']:.1f} over {len(tasks)} tasks.\n"

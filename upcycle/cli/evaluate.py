@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,6 +13,9 @@ from rich.table import Table
 from upcycle.cli.app import app, console, fail
 from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS
 from upcycle.errors import UpcycleError
+
+if TYPE_CHECKING:
+    from upcycle.downstream.run import EvalReport
 
 
 @app.command("eval")
@@ -39,7 +42,7 @@ def eval_cmd(
 
     try:
         names = parse_tasks(tasks)
-        with _progress(quiet=json_out) as progress:
+        with TaskBars(quiet=json_out) as progress:
             report = evaluate(
                 model,
                 names,
@@ -58,7 +61,7 @@ def eval_cmd(
         print_eval_report(report)
 
 
-class _progress:
+class TaskBars:
     """One bar per task, drawn on the console; nothing when the output is JSON."""
 
     def __init__(self, quiet: bool) -> None:
@@ -91,7 +94,7 @@ class _progress:
         self.bar.update(self.tasks[task], completed=done)
 
 
-def print_eval_report(report: Any) -> None:
+def print_eval_report(report: EvalReport) -> None:
     table = Table(title=f"eval: {report.model} ({report.dtype}, {report.tasks[0].shots}-shot)", title_justify="left")
     for column in ("task", "items", "acc", "acc_norm", "bits/byte", "time"):
         table.add_column(column, justify="left" if column == "task" else "right")
@@ -109,6 +112,6 @@ def print_eval_report(report: Any) -> None:
     )
 
 
-def _figure(value: float, stderr: float, bold: bool) -> str:
-    text = f"{100 * value:.1f} ± {100 * stderr:.1f}"
+def _figure(value: float, stderr: float | None, bold: bool) -> str:
+    text = f"{100 * value:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
     return f"[bold]{text}[/]" if bold else text

@@ -69,7 +69,7 @@ def _keeps_last_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 would keep inference tensors as buffers for training
 def score(
     model: nn.Module,
     tokenizer,

@@ -1,4 +1,5 @@
-"""Per-item outcomes and their aggregates (acc, acc_norm, bits-per-byte, standard errors), as the harness has them."""
+"""Per-item outcomes and their aggregates: acc, acc_norm and standard errors as the harness has them; bits per byte
+per item, averaged over the items (OLMES' convention; the harness' corpus-level figure is a ratio of sums)."""
 
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the standard error of the mean (sample standard deviation / sqrt(n)), as the harness reports."""
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and the standard error of the mean (sample standard deviation / sqrt(n)), as the harness reports;
+    None for one item, which has no spread to measure."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return mean, float("nan")
+        return mean, None
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(variance / n)

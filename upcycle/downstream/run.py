@@ -16,7 +16,7 @@ from upcycle.downstream.items import load_items
 from upcycle.downstream.loglikelihood import score
 from upcycle.downstream.metrics import Outcome, mean_and_stderr, outcome
 from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, parse_tasks
-from upcycle.errors import OptionError
+from upcycle.errors import OptionError, SourceError
 
 # (task, requests scored so far in it, its requests in all): enough for a progress bar per task.
 TaskProgress = Callable[[str, int, int], None]
@@ -31,11 +31,11 @@ class TaskResult:
     items: int
     primary: str
     acc: float
-    acc_stderr: float
+    acc_stderr: float | None  # None for a single item
     acc_norm: float | None  # None where the task's choices share their continuation (WinoGrande)
     acc_norm_stderr: float | None
     bits_per_byte: float
-    bits_per_byte_stderr: float
+    bits_per_byte_stderr: float | None
     seconds: float
     outcomes: list[Outcome] = field(repr=False)
 
@@ -135,9 +135,8 @@ def _task_result(task: str, shots: int, outcomes: list[Outcome], seconds: float)
     normalised = spec.kind == "choice" and spec.length_normalised
     acc_norm = mean_and_stderr([o.acc_norm for o in outcomes]) if normalised else (None, None)
     bpb = mean_and_stderr([o.gold_bits_per_byte for o in outcomes])
-    primary = spec.primary if spec.kind == "choice" else "acc"
     return TaskResult(
-        task, spec.title, spec.kind, shots, len(outcomes), primary, *acc, *acc_norm, *bpb, seconds, outcomes
+        task, spec.title, spec.kind, shots, len(outcomes), spec.primary, *acc, *acc_norm, *bpb, seconds, outcomes
     )
 
 
@@ -161,7 +160,13 @@ def evaluate(
     for task in names:
         TASKS[task].variant(shots)
     model = load_causal_lm_strict(model_folder, dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    except (OSError, ValueError) as e:
+        raise SourceError(
+            f"{model_folder} has no tokenizer transformers can load ({str(e).splitlines()[0]}).",
+            "copy the tokenizer files of the model it came from into the folder.",
+        ) from None
     return evaluate_model(
         model,
         tokenizer,

@@ -79,7 +79,6 @@ def downstream_means(group: list[RunData]) -> dict[str, Any]:
     return {
         "downstream": {task: statistics.fmean(record["tasks"][task]["score"] for record in records) for task in tasks},
         "downstream_macro": statistics.fmean(record["macro_average"] for record in records),
-        "downstream_step": min(record["step"] for record in records),
         "downstream_items": {task: records[0]["tasks"][task]["items"] for task in tasks},
     }
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import OutputError, UpcycleError
-from upcycle.model_card import CARD_NAME, write_training_card
+from upcycle.model_card import CARD_NAME, RANDOM_INIT_METHOD, write_training_card
 from upcycle.model_files import COPIED_FILES
 from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
 from upcycle.train.distributed import Dist, barrier
@@ -169,7 +169,9 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
     previous = json.loads((source / "upcycle.json").read_text()) if (source / "upcycle.json").is_file() else {}
     if ((summary.get("recipe") or {}).get("model") or {}).get("init") == "random":
         previous = {}  # fresh weights: neither the conversion nor earlier trainings of the folder are this model's
-        method = "trained from a random initialisation"
+        method = RANDOM_INIT_METHOD
+    elif (previous.get("exactness") or {}).get("method") == RANDOM_INIT_METHOD:
+        method = RANDOM_INIT_METHOD  # trained further, it still started from fresh weights
     else:
         method = "trained after conversion"
     conversion = previous.get("conversion") if "training" in previous else (previous or None)

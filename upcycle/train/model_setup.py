@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from upcycle.errors import OptionError
 from upcycle.hf.loading import load_causal_lm_strict, random_causal_lm
 from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist, shard_model
@@ -24,6 +25,16 @@ def choose_experts_implementation(requested: str, device: torch.device) -> str:
     return "grouped_mm"
 
 
+def check_random_init_layout(init: str, layout: Layout) -> None:
+    """A random model is drawn whole on every rank and sharded by FSDP2 alone: no other layout can hold it."""
+    if init == "random" and (layout.ep > 1 or layout.replicate > 1 or layout.tp > 1):
+        raise OptionError(
+            f"model.init: random runs in one process or under plain FSDP, not with parallel.ep={layout.ep}, "
+            f"replicate={layout.replicate}, tp={layout.tp}.",
+            "set parallel.ep, parallel.replicate and parallel.tp to 1 for the random-initialisation control.",
+        )
+
+
 def load_model(recipe: TrainRecipe, info: Dist, layout: Layout, compute_dtype: torch.dtype) -> nn.Module:
     """The model in fp32 master weights, laid out as `layout` says.
 
@@ -37,9 +48,9 @@ def load_model(recipe: TrainRecipe, info: Dist, layout: Layout, compute_dtype: t
         import upcycle.kernels  # noqa: F401  (registers the implementation with transformers)
     path, remote = recipe.model.path, recipe.model.trust_remote_code
     mixed = compute_dtype != torch.float32
-    random = recipe.model.init == "random"
-    by_engine = layout.sharded and engine_available() and not random  # a random model is drawn whole, then sharded
-    if random:
+    fresh = recipe.model.init == "random"
+    by_engine = layout.sharded and engine_available() and not fresh  # a random model is drawn whole, then sharded
+    if fresh:
         model = random_causal_lm(path, recipe.run.seed, torch.float32, remote)
     elif by_engine:
         model = load_causal_lm_strict(path, torch.float32, remote, distributed_config=layout.distributed_config(mixed))

@@ -9,7 +9,8 @@ always refused: it packs the stream anew, so which documents were already traine
 the rest. Fewer steps than the checkpoint's are refused (nothing would be trained, and the record would claim
 steps it did not take). Other differences (learning rate, more steps, intervals) are allowed and reported.
 Where the run lives (`run.output_dir`) and how its ranks are laid out (the `parallel` section) are not compared:
-neither changes what is trained.
+neither changes what is trained. `model.init` is never changed on resume: the checkpoint's weights are continued
+whatever it says, so a new value could only mislabel them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from upcycle.errors import OptionError
 
 # name for --allow-changes -> the recipe keys it covers (dotted); "global_batch" is the resolved sequences per step
 GUARDED = {
-    "model": ("model.path", "model.source", "model.init"),  # an upcycle option changes model.path (its cache)
+    "model": ("model.path", "model.source"),  # a changed upcycle option changes model.path (its cache folder)
     "data": ("data.train", "data.text_field"),  # and the data's content (check_same_data)
     "seed": ("run.seed",),
     "global_batch": (),
@@ -58,6 +59,13 @@ def resume_point(
         )
     saved = state.get("recipe") or {}
     step = int(state["step"])
+    saved_init = (saved.get("model") or {}).get("init", "pretrained")  # checkpoints before model.init: pretrained
+    if saved_init != recipe["model"].get("init", "pretrained"):
+        raise OptionError(
+            f"the checkpoint's run trained from {saved_init} weights, this recipe says model.init="
+            f"{recipe['model'].get('init')}: the checkpoint's weights are what a resume continues.",
+            f"resume with model.init={saved_init}, or start a new run.",
+        )
     saved_len = (saved.get("data") or {}).get("seq_len")
     if saved_len is not None and int(saved_len) != int(recipe["data"]["seq_len"]):
         raise OptionError(

@@ -28,7 +28,7 @@ from upcycle.train.evaluation import evaluate
 from upcycle.train.export import check_replaceable_export, export_model, export_settings
 from upcycle.train.metrics import MetricsLog
 from upcycle.train.micro_batch import run_micro_batch
-from upcycle.train.model_setup import load_model, make_optimizer
+from upcycle.train.model_setup import check_random_init_layout, load_model, make_optimizer
 from upcycle.train.model_shape import meta_model, model_shape
 from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
 from upcycle.train.parallel import resolve_layout
@@ -40,6 +40,7 @@ from upcycle.train.router_precision import routers_in_fp32, run_routers_in_fp32
 from upcycle.train.run_state import Progress, TrainSummary
 from upcycle.train.schedule import lr_at
 from upcycle.train.step_metrics import StepMetrics, mean_over_ranks
+from upcycle.train.task_scoring import TaskScoring
 
 
 class TrainingDiverged(UpcycleError):
@@ -71,8 +72,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.saved: dict[str, Any] = {}  # the resumed checkpoint's trainer state
         self.point: ResumePoint | None = None
-        self.tokenizer = None  # loaded on the first downstream evaluation
-        self.downstream: dict[str, Any] | None = None  # the latest downstream evaluation's record
+        self.tasks: TaskScoring | None = None  # downstream tasks, when the recipe names some
 
     # ---- the run ---------------------------------------------------------------------------------------------
 
@@ -80,13 +80,14 @@ class Trainer:
         """Set up, evaluate at step 0, train every step left, export; `started` is when the run began."""
         self.setup()
         if self.start_step == 0:
-            self.evaluate(0)
+            self.evaluate(0, held_out=True)
         for step in range(self.start_step, self.batch.steps):
             record = self.step(step)
             self._report_step(step, record)
             done = step + 1 == self.batch.steps
-            if _due(self.recipe.run.eval_interval, step) or done:
-                self.evaluate(step + 1)
+            held_out = _due(self.recipe.run.eval_interval, step) or done
+            if held_out or (self.tasks is not None and self.tasks.due(step + 1, held_out)):
+                self.evaluate(step + 1, held_out)
             if self.recipe.run.checkpoints and (_due(self.recipe.run.checkpoint_interval, step) or done):
                 self.checkpoint(step + 1)
         p = self.progress
@@ -112,11 +113,15 @@ class Trainer:
         self._choose_precision()
         self._plan()
         self._load_data()
+        recipe = self.recipe
+        self.tasks = TaskScoring.prepare(recipe.eval, recipe.model.path, self.info, self.batch.steps, self.precision)
         self._build_model()
-        self.order = BatchOrder(len(self.train_set), self.recipe.run.seed)
+        self.order = BatchOrder(len(self.train_set), recipe.run.seed)
         if self.point is not None:
             self.resume()
         self._open_records()
+        if self.tasks is not None and self.start_step:
+            self.tasks.restore(self.run_dir, self.start_step)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.report.start(
             {
@@ -153,6 +158,7 @@ class Trainer:
         self.shape = model_shape(meta_model(recipe.model.path, recipe.model.trust_remote_code))
         self.layout = resolve_layout(recipe.parallel, self.info.world_size, self.shape.num_experts)
         self.batch = resolve_batch(recipe.batch, recipe.data.seq_len, self.layout.data_parallel)
+        check_random_init_layout(recipe.model.init, self.layout)
         if self.resume_checkpoint is not None:
             self.saved = read_trainer_state(self.resume_checkpoint)
             self.point = resume_point(
@@ -309,17 +315,14 @@ class Trainer:
 
     # ---- evaluation, checkpoints, export ---------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> None:
-        """The evaluations after `step` steps: held-out loss (with the step-0 check at 0), then downstream tasks."""
-        if self.eval_set is not None:
+    def evaluate(self, step: int, held_out: bool) -> None:
+        """The evaluations after `step` steps: held-out loss (with the step-0 check at 0), downstream tasks when due."""
+        if held_out and self.eval_set is not None:
             self._held_out(step)
-        if self.recipe.eval.tasks and self._tasks_due(step):
-            self._tasks(step)
-
-    def _tasks_due(self, step: int) -> bool:
-        """Step 0 and the last step always; between them every eval.interval steps (null: every evaluation)."""
-        interval = self.recipe.eval.interval
-        return step in (0, self.batch.steps) or interval is None or (interval > 0 and step % interval == 0)
+        if self.tasks is not None and self.tasks.due(step, held_out):
+            record = self.tasks.run(step, self.model, self.autocast, self.taps)
+            self.log.write(record)
+            self.report.message(self.tasks.summary(record))
 
     def _held_out(self, step: int) -> None:
         evaluated = evaluate(self.model, self.eval_set, self.recipe, self.info, self.taps, self.autocast)
@@ -334,31 +337,6 @@ class Trainer:
         self.progress.history.append({k: v for k, v in record.items() if k != "expert_load"})
         self.log.write(record)
         self.report.evaluated(record)
-
-    def _tasks(self, step: int) -> None:
-        """Downstream accuracy on the recipe's tasks, as `upcycle eval` scores them; every rank runs the forwards."""
-        from transformers import AutoTokenizer
-
-        from upcycle.downstream import evaluate_model, parse_tasks
-
-        settings = self.recipe.eval
-        if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.recipe.model.path)
-        with self.autocast:
-            report = evaluate_model(
-                self.model,
-                self.tokenizer,
-                parse_tasks(settings.tasks),
-                shots=settings.shots,
-                limit=settings.limit,
-                batch_size=settings.batch_size,
-                device=self.info.device,
-            )
-        self.taps.clear()  # the router taps saw the task requests; they are no training step's
-        self.downstream = {"kind": "tasks", "step": step, **report.compact()}
-        self.log.write(self.downstream)
-        scores = ", ".join(f"{t.task} {100 * t.score:.1f}" for t in report.tasks)
-        self.report.message(f"step {step}: {scores} (macro {100 * report.macro_average:.1f}, {report.limit} items)")
 
     def checkpoint(self, step: int) -> None:
         """Save the model, the optimizer once it has stepped, and where the run stands after `step` steps."""
@@ -382,7 +360,7 @@ class Trainer:
             "tokens": summary.tokens,
             "final_loss": summary.final_loss,
             "eval_history": self.progress.history,
-            "downstream": self.downstream,
+            "downstream": self.tasks.latest if self.tasks is not None else None,
             "recipe": self.recipe.to_dict(),
         }
         model_dir = Path(self.recipe.model.path)
