@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The oldest supported transformers (5.17): a second venv, the conversion, exactness, verification and training tests.
+# The oldest supported transformers (5.17): a second venv, the conversion, exactness, verification, training and
+# evaluation tests.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,4 +17,5 @@ $py -m pip install --quiet --disable-pip-version-check -e ".[test]" "transformer
 $py -c "import transformers; print('transformers', transformers.__version__)"
 exec $py -m pytest -q tests/test_convert_methods.py tests/test_verify.py tests/test_bad_input.py tests/test_train.py \
   tests/test_exactness_cases.py tests/test_config_check.py tests/test_output_safety.py tests/test_verify_streaming.py \
-  tests/test_kernels.py tests/test_families.py tests/test_parallel_layout.py tests/test_proof_integrity.py "$@"
+  tests/test_kernels.py tests/test_families.py tests/test_parallel_layout.py tests/test_proof_integrity.py \
+  tests/test_downstream.py tests/test_random_init.py "$@"
