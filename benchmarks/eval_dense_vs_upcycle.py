@@ -14,13 +14,32 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from upcycle import assets
 from upcycle.convert import UpcycleOptions
-from upcycle.downstream import evaluate
+from upcycle.downstream import TaskResult, evaluate_model
+from upcycle.hf.loading import load_causal_lm_strict
 from upcycle.upcycling import convert
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "sciq", "openbookqa", "lambada")
+
+
+def _row(task: str, d: TaskResult, m: TaskResult) -> dict:
+    pairs = list(zip(d.outcomes, m.outcomes, strict=True))
+    return {
+        "task": task,
+        "items": d.items,
+        "primary": d.primary,
+        "dense": d.score,
+        "moe": m.score,
+        "items_differing_acc": sum(a.prediction != b.prediction for a, b in pairs),
+        "items_differing_acc_norm": sum(a.prediction_norm != b.prediction_norm for a, b in pairs),
+        "dense_bpb": d.bits_per_byte,
+        "moe_bpb": m.bits_per_byte,
+        "dense_minutes": d.seconds / 60,
+        "moe_minutes": m.seconds / 60,
+    }
 
 
 def main() -> None:
@@ -33,44 +52,29 @@ def main() -> None:
     tasks = args.tasks.split(",")
     dense = assets.smollm2_folder()
     threads = torch.get_num_threads()
+    print(f"SmolLM2-135M-Instruct (fp32) vs its exact upcycle (8 experts, top-2); {threads} CPU threads")
+    print(
+        f"{'task':<14}{'items':>6}{'dense':>8}{'moe':>8}{'diff acc':>9}{'diff norm':>10}{'dense min':>10}{'moe min':>9}"
+    )
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         moe = Path(tmp) / "moe"
         start = time.perf_counter()
         convert(dense, moe, UpcycleOptions())
         convert_s = time.perf_counter() - start
-        reports = {}
-        for name, folder in (("dense", dense), ("moe", moe)):
-            reports[name] = {
-                task: evaluate(folder, [task], limit=args.limit, batch_size=args.batch_size).tasks[0] for task in tasks
-            }
-    rows = []
-    print(f"SmolLM2-135M-Instruct (fp32) vs its exact upcycle (8 experts, top-2); {threads} CPU threads")
-    print(
-        f"{'task':<14}{'items':>6}{'dense':>8}{'moe':>8}{'diff acc':>9}{'diff norm':>10}{'dense min':>10}{'moe min':>9}"
-    )
-    for task in tasks:
-        d, m = reports["dense"][task], reports["moe"][task]
-        acc_diff = sum(a.prediction != b.prediction for a, b in zip(d.outcomes, m.outcomes, strict=True))
-        norm_diff = sum(a.prediction_norm != b.prediction_norm for a, b in zip(d.outcomes, m.outcomes, strict=True))
-        row = {
-            "task": task,
-            "items": d.items,
-            "primary": d.primary,
-            "dense": d.score,
-            "moe": m.score,
-            "dense_stderr": d.acc_norm_stderr if d.primary == "acc_norm" else d.acc_stderr,
-            "items_differing_acc": acc_diff,
-            "items_differing_acc_norm": norm_diff,
-            "dense_bpb": d.bits_per_byte,
-            "moe_bpb": m.bits_per_byte,
-            "dense_minutes": d.seconds / 60,
-            "moe_minutes": m.seconds / 60,
-        }
-        rows.append(row)
-        print(
-            f"{task:<14}{d.items:>6}{100 * d.score:>8.1f}{100 * m.score:>8.1f}{acc_diff:>9}{norm_diff:>10}"
-            f"{d.seconds / 60:>10.1f}{m.seconds / 60:>9.1f}"
-        )
+        models = {"dense": load_causal_lm_strict(dense), "moe": load_causal_lm_strict(moe)}
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        for task in tasks:  # both models on one task, then its row at once
+            d, m = (
+                evaluate_model(models[name], tokenizer, [task], limit=args.limit, batch_size=args.batch_size).tasks[0]
+                for name in ("dense", "moe")
+            )
+            rows.append(_row(task, d, m))
+            print(
+                f"{task:<14}{d.items:>6}{100 * d.score:>8.1f}{100 * m.score:>8.1f}{rows[-1]['items_differing_acc']:>9}"
+                f"{rows[-1]['items_differing_acc_norm']:>10}{d.seconds / 60:>10.1f}{m.seconds / 60:>9.1f}",
+                flush=True,
+            )
     print(f"conversion: {convert_s:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"threads": threads, "limit": args.limit, "tasks": rows}, indent=2))
