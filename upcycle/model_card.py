@@ -8,18 +8,17 @@ the record holds or what was measured.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from upcycle.errors import SourceError
+from upcycle.hub import HUB_ID
 from upcycle.model_identity import CARD_NAME, LICENSE_FIELDS, source_identity
 from upcycle.output_safety import write_text_atomically
 from upcycle.spans import layer_spans
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 MOE_TAGS = ["moe", "mixture-of-experts", "upcycled"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 ROUTERS = {
@@ -288,19 +287,19 @@ def _downstream_section(downstream: dict[str, Any] | None) -> str:
     if not downstream:
         return ""
     tasks = downstream["tasks"]
-    shots = {t["shots"] for t in tasks.values()}
     items = "every item" if downstream.get("limit") is None else f"the first {downstream['limit']} items"
     rows = "".join(
-        f"| {t['title']} | {t['items']} | {t['primary']} | {100 * t['score']:.1f} | {t['bits_per_byte']:.3f} |\n"
+        f"| {t['title']} | {t['shots']} | {t['items']} | {t['primary']} | {100 * t['score']:.1f} | "
+        f"{t['bits_per_byte']:.3f} |\n"
         for t in tasks.values()
     )
     return (
         f"Downstream tasks at step {downstream['step']}, scored as `upcycle eval` scores them "
-        f"({'/'.join(map(str, shots))}-shot, {items} of each task from {downstream['source']}"
+        f"({items} of each task from {downstream['source']}"
         f"{', in ' + downstream['precision'] if downstream.get('precision') else ''}): the log-likelihood of each "
         "choice as lm-evaluation-harness scores it; acc_norm divides it by the choice's length in characters; "
         "LAMBADA counts greedy last words; bits per byte are the gold continuation's.\n\n"
-        "| Task | Items | Metric | Score (%) | Bits per byte |\n|---|---:|---|---:|---:|\n"
+        "| Task | Shots | Items | Metric | Score (%) | Bits per byte |\n|---|---:|---:|---|---:|---:|\n"
         + rows
         + f"\nMacro average: {100 * downstream['macro_average']:.1f} over {len(tasks)} tasks.\n"
     )

@@ -28,7 +28,7 @@ class ConvertResult:
 
 
 def convert(
-    src: Path,
+    src: Path | str,
     out: Path,
     options: UpcycleOptions | None = None,
     *,
@@ -36,8 +36,10 @@ def convert(
     dry_run: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    revision: str | None = None,
 ) -> ConvertResult:
-    """Upcycle SRC (HF folder or .gguf) into OUT; a dry run plans and checks everything but writes nothing.
+    """Upcycle SRC (HF folder, .gguf, or a Hub id at ``revision``) into OUT; a dry run plans and checks everything
+    but writes nothing.
 
     OUT may not be SRC, lie inside it or contain it (for a .gguf SRC: the file), symlinks resolved; no flag
     overrides that, and a dry run refuses it too, since no real run could use that OUT. An existing OUT is
@@ -48,13 +50,16 @@ def convert(
     from upcycle.convert.source import open_source
     from upcycle.convert.targets import check_options
     from upcycle.convert.writer import check_output, write_plan
+    from upcycle.hub import resolve_model
     from upcycle.output_safety import free_space, refuse_overlap
     from upcycle.verify.written import inspect_written
 
     start = time.perf_counter()
     options = options or UpcycleOptions()
     check_options(options)
-    src, out = Path(src), Path(out).absolute()
+    out = Path(out).absolute()
+    named = resolve_model(src, revision)
+    src = named.folder
     refuse_overlap(out, [("the source", src)])
     if not dry_run:
         check_output(out, force)
@@ -63,7 +68,9 @@ def convert(
         if dry_run:
             return ConvertResult(plan, None, 0, time.perf_counter() - start)
         origin = src if src.suffix.lower() == ".gguf" else None
-        written = write_plan(plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written)
+        written = write_plan(
+            plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written, hub=named
+        )
     return ConvertResult(plan, out, written, time.perf_counter() - start)
 
 

@@ -17,7 +17,9 @@ from upcycle.units import parse_size
 
 @app.command("convert")
 def convert_cmd(
-    src: Annotated[Path, typer.Argument(help="Dense model: a local Hugging Face folder or a .gguf file.")],
+    src: Annotated[
+        str, typer.Argument(help="Dense model: a local Hugging Face folder, a .gguf file, or a Hub id (owner/name).")
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint (must not exist).")],
     experts: Annotated[int, typer.Option("--experts", "-e", help="Expansion rate E: copies of each MLP.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
@@ -38,6 +40,9 @@ def convert_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Accept a source that declares custom code.")] = False,
     show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="For a Hub id: the branch, tag or commit (default: main).")
+    ] = None,
 ) -> None:
     """Upcycle a dense model into a native transformers MoE checkpoint (exact by default: E=8, top-2)."""
     from upcycle.convert import UpcycleOptions
@@ -69,6 +74,7 @@ def convert_cmd(
                 dry_run=dry_run,
                 trust_remote_code=trust_remote_code,
                 progress=lambda done, total, name: progress.update(task, completed=done, total=total),
+                revision=revision,
             )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None

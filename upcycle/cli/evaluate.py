@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -20,12 +19,15 @@ if TYPE_CHECKING:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Argument(help="A causal LM folder: dense, converted or exported.")],
+    model: Annotated[str, typer.Argument(help="A causal LM folder (dense, converted or exported) or a Hub id.")],
     tasks: Annotated[str, typer.Option(help=f"Comma-separated tasks, or all. Known: {', '.join(TASKS)}.")] = ",".join(
         DEFAULT_TASKS
     ),
     limit: Annotated[int | None, typer.Option(help="Score the first N items of each task (all when left out).")] = None,
-    shots: Annotated[int, typer.Option(help="Few-shot examples in each prompt: 0 or 5.")] = 0,
+    shots: Annotated[
+        int | None,
+        typer.Option(help="Few-shot examples in each prompt: 0 or 5 (0-5 for MMLU). Default: 5 for MMLU, else 0."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 16,
     dtype: Annotated[str, typer.Option(help="Load and compute dtype.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
@@ -35,7 +37,8 @@ def eval_cmd(
     """Score MODEL on downstream tasks offline: accuracy with its standard error per task, and bits-per-byte.
 
     Multiple choice is scored as lm-evaluation-harness does (the log-likelihood of each choice; acc_norm divides
-    it by the choice's length in characters); LAMBADA by whether greedy decoding gives the last word.
+    it by the choice's length in characters); LAMBADA by whether greedy decoding gives the last word; MMLU with
+    the harness' prompts (letters A-D; mmlu_continuation: the answers' texts), 5-shot unless --shots says.
     """
     from upcycle.downstream import evaluate, parse_tasks
     from upcycle.hf.loading import dtype_named
@@ -95,15 +98,17 @@ class TaskBars:
 
 
 def print_eval_report(report: EvalReport) -> None:
-    table = Table(title=f"eval: {report.model} ({report.dtype}, {report.tasks[0].shots}-shot)", title_justify="left")
-    for column in ("task", "items", "acc", "acc_norm", "bits/byte", "time"):
+    table = Table(title=f"eval: {report.model} ({report.dtype})", title_justify="left")
+    for column in ("task", "shots", "items", "acc", "acc_norm", "bits/byte", "time"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for t in report.tasks:
         acc = _figure(t.acc, t.acc_stderr, bold=t.primary == "acc")
         acc_norm = (
             _figure(t.acc_norm, t.acc_norm_stderr, bold=t.primary == "acc_norm") if t.acc_norm is not None else "-"
         )
-        table.add_row(t.title, str(t.items), acc, acc_norm, f"{t.bits_per_byte:.3f}", f"{t.seconds:.0f} s")
+        table.add_row(
+            t.title, str(t.shots), str(t.items), acc, acc_norm, f"{t.bits_per_byte:.3f}", f"{t.seconds:.0f} s"
+        )
     console.print(table)
     console.print(
         f"macro average of the bold figures: [bold]{100 * report.macro_average:.1f}[/] over {len(report.tasks)} tasks "

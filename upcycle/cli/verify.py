@@ -17,8 +17,10 @@ from upcycle.errors import UpcycleError
 
 @app.command("verify")
 def verify_cmd(
-    dense: Annotated[Path, typer.Argument(help="The dense source: the folder or .gguf file it was converted from.")],
-    moe: Annotated[Path, typer.Argument(help="The folder written by `upcycle convert`.")],
+    dense: Annotated[
+        str, typer.Argument(help="The dense source: the folder, .gguf file or Hub id it was converted from.")
+    ],
+    moe: Annotated[str, typer.Argument(help="The folder written by `upcycle convert` (or its Hub id).")],
     dtype: Annotated[str, typer.Option(help="Compute dtype for the function check.")] = "float32",
     tol: Annotated[
         float | None, typer.Option(help="Relative logits tolerance (required for approximate methods).")

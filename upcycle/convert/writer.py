@@ -22,6 +22,7 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
 from upcycle.errors import OutputError
+from upcycle.hub import ModelSource
 from upcycle.model_card import write_conversion_card
 from upcycle.model_files import copied_files, record_files
 from upcycle.model_identity import source_identity
@@ -60,6 +61,7 @@ def write_plan(
     progress: Progress | None = None,
     origin: Path | None = None,
     inspect: Inspect | None = None,
+    hub: ModelSource | None = None,
 ) -> int:
     """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written.
 
@@ -95,6 +97,8 @@ def write_plan(
                 "sha256": hashes,
                 **source_identity(source.folder, origin),  # name and license, as the source states them
             }
+            if hub is not None and hub.repo_id:  # the repository names the model; its cache path names nothing
+                plan.source |= {"path": hub.repo_id, "name": hub.repo_id, **hub.provenance()}
             record = plan.to_json()
             _write_json(tmp / "upcycle.json", record)
             write_conversion_card(tmp, record, model_id=out.name)  # README.md: the same record, for people

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from upcycle.assets import EVAL_WHEEL_PACKAGE, eval_tasks_dir
-from upcycle.downstream.items import load_items
 from upcycle.downstream.loglikelihood import score
 from upcycle.downstream.metrics import Outcome, mean_and_stderr, outcome
+from upcycle.downstream.sources import load_task_items
 from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, parse_tasks
 from upcycle.errors import OptionError, SourceError
 
@@ -84,7 +84,7 @@ def evaluate_model(
     tokenizer,
     tasks: Sequence[str] = DEFAULT_TASKS,
     *,
-    shots: int = 0,
+    shots: int | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     progress: TaskProgress | None = None,
@@ -92,6 +92,8 @@ def evaluate_model(
     device: torch.device | None = None,
 ) -> EvalReport:
     """Score an already loaded model (training evaluates its live model this way), in eval mode while it runs.
+
+    ``shots`` None gives each task the count papers report it with (5 for MMLU, 0 for the rest).
 
     Under FSDP or expert parallelism every rank calls this with the same arguments: each forward is collective.
     """
@@ -107,7 +109,8 @@ def evaluate_model(
     try:
         for task in names:
             spec = TASKS[task]
-            items = load_items(folder, spec, shots, limit)
+            task_shots = spec.check_shots(shots)
+            items = load_task_items(folder, spec, task_shots, limit)
             requests = [request for item in items for request in item.choices]
             start, done = time.perf_counter(), 0
 
@@ -122,7 +125,7 @@ def evaluate_model(
             for item in items:
                 outcomes.append(outcome(spec, item, scored[at : at + len(item.choices)]))
                 at += len(item.choices)
-            results.append(_task_result(spec.name, shots, outcomes, time.perf_counter() - start))
+            results.append(_task_result(spec.name, task_shots, outcomes, time.perf_counter() - start))
     finally:
         model.train(was_training)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -144,21 +147,24 @@ def evaluate(
     model_folder: Path | str,
     tasks: Sequence[str] = DEFAULT_TASKS,
     *,
-    shots: int = 0,
+    shots: int | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     progress: TaskProgress | None = None,
 ) -> EvalReport:
-    """Load a causal LM folder (dense or MoE, no remote code) and score it on ``tasks``."""
+    """Load a causal LM (a folder or a Hub id; dense or MoE, no remote code) and score it on ``tasks``."""
     from transformers import AutoTokenizer
 
     from upcycle.hf.loading import load_causal_lm_strict
+    from upcycle.hub import resolve_model
 
     names = parse_tasks(list(tasks))  # a bad task name is refused before the model loads
     for task in names:
-        TASKS[task].variant(shots)
+        TASKS[task].check_shots(shots)
+    name = str(model_folder)
+    model_folder = resolve_model(model_folder).folder
     model = load_causal_lm_strict(model_folder, dtype).to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_folder)
@@ -175,5 +181,5 @@ def evaluate(
         limit=limit,
         batch_size=batch_size,
         progress=progress,
-        name=str(model_folder),
+        name=name,
     )

@@ -9,6 +9,8 @@ from upcycle.errors import OptionError
 
 Kind = Literal["choice", "last_word"]
 Metric = Literal["acc", "acc_norm", "bpb"]
+# olmes: ready-made requests in the item source; mmlu_*: upcycle builds the harness' MMLU prompts (downstream.mmlu)
+Prompt = Literal["olmes", "mmlu_letters", "mmlu_continuation"]
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,20 @@ class TaskSpec:
     split: str
     # acc_norm needs choices that differ in their continuation: WinoGrande's share one (the option sits in the context)
     length_normalised: bool = True
+    prompt: Prompt = "olmes"
+    default_shots: int = 0  # what papers report the task with, when the user names no count
 
-    def variant(self, shots: int) -> str:
-        """The item source's folder for this many shots."""
+    def check_shots(self, shots: int | None) -> int:
+        """The few-shot count to use: ``shots``, or the task's default when None; refused when not on offer."""
+        shots = self.default_shots if shots is None else shots
         if shots not in self.shots:
             counts = ", ".join(str(n) for n in self.shots)
             raise OptionError(f"{self.name} has prompts for {counts} shots, not {shots}.", f"Use --shots {counts}.")
+        return shots
+
+    def variant(self, shots: int) -> str:
+        """The item source's request folder for this many shots."""
+        shots = self.check_shots(shots)
         return "bpb_0shot" if self.kind == "last_word" else f"rc_{shots}shot"
 
 
@@ -46,6 +56,18 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("socialiqa", "SocialIQA", "choice", "acc", (0, 5), "validation"),
         TaskSpec("csqa", "CommonsenseQA", "choice", "acc", (0, 5), "validation"),
         TaskSpec("lambada", "LAMBADA", "last_word", "acc", (0,), "test"),
+        # letters A-D: one character each, so acc_norm would repeat acc; the harness reports acc only
+        TaskSpec("mmlu", "MMLU", "choice", "acc", tuple(range(6)), "test", False, "mmlu_letters", default_shots=5),
+        TaskSpec(
+            "mmlu_continuation",
+            "MMLU (cloze)",
+            "choice",
+            "acc_norm",
+            tuple(range(6)),
+            "test",
+            prompt="mmlu_continuation",
+            default_shots=5,
+        ),
     )
 }
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "sciq", "openbookqa")

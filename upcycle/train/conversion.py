@@ -24,6 +24,7 @@ from upcycle import __version__
 from upcycle.assets import cache_dir, cache_lock
 from upcycle.convert.exactness import Exactness
 from upcycle.errors import SourceError, UpcycleError
+from upcycle.hub import ModelSource, resolve_model
 from upcycle.output_safety import remove, write_json_atomically
 from upcycle.train.cache_integrity import changed_files, describe, folder_digests, set_aside
 from upcycle.train.launch_checks import checked_in_this_launch, mark_checked
@@ -67,9 +68,8 @@ def prepare_model(
     model = recipe.model
     if model.upcycle is None or model.source is None:
         return recipe, None
-    source = Path(model.source)
-    if not source.exists():
-        raise SourceError(f"model.source {source} does not exist.", "point model.source at a dense folder or .gguf.")
+    named = source_model(model.source)
+    source = named.folder
     started = time.perf_counter()
     hashes = source_hashes(source)
     hash_seconds = time.perf_counter() - started
@@ -102,18 +102,32 @@ def prepare_model(
             echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s, {checked})")
             conversion = Conversion(folder, key, True, hash_seconds, 0.0, 0.0, record)
         else:
-            echo(f"converting {source} -> {folder}")
-            conversion = _convert_and_verify(source, folder, key, hashes, options, model.trust_remote_code, echo)
+            echo(f"converting {named.repo_id or source} -> {folder}")
+            conversion = _convert_and_verify(named, folder, key, hashes, options, model.trust_remote_code, echo)
             conversion = dataclasses.replace(conversion, hash_seconds=hash_seconds)
     return dataclasses.replace(recipe, model=dataclasses.replace(model, path=str(folder))), conversion
+
+
+def source_model(source: str) -> ModelSource:
+    """``model.source`` on disk: a path as it is, a Hub id's snapshot (fetched once, or found in the cache)."""
+    named = resolve_model(source)
+    if not named.folder.exists():
+        raise SourceError(
+            f"model.source {source} does not exist.", "point model.source at a dense folder, a .gguf file or a Hub id."
+        )
+    return named
 
 
 def cached_conversion(recipe: TrainRecipe) -> Path | None:
     """The verified conversion of the recipe's source, if the cache holds it; nothing is converted."""
     model = recipe.model
-    if model.upcycle is None or model.source is None or not Path(model.source).exists():
+    if model.upcycle is None or model.source is None:
         return None
-    key = conversion_key(source_hashes(Path(model.source)), model.upcycle.to_json())
+    try:
+        source = source_model(model.source).folder
+    except SourceError:
+        return None
+    key = conversion_key(source_hashes(source), model.upcycle.to_json())
     folder = conversions_dir() / key[:32]
     return folder if read_record(folder, key) is not None else None
 
@@ -126,7 +140,11 @@ def planned_config(recipe: TrainRecipe) -> dict[str, Any]:
     assert model.upcycle is not None and model.source is not None
     scratch = conversions_dir() / "planned"  # never written: a dry run only checks where it would write
     plan = convert(
-        Path(model.source), scratch, model.upcycle, dry_run=True, trust_remote_code=model.trust_remote_code
+        source_model(model.source).folder,
+        scratch,
+        model.upcycle,
+        dry_run=True,
+        trust_remote_code=model.trust_remote_code,
     ).plan
     return plan.config
 
@@ -156,7 +174,7 @@ def entry_problems(folder: Path, record: dict[str, Any]) -> list[str]:
 
 
 def _convert_and_verify(
-    source: Path,
+    named: ModelSource,
     folder: Path,
     key: str,
     hashes: dict[str, str],
@@ -168,8 +186,17 @@ def _convert_and_verify(
     from upcycle.upcycling import convert
     from upcycle.verify import verify
 
+    source = named.folder
     remove(record_path(folder))  # a stale record must never vouch for the folder written now
-    result = convert(source, folder, options, force=True, trust_remote_code=trust_remote_code)
+    # a Hub id is converted by id at the commit resolved above, so upcycle.json names the repository
+    result = convert(
+        named.repo_id or source,
+        folder,
+        options,
+        force=True,
+        trust_remote_code=trust_remote_code,
+        revision=named.revision,
+    )
     echo(f"converted in {result.seconds:.1f} s; verifying config and weights")
     started = time.perf_counter()
     report = verify(source, folder, function=False, trust_remote_code=trust_remote_code)
@@ -183,7 +210,8 @@ def _convert_and_verify(
     rewrite_conversion_card(folder, report.to_json())  # the folder's README.md now carries the figures
     record = {
         "key": key,
-        "source": str(source),
+        "source": named.repo_id or str(source),
+        **named.provenance(),
         "source_sha256": hashes,
         "options": options.to_json(),
         "tool_version": __version__,

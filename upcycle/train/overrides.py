@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from upcycle.errors import OptionError
+from upcycle.hub import is_hub_id
 from upcycle.train.recipe_keys import dotted_keys, unknown_key
-from upcycle.train.recipe_paths import PATH_KEYS, command_line_path
+from upcycle.train.recipe_paths import MODEL_KEYS, PATH_KEYS, command_line_path
 from upcycle.train.recipe_sections import SECTIONS
 from upcycle.validation import nested_model
 
@@ -37,7 +38,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     for item in overrides:
         key, text = split_override(item)
         value = parse_value(text)
-        if key in PATH_KEYS:
+        if key in PATH_KEYS and not (key in MODEL_KEYS and isinstance(value, str) and is_hub_id(value)):
             value = command_line_path(value)
         *parents, name = key.split(".")
         target = out

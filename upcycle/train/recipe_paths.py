@@ -3,8 +3,8 @@
 Relative paths in a recipe file are resolved against the file's folder, relative paths given with ``--set``
 against the current directory (as any command-line path). Data entries may be files, folders or globs (expanded
 into sorted file lists), or ``asset:`` names for the registry-installed texts (``asset:shakespeare/train``,
-``asset:shakespeare/heldout``); the model may be ``asset:smollm2``. This is the only place that turns what a user
-wrote into the files training reads.
+``asset:shakespeare/heldout``); the model may be ``asset:smollm2`` or a Hub id. This is the only place that turns
+what a user wrote into the files training reads.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.errors import OptionError
+from upcycle.hub import HUB_ID, resolve_model
 from upcycle.train.documents import TEXT_SUFFIXES
 
 ASSET_PREFIX = "asset:"
@@ -22,6 +23,8 @@ DATA_ASSETS = ("shakespeare/train", "shakespeare/heldout")
 MODEL_ASSETS = ("smollm2", "smollm2-bf16")
 PATH_KEYS = ("model.path", "model.source", "data.train", "data.eval", "data.cache_dir", "run.output_dir")
 """The recipe keys that hold paths."""
+MODEL_KEYS = ("model.path", "model.source")
+"""The path keys that may name a model by Hub id (``owner/name``) instead."""
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -43,9 +46,14 @@ def command_line_path(value: Any) -> Any:
 
 def model_path(path: str, base: Path, resolve_assets: bool, key: str = "model.path") -> str:
     """``model.path`` (or ``model.source``, named by ``key``) made absolute, or the folder of a model asset
-    (installed first when ``resolve_assets``)."""
+    (installed first when ``resolve_assets``); a Hub id stays as written when no such path exists beside the recipe
+    (it is resolved when the model is loaded)."""
     if not path.startswith(ASSET_PREFIX):
-        return absolute_path(path, base)
+        absolute = absolute_path(path, base)
+        if not HUB_ID.fullmatch(path) or os.path.exists(absolute):
+            return absolute
+        # model.source keeps its id (the conversion records it); a model trained as it is loads from its snapshot
+        return str(resolve_model(path).folder) if resolve_assets and key == "model.path" else path
     name = path[len(ASSET_PREFIX) :]
     if name not in MODEL_ASSETS:
         raise OptionError(

@@ -184,7 +184,8 @@ class EvalSection:
 
     tasks: TaskNames = Field((), examples=["[arc_easy, hellaswag, piqa]", "arc_easy,piqa"])  # none: held-out loss only
     limit: Integer | None = Field(100, ge=1, examples=["100", "null (every item)"])  # items per task
-    shots: Integer = Field(0, ge=0, examples=["0", "5"])
+    # null: each task's standard count (5 for MMLU, 0 for the rest)
+    shots: Integer | None = Field(None, ge=0, examples=["null (each task's standard)", "0", "5"])
     batch_size: Integer = Field(16, ge=1)  # requests per forward pass
     # steps between task evaluations (each at a held-out evaluation's step, so a multiple of run.eval_interval
     # is best); null: at every held-out evaluation; 0: at step 0 and at the end only
@@ -195,7 +196,7 @@ class EvalSection:
 
         try:
             for name in parse_tasks(self.tasks) if self.tasks else ():
-                TASKS[name].variant(self.shots)
+                TASKS[name].check_shots(self.shots)
         except OptionError as error:
             raise OptionError(f"eval.tasks: {error.problem}", error.fix.replace("--shots", "eval.shots")) from None
 

@@ -25,6 +25,7 @@ from upcycle.errors import SourceError
 from upcycle.hf.config_check import ConfigReport, check_config_equivalence
 from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.hf.skeleton import SkeletonError
+from upcycle.hub import resolve_model
 from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
     TOLERANCE,
@@ -118,13 +119,14 @@ def verify(
 ) -> VerifyReport:
     """All three checks and a verdict; approximate methods pass only against an explicit tolerance.
 
-    DENSE is the folder or .gguf file the checkpoint was converted from; the config check always runs. The
+    DENSE is the folder, .gguf file or Hub id the checkpoint was converted from (MOE may be a Hub id too); the
+    config check always runs. The
     function check loads both whole models (`mode="full"`) or streams them layer by layer (`"streaming"`, memory
     of about one layer); `"auto"` picks the whole-model check when it fits in memory.
     """
     if mode not in MODES:
         raise SourceError(f"unknown function-check mode {mode!r}.", f"choose one of {', '.join(MODES)}.")
-    dense_path, moe_folder = Path(dense_path), Path(moe_folder)
+    dense_path, moe_folder = resolve_model(dense_path).folder, resolve_model(moe_folder).folder
     if dtype not in TORCH_DTYPES:
         raise SourceError(f"unknown --dtype {dtype!r}.", f"choose one of {', '.join(TORCH_DTYPES)}.")
     plan = read_plan(moe_folder)
