@@ -70,8 +70,8 @@ def test_conversion_writes_a_card_matching_upcycle_json(dense_dir, tmp_path, opt
     convert(dense, out, UpcycleOptions(**options))
     record = json.loads((out / "upcycle.json").read_text())
     matter = front_matter(out)
-    assert matter["library_name"] == "transformers"
-    assert {"moe", "upcycled"} <= set(matter["tags"])
+    assert matter["library_name"] == "transformers" and matter["pipeline_tag"] == "text-generation"
+    assert {"upcycle", "moe", "upcycled"} <= set(matter["tags"])
     if readme is None:  # nothing names the tiny model nor licenses it: omitted, not invented
         assert "base_model" not in matter and "license" not in matter
         assert "name" not in record["source"] and "license" not in record["source"]
@@ -167,6 +167,28 @@ def test_export_card_has_the_training_summary_and_held_out_losses(tiny_pair, tex
     early = export_checkpoint(run / "checkpoints" / "step-00000002", tmp_path / "early")
     assert held_out_rows(early) == [(step, round(loss, 4)) for step, loss in evals[:2]]
     assert table(early)["Steps"] == "2"
+
+
+def test_the_shipped_smollm2_names_the_hub_model_it_stands_for() -> None:
+    """Its card says what it is (a de-quantised Q4_1 GGUF) and names the Hub id, so every card made from it links
+    its base_model; the GGUF's own display name is no repo id."""
+    from upcycle import assets
+
+    folder = assets.smollm2_folder()
+    assert source_identity(folder) == {"name": assets.SMOLLM2_HUB_ID, "license": "apache-2.0"}
+    assert "de-quantised" in (folder / "README.md").read_text()
+
+
+def test_a_cache_key_is_no_title_nor_repo_id(dense_dir, tmp_path) -> None:
+    from upcycle.model_card import conversion_card
+
+    out = tmp_path / "moe"
+    convert(dense_with_readme(dense_dir("llama"), tmp_path, SOURCE_README), out, UpcycleOptions(experts=4, top_k=2))
+    record = json.loads((out / "upcycle.json").read_text())
+    card = conversion_card(record, model_id="0123456789abcdef" * 2)
+    assert "# tiny-llama, upcycled to 4 experts (top-2)\n" in card and '"path/to/this/folder"' in card
+    assert "0123456789abcdef" not in card
+    assert "# my-moe\n" in conversion_card(record, model_id="my-moe")  # a name the user chose stays the title
 
 
 def test_base_model_is_written_only_as_a_hub_repo_id() -> None:

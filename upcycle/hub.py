@@ -14,7 +14,9 @@ from pathlib import Path
 from upcycle.errors import OptionError, SourceError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md")
+MODEL_FILES = (
+    "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md", "LICENSE*", "NOTICE*",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ the record holds or what was measured.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from upcycle.errors import SourceError
 from upcycle.hub import HUB_ID
@@ -20,6 +19,7 @@ from upcycle.output_safety import write_text_atomically
 from upcycle.spans import layer_spans
 
 MOE_TAGS = ["moe", "mixture-of-experts", "upcycled"]
+TOOL_TAG = "upcycle"  # every model upcycle writes, so the Hub can list them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 ROUTERS = {
     "renorm": "softmax, top-k, renormalised",
@@ -41,7 +41,7 @@ def conversion_card(
     origin = f"the dense model {name}" if name else f"a dense {record['family']} model"
     parts = [
         front_matter(source, moe=True),
-        f"# {model_id}\n",
+        f"# {_title(model_id, name, record)}\n",
         f"A Mixture-of-Experts model upcycled from {origin} by upcycle {_tool_version(record)}, without training: "
         "each expert starts from the dense model's MLP weights.\n",
         "## What was done\n",
@@ -102,20 +102,21 @@ def training_card(
 
 
 def front_matter(source: dict[str, Any], moe: bool, derived: bool = True) -> str:
-    """Hugging Face card metadata: what the source states about itself, never a guess; a model not derived from the
-    source's weights (trained from a random initialisation) names no base model."""
-    matter: dict[str, Any] = {}
-    if derived and HUB_ID.fullmatch(
-        source.get("name") or ""
-    ):  # the Hub links base_model only as a repo id (owner/name)
-        matter["base_model"] = source["name"]
-    matter["library_name"] = "transformers"
-    for key in LICENSE_FIELDS:
-        if source.get(key):
-            matter[key] = source[key]
-    if moe:
-        matter["tags"] = list(MOE_TAGS)
-    return "---\n" + yaml.safe_dump(matter, sort_keys=False, allow_unicode=True) + "---\n"
+    """Hugging Face card metadata, written by huggingface_hub's own ModelCardData: what the source states about
+    itself, never a guess; a model not derived from the source's weights (trained from a random initialisation)
+    names no base model."""
+    from huggingface_hub import ModelCardData
+
+    name = source.get("name") or ""
+    fields: dict[str, Any] = {
+        # the Hub links base_model only as a repo id (owner/name)
+        "base_model": name if derived and HUB_ID.fullmatch(name) else None,
+        "library_name": "transformers",
+        **{key: source[key] for key in LICENSE_FIELDS if source.get(key)},
+        "pipeline_tag": "text-generation",
+        "tags": [TOOL_TAG, *(MOE_TAGS if moe else ())],
+    }
+    return "---\n" + ModelCardData(**fields).to_yaml() + "\n---\n"
 
 
 def _tool_version(record: dict[str, Any]) -> str:
@@ -305,9 +306,21 @@ def _downstream_section(downstream: dict[str, Any] | None) -> str:
     )
 
 
+CACHE_KEY = re.compile(r"[0-9a-f]{32}")  # how upcycle names a conversion in its cache: no name for people
+
+
+def _title(model_id: str, source_name: str | None, record: dict[str, Any]) -> str:
+    """The folder's name, unless it is a cache key: then what the folder holds, in words."""
+    if not CACHE_KEY.fullmatch(model_id):
+        return model_id
+    options = record.get("options") or {}
+    base = (source_name or f"a dense {record.get('family', '')} model").split("/")[-1]
+    return f"{base}, upcycled to {options.get('experts', '?')} experts (top-{options.get('top_k', '?')})"
+
+
 def _loading_section(model_id: str, tokenizer: bool) -> str:
     lines = ["from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), ""]
-    quoted = json.dumps(model_id)
+    quoted = json.dumps("path/to/this/folder" if CACHE_KEY.fullmatch(model_id) else model_id)
     lines.append(f"model = AutoModelForCausalLM.from_pretrained({quoted})  # this folder, or its Hub repo id")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({quoted})")

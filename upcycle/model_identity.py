@@ -18,10 +18,11 @@ LICENSE_FIELDS = ("license", "license_name", "license_link")
 def source_identity(folder: Path, gguf: Path | None = None) -> dict[str, str]:
     """The source model's name and license as the source itself states them, for upcycle.json's provenance.
 
-    A GGUF's metadata comes first, then the folder's config.json, then its README.md front matter; a key is absent
-    when nothing states it, so the card never names a model or a license the source did not.
+    A GGUF's metadata comes first, then the folder's README.md front matter (a name its card declares), then its
+    config.json; a key is absent when nothing states it, so the card never names a model or a license the source
+    did not.
     """
-    statements = [_gguf_identity(gguf) if gguf is not None else {}, _config_identity(folder), _readme_identity(folder)]
+    statements = [_gguf_identity(gguf) if gguf is not None else {}, _readme_identity(folder), _config_identity(folder)]
     found: dict[str, str] = {}
     name = next((stated["name"] for stated in statements if "name" in stated), None)
     if name is not None:
