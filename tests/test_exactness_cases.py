@@ -212,7 +212,7 @@ def test_convert_refuses_a_broken_mapping_or_proves_another_target(tmp_path, mon
 def test_function_check_runs_beyond_twice_the_window(cli, tmp_path):
     src = hub(tmp_path, "dense", model_type="mistral", sliding_window=40, max_position_embeddings=512)
     convert(src, tmp_path / "moe", UpcycleOptions(experts=2, top_k=1))
-    report = json.loads(cli("verify", src, tmp_path / "moe", "--json", "--max-tokens", "16").stdout)
+    report = json.loads(cli("verify", src, tmp_path / "moe", "--json", "--min-tokens", "16").stdout)
     assert report["equivalent"] and report["config"]["smallest_window"] == 40
     assert (
         report["function"]["tokens"] == 81

@@ -44,7 +44,7 @@ def test_default_conversion_is_verified_equivalent(smollm2, tmp_path):
     result = convert(smollm2, out, UpcycleOptions())
     assert result.plan.architecture == "MixtralForCausalLM" and result.plan.exactness.exact
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
-    report = verify(smollm2, out, max_tokens=128, mode="full")  # whole models, whatever memory is free now
+    report = verify(smollm2, out, min_tokens=128, mode="full")  # whole models, whatever memory is free now
     assert report.equivalent, report.verdict
     assert report.weights.tensors_checked == len(result.plan.recipes)
     assert report.function.logits_rel_diff <= 1e-5 and report.function.top1_agreement == 1.0
@@ -78,7 +78,7 @@ def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):
     assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
     assert not list(tmp_path.glob(".upcycle-gguf-*"))
     # verify takes the .gguf too (de-quantised as convert does) and checks its sha256 against the record
-    report = verify(assets.smollm2_gguf(), out, max_tokens=64)
+    report = verify(assets.smollm2_gguf(), out, min_tokens=64)
     assert report.equivalent, report.verdict
     assert report.config.equivalent and report.weights.source_matches_provenance is True
     assert report.weights.tensors_checked > 0 and not report.weights.mismatches
@@ -90,8 +90,8 @@ def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):
 def test_streaming_and_whole_model_verify_agree_on_smollm2(smollm2, tmp_path):
     out = tmp_path / "moe"
     convert(smollm2, out, UpcycleOptions(layers="20-29"))
-    full = verify(smollm2, out, max_tokens=64, mode="full", weights=False)
-    streamed = verify(smollm2, out, max_tokens=64, mode="streaming", weights=False)
+    full = verify(smollm2, out, min_tokens=64, mode="full", weights=False)
+    streamed = verify(smollm2, out, min_tokens=64, mode="streaming", weights=False)
     assert full.equivalent and streamed.equivalent, (full.verdict, streamed.verdict)
     layers = streamed.streaming.layers
     assert len(layers) == 30 and [layer.mlp for layer in layers] == ["dense"] * 20 + ["moe"] * 10

@@ -148,6 +148,7 @@ def test_every_point_is_validated_before_anything_runs(tiny_pair, texts, tmp_pat
         assert not out.exists(), "nothing is written before every point is valid"
         return str(info.value)
 
+    assert "would train one run" in refused(recipe, [])  # no grid: `upcycle train`, not a sweep
     assert "--grid optim.lr=-1e-3: optim.lr: must be positive, got -0.001" in refused(recipe, ["optim.lr=1e-3,-1e-3"])
     assert "--grid optim.lr=fast: optim.lr: expected a number, got 'fast'" in refused(recipe, ["optim.lr=1e-3,fast"])
     assert "--grid batch.steps=2.5: batch.steps: expected an integer" in refused(recipe, ["batch.steps=2,2.5"])
@@ -173,7 +174,7 @@ def test_every_point_is_validated_before_anything_runs(tiny_pair, texts, tmp_pat
     )
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="holds files sweep did not write"):
+    with pytest.raises(OutputError, match="holds files sweep did not write.*--beside-others"):
         sweep_main(recipe, ["optim.lr=1e-3"], out=out, echo=lambda _: None)
 
 

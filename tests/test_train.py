@@ -156,6 +156,30 @@ def test_resume_after_sigkill_reaches_the_same_losses(tiny_pair, texts, tmp_path
     assert losses(tmp_path / "interrupted") == losses(tmp_path / "reference")  # bit-identical floats
 
 
+def test_ctrl_c_says_what_the_run_kept_and_how_to_go_on(tiny_pair, texts, tmp_path):
+    _, moe = tiny_pair
+    data = recipe_dict(moe, tmp_path / "run", texts, run={"export": False, "checkpoint_interval": 1})
+    data["batch"]["steps"] = 500
+    recipe = write_recipe(tmp_path / "recipe.yaml", data)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "upcycle", "train", str(recipe), "--set", "optim.lr=0.002"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir():
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    line = " ".join(stderr.split())
+    assert f"the run in {tmp_path / 'run'} has checkpoints up to step" in line, stderr
+    assert f"upcycle train {recipe} --set optim.lr=0.002 --resume" in line and "nothing was" not in line
+
+
 def test_two_gloo_ranks_match_one_rank(tiny_pair, texts, tmp_path):
     _, moe = tiny_pair
     common = {

@@ -32,8 +32,8 @@ def test_streaming_and_whole_model_checks_agree(dense_dir, tmp_path, case):
     family, options = CASES[case]
     src = dense_dir(family)
     convert(src, tmp_path / "moe", UpcycleOptions(**options))
-    full = verify(src, tmp_path / "moe", mode="full", max_tokens=64)
-    streamed = verify(src, tmp_path / "moe", mode="streaming", max_tokens=64)
+    full = verify(src, tmp_path / "moe", mode="full", min_tokens=64)
+    streamed = verify(src, tmp_path / "moe", mode="streaming", min_tokens=64)
     assert full.equivalent and streamed.equivalent, (full.verdict, streamed.verdict)
     assert streamed.function_mode == "streaming" and "function (every layer, streamed)" in streamed.proof
     layers = streamed.streaming.layers
@@ -47,14 +47,14 @@ def test_streaming_and_whole_model_checks_agree(dense_dir, tmp_path, case):
 def test_approximate_methods_report_their_per_layer_deviation(dense_dir, tmp_path):
     src = dense_dir("llama")
     convert(src, tmp_path / "moe", UpcycleOptions(router="softmax-topk"))
-    report = verify(src, tmp_path / "moe", mode="streaming", max_tokens=32)
+    report = verify(src, tmp_path / "moe", mode="streaming", min_tokens=32)
     assert not report.equivalent and "approximate by design" in report.verdict
     assert min(layer.rel_diff for layer in report.streaming.layers) > 1e-3
     # layer 0 sees the same input (the embeddings) in both checks: the same deviation, far above rounding noise
     # (an exact conversion's figures are rounding noise, which differs between CPU kernels: never compared)
-    full = verify(src, tmp_path / "moe", mode="full", max_tokens=32)
+    full = verify(src, tmp_path / "moe", mode="full", min_tokens=32)
     assert report.streaming.layers[0].rel_diff == pytest.approx(full.function.layers[1].rel_diff, rel=1e-3)
-    accepted = verify(src, tmp_path / "moe", mode="streaming", max_tokens=32, tol=1.0)
+    accepted = verify(src, tmp_path / "moe", mode="streaming", min_tokens=32, tol=1.0)
     assert accepted.equivalent and "explicit tolerance" in accepted.verdict
 
 
@@ -101,10 +101,10 @@ def test_auto_mode_says_which_check_it_chose(dense_dir, tmp_path, monkeypatch):
 
     src = dense_dir("llama")
     convert(src, tmp_path / "moe", UpcycleOptions())
-    report = verify(src, tmp_path / "moe", max_tokens=16)
+    report = verify(src, tmp_path / "moe", min_tokens=16)
     assert report.function_mode == "full" and "fit" in report.function_mode_reason
     monkeypatch.setattr(modes, "available_memory", lambda: 10_000_000)
-    report = verify(src, tmp_path / "moe", max_tokens=16)
+    report = verify(src, tmp_path / "moe", min_tokens=16)
     assert report.function_mode == "streaming" and "layer by layer" in report.function_mode_reason
 
 
@@ -113,7 +113,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import sys
     from upcycle.verify import verify
-    report = verify(sys.argv[1], sys.argv[2], mode=sys.argv[3], max_tokens=64)
+    report = verify(sys.argv[1], sys.argv[2], mode=sys.argv[3], min_tokens=64)
     assert report.equivalent, report.verdict
     status = open("/proc/self/status").read()
     print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
@@ -155,7 +155,7 @@ def test_streaming_peak_memory_does_not_grow_with_the_layer_count(tmp_path):
 def test_streaming_feeds_the_weight_check_every_tensor(dense_dir, tmp_path):
     src = dense_dir("qwen3")
     result = convert(src, tmp_path / "moe", UpcycleOptions(experts=16, top_k=1))  # some experts see no token
-    full = verify(src, tmp_path / "moe", mode="full", max_tokens=8)
-    streamed = verify(src, tmp_path / "moe", mode="streaming", max_tokens=8)
+    full = verify(src, tmp_path / "moe", mode="full", min_tokens=8)
+    streamed = verify(src, tmp_path / "moe", mode="streaming", min_tokens=8)
     assert streamed.weights.tensors_checked == full.weights.tensors_checked == len(result.plan.recipes)
     assert streamed.weights.ok and streamed.weights.source_matches_provenance is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -18,12 +19,17 @@ app = typer.Typer(
     invoke_without_command=True,
     pretty_exceptions_enable=False,
     help="Turn a dense Hugging Face model into an exact Mixture-of-Experts model, verify it, train it.",
+    epilog="Exit codes: 0 done; 1 verify or demo found the models not equivalent; 2 bad input (one line: the "
+    "problem, then Fix:); 3 a checkpoint is missing, damaged or cannot be written; 4 training diverged (non-finite "
+    "loss for too many steps); 128 + N stopped by signal N (130: Ctrl-C).",
 )
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 EXIT_NOT_EQUIVALENT = 1
 EXIT_BAD_INPUT = 2
+EXIT_SIGNAL_BASE = 128  # a command a signal stopped exits 128 + its number, as shells report it (Ctrl-C: 130)
+NOTHING_WRITTEN = "nothing was left behind. Fix: run the command again."
 
 
 @app.callback()
@@ -52,14 +58,15 @@ def quiet_transformers() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
-def fail(error: BaseException) -> typer.Exit:
-    """One line naming the problem and the fix; the traceback only with --debug."""
+def fail(error: BaseException, interrupted: str = NOTHING_WRITTEN) -> typer.Exit:
+    """One line naming the problem and the fix; the traceback only with --debug. ``interrupted`` is what a Ctrl-C
+    left behind and how to go on, which only the command knows."""
     if STATE["debug"]:
         console.print_exception()
     if isinstance(error, UpcycleError):
         err_console.print(f"[bold red]error:[/] {escape(error.line())}", highlight=False)  # 'upcycle[gguf]' stays
         return typer.Exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
-        err_console.print("[bold red]interrupted:[/] nothing was written. Fix: run the command again.")
-        return typer.Exit(EXIT_BAD_INPUT)
+        err_console.print(f"[bold red]interrupted:[/] {escape(interrupted)}", highlight=False)
+        return typer.Exit(EXIT_SIGNAL_BASE + getattr(error, "signum", signal.SIGINT))
     raise error

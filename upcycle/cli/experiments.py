@@ -18,7 +18,12 @@ def compare_cmd(
         list[Path] | None,
         typer.Argument(help="Recipes to compare, one arm each (default: the dense control and the paper's upcycles)."),
     ] = None,
-    size: Annotated[str, typer.Option(help="cpu (under 30 min on 2 cores) or gpu (~10 min on one GPU).")] = "cpu",
+    size: Annotated[
+        str,
+        typer.Option(
+            help="cpu (measured: under 30 min on 2 cores) or gpu (1.3 M tokens per run in bf16; not timed yet)."
+        ),
+    ] = "cpu",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the runs, compare.md/.png/.json.")] = Path(
         "runs/compare"
     ),
@@ -28,8 +33,11 @@ def compare_cmd(
         typer.Option("--variant", help=f"Repeatable: {', '.join(VARIANTS)}."),
     ] = None,
     parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
-    force: Annotated[
-        bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
+    beside_others: Annotated[
+        bool,
+        typer.Option(
+            "--beside-others", help="Write into an --out folder that also holds other files (left untouched)."
+        ),
     ] = False,
     tasks: Annotated[
         str | None,
@@ -51,7 +59,7 @@ def compare_cmd(
             seeds=seeds,
             variants=variant,
             parallel=parallel,
-            force=force,
+            beside_others=beside_others,
             tasks=tasks.split(",") if tasks else (),
             task_limit=task_limit,
             echo=lambda text: console.print(text, markup=False, highlight=False),
@@ -129,8 +137,11 @@ def sweep_cmd(
         ),
     ] = None,
     parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
-    force: Annotated[
-        bool, typer.Option("--force", help="Write into an --out folder that also holds other files (left untouched).")
+    beside_others: Annotated[
+        bool,
+        typer.Option(
+            "--beside-others", help="Write into an --out folder that also holds other files (left untouched)."
+        ),
     ] = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="Say what each preset asks, and stop.")] = False,
 ) -> None:
@@ -156,7 +167,7 @@ def sweep_cmd(
                 out=out or Path("runs/compare"),
                 seeds=seeds or 2,
                 parallel=parallel,
-                force=force,
+                beside_others=beside_others,
                 echo=echo,
             )
             return
@@ -171,7 +182,7 @@ def sweep_cmd(
             with_dense=with_dense,
             sets=list(set_ or []),
             out=out,
-            force=force,
+            beside_others=beside_others,
             parallel=parallel,
             echo=echo,
         )

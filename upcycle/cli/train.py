@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from upcycle.cli.app import app, console, fail
+from upcycle.cli.app import NOTHING_WRITTEN, app, console, fail
 from upcycle.errors import OptionError, SourceError, UpcycleError
 from upcycle.units import parse_size
 
@@ -59,6 +60,7 @@ def train_cmd(
     from upcycle.train.recipe import load_recipe
     from upcycle.train.shipped_recipes import find_recipe
 
+    loaded = None
     try:
         loaded = load_recipe(find_recipe(recipe), list(set_ or []))
         if dry_run or world_size is not None or device_memory is not None:
@@ -79,7 +81,8 @@ def train_cmd(
         first_on_host = int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("LOCAL_RANK", "0")) == 0
         if not first_on_host and isinstance(error, OptionError | SourceError):  # the ranks share their input
             raise typer.Exit(error.exit_code) from None
-        raise fail(error) from None
+        left = interrupted_training(loaded.run.output_dir, recipe, set_ or []) if loaded and not dry_run else None
+        raise fail(error, left or NOTHING_WRITTEN) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the run
     if summary.conversion is not None:
@@ -196,6 +199,23 @@ def recipes_copy_cmd(
     except UpcycleError as error:
         raise fail(error) from None
     console.print(f"wrote {path}; run it with: upcycle train {path}", markup=False, highlight=False)
+
+
+def interrupted_training(run_dir: str, recipe: str, overrides: list[str]) -> str | None:
+    """What a Ctrl-C left of a run and the command that goes on from it (None: the run folder holds nothing)."""
+    from upcycle.train.checkpoint_manifest import list_checkpoints, step_of
+    from upcycle.train.run_folder import earlier_run
+
+    command = f"upcycle train {shlex.quote(recipe)}" + "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        return (
+            f"the run in {run_dir} has checkpoints up to step {step_of(checkpoints[-1])}. "
+            f"Fix: continue it with `{command} --resume`."
+        )
+    if earlier_run(Path(run_dir)):
+        return f"the run in {run_dir} stopped before its first checkpoint. Fix: start again with `{command} --force`."
+    return None
 
 
 @app.command("export")

@@ -26,8 +26,12 @@ def verify_cmd(
         float | None, typer.Option(help="Relative logits tolerance (required for approximate methods).")
     ] = None,
     text: Annotated[Path | None, typer.Option(help="A text file to run both models on.")] = None,
-    max_tokens: Annotated[
-        int, typer.Option(help="Tokens of text (at least 2x the smallest attention window up to 4096).")
+    min_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Tokens of text to run at least; raised to 2x the smallest attention window when that is at most "
+            "4096 (sliding-window models)."
+        ),
     ] = 256,
     weights_only: Annotated[
         bool, typer.Option("--weights-only", help="Skip the function check (the config check always runs).")
@@ -58,7 +62,7 @@ def verify_cmd(
             dtype=dtype,
             tol=tol,
             text=content,
-            max_tokens=max_tokens,
+            min_tokens=min_tokens,
             function=not weights_only,
             trust_remote_code=trust_remote_code,
             mode="full" if full else "streaming" if streaming else "auto",

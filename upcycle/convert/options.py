@@ -19,6 +19,7 @@ from upcycle.validation import Integer, Number, Text, flag, rule, validated
 
 RouterKind = Literal["renorm", "softmax-topk"]
 RouterInit = Literal["random", "zero", "tied"]
+OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def _text(value: Any) -> Any:
@@ -55,7 +56,7 @@ class UpcycleOptions:
     noise: Number = Field(0.0, ge=0, examples=[0.01])  # Gaussian noise std, relative to each dense tensor's std
     layers: Spelling = "all"  # which decoder layers become MoE (others stay dense)
     target: Text = "auto"  # checked against the targets by convert.targets.check_options
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: OutputDtype = "auto"
     shard_size: Size = Field(2 * 1000**3, ge=1000**2, examples=["2GB"])  # bytes per safetensors file: 2GB
     seed: Integer = 0
     extra: dict = Field(default_factory=dict)  # reserved for forward compatibility of upcycle.json

@@ -45,6 +45,10 @@ Inspect = Callable[[UpcyclePlan, DenseSource, Path], None]  # checks the written
 class Interrupted(KeyboardInterrupt):
     """SIGTERM/SIGHUP turned into an exception so cleanup runs as for Ctrl-C."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+        self.signum = signum  # the command exits 128 + signum, as a shell reports a process the signal ended
+
 
 def check_output(out: Path, force: bool, source: Path | None = None) -> None:
     """Refuse before anything is written: OUT over or inside its SOURCE, or an existing OUT without --force."""
@@ -162,7 +166,7 @@ def _signals_raise() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+        raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -31,6 +31,7 @@ from upcycle.experiments.sweep_plan import SweepPlan
 from upcycle.experiments.variants import arm_points, choose_arms, control_arm
 from upcycle.output_safety import refuse_existing, refuse_overlap
 from upcycle.train.recipe_sections import EvalSection
+from upcycle.train.shipped_recipes import find_recipe
 
 
 @dataclass
@@ -56,7 +57,7 @@ def compare_main(
     heldout: DataEntries = "asset:shakespeare/heldout",
     isolate: bool = True,
     parallel: int = 1,
-    force: bool = False,
+    beside_others: bool = False,
     tasks: Sequence[str] = (),
     task_limit: int | None = 100,
     echo: Callable[[str], None] = print,
@@ -71,7 +72,7 @@ def compare_main(
     seeds, the others with seed 0. Writes ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare.png``.
 
     OUT is compare's own folder (see :func:`~upcycle.experiments.output.check_compare_out`): it resumes the finished
-    runs there, refuses a folder holding other files unless ``force``, and never lies over or inside what it
+    runs there, refuses a folder holding other files unless ``beside_others``, and never lies over or inside what it
     reads (recipes, model folders, data files).
     """
     started = time.perf_counter()
@@ -81,6 +82,7 @@ def compare_main(
     check_parallel(parallel)
     tasks = parse_tasks(list(tasks)) if tasks else ()  # a mistyped task stops here, before anything trains
     out = Path(out).absolute()
+    recipes = [find_recipe(r) for r in recipes]  # a file, or the name of a recipe that ships (dense-control, ...)
     arms = choose_arms(recipes, variants)
     echo(size.describe())
     echo(f"sized for: {size.budget}")
@@ -93,7 +95,7 @@ def compare_main(
         else:
             dense_model = Path(base).absolute()
     refuse_overlap(out, compare_inputs(recipes, arms, dense_model, train, heldout), option="--out")
-    check_compare_out(out, force)
+    check_compare_out(out, beside_others)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if dense_model is not None:
         echo(f"dense model: {dense_model}")

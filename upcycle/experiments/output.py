@@ -45,19 +45,20 @@ class OwnedNames:
 COMPARE_NAMES = OwnedNames("compare", COMPARE_FOLDERS, COMPARE_FILES)
 
 
-def check_compare_out(out: Path, force: bool = False) -> None:
-    """Refuse an OUT that holds files compare did not write, unless ``force``.
+def check_compare_out(out: Path, beside_others: bool = False) -> None:
+    """Refuse an OUT that holds files compare did not write, unless ``beside_others``.
 
     Compare owns what it writes into OUT (``runs/``, ``models/``, ``compare.md/.png/.json``): it resumes
     finished runs there and replaces the rest, so a folder holding only those is continued without asking. A
-    folder holding anything else is someone else's: with ``force`` compare writes its own names beside those
+    folder holding anything else is someone else's: with ``beside_others`` compare writes its own names beside those
     files and never touches them.
     """
-    check_owned_out(out, force, COMPARE_NAMES)
+    check_owned_out(out, beside_others, COMPARE_NAMES)
 
 
-def check_owned_out(out: Path, force: bool, names: OwnedNames) -> None:
-    """Refuse an OUT that holds files ``names.command`` did not write, unless ``force`` (see check_compare_out)."""
+def check_owned_out(out: Path, beside_others: bool, names: OwnedNames) -> None:
+    """Refuse an OUT that holds files ``names.command`` did not write, unless ``beside_others`` (see
+    check_compare_out)."""
     if not exists(out):
         return
     if not out.is_dir():
@@ -73,12 +74,12 @@ def check_owned_out(out: Path, force: bool, names: OwnedNames) -> None:
             "move it away or choose another --out folder.",
         )
     foreign = sorted(p.name for p in out.iterdir() if not names.owns(p))
-    if foreign and not force:
+    if foreign and not beside_others:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(
             f"--out {out} holds files {names.command} did not write ({shown}); {names.command} only continues its "
             "own folders.",
-            "choose a new or empty --out folder, or pass --force to write beside them (they are left untouched).",
+            "choose a new or empty --out folder, or pass --beside-others to write beside them (left untouched).",
         )
 
 

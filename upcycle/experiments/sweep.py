@@ -63,7 +63,7 @@ def sweep_main(
     with_dense: bool = False,
     sets: Sequence[str] = (),
     out: Path | str | None = None,
-    force: bool = False,
+    beside_others: bool = False,
     isolate: bool = True,
     parallel: int = 1,
     echo: Callable[[str], None] = print,
@@ -79,7 +79,7 @@ def sweep_main(
     ``OUT/sweep.md`` and ``OUT/sweep-KEY.png`` per key.
 
     OUT is the sweep's own folder: a sweep run again continues there (finished runs reused, an interrupted run
-    resumed from its latest checkpoint); a folder holding other files is refused unless ``force``, and OUT never
+    resumed from its latest checkpoint); a folder holding other files is refused unless ``beside_others``, and OUT never
     lies over or inside what the runs read. ``parallel`` runs that many runs at once, one GPU each.
     """
     from upcycle.train.shipped_recipes import find_recipe
@@ -98,6 +98,11 @@ def sweep_main(
         seeds_for=seeds_for,
         with_dense=with_dense,
     )
+    if not settings.grid and not settings.with_dense and (settings.seeds or 1) < 2:
+        raise OptionError(
+            "a sweep with no --grid, --preset, --seeds N or --with-dense would train one run.",
+            "add --grid KEY=v1,v2 (or --preset NAME; --list-presets shows them), or train it with `upcycle train`.",
+        )
     recipe_path = find_recipe(settings.recipe).absolute()
     axes = [parse_axis(text) for text in settings.grid]
     keys = tuple(axis.key for axis in axes)
@@ -119,7 +124,7 @@ def sweep_main(
         seed_upcycle=UPCYCLE_SEED not in keys and UPCYCLE_SEED not in set_keys,
     )
     refuse_overlap(out, plan.inputs(), option="--out")
-    check_owned_out(out, force, SWEEP_NAMES)
+    check_owned_out(out, beside_others, SWEEP_NAMES)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     echo(f"recipe: {recipe_path}" + (f" (preset {preset}, {settings.size} size)" if preset else ""))
     if settings.sets:

@@ -111,7 +111,7 @@ def verify(
     dtype: str = "float32",
     tol: float | None = None,
     text: str | None = None,
-    max_tokens: int = 256,
+    min_tokens: int = 256,
     weights: bool = True,
     function: bool = True,
     trust_remote_code: bool = False,
@@ -120,9 +120,9 @@ def verify(
     """All three checks and a verdict; approximate methods pass only against an explicit tolerance.
 
     DENSE is the folder, .gguf file or Hub id the checkpoint was converted from (MOE may be a Hub id too); the
-    config check always runs. The
-    function check loads both whole models (`mode="full"`) or streams them layer by layer (`"streaming"`, memory
-    of about one layer); `"auto"` picks the whole-model check when it fits in memory.
+    config check always runs. The function check runs at least ``min_tokens`` tokens of text (more to cover twice
+    a short attention window) and loads both whole models (`mode="full"`) or streams them layer by layer
+    (`"streaming"`, memory of about one layer); `"auto"` picks the whole-model check when it fits in memory.
     """
     if mode not in MODES:
         raise SourceError(f"unknown function-check mode {mode!r}.", f"choose one of {', '.join(MODES)}.")
@@ -146,7 +146,7 @@ def verify(
         chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
         checker = WeightChecker(dense, moe, plan) if weights else None
         if chosen != "none":
-            tokens, coverage = function_length(config_report.smallest_window, max_tokens)
+            tokens, coverage = function_length(config_report.smallest_window, min_tokens)
         if chosen == "full":
             function_report = check_function(dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code)
         elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads

@@ -65,14 +65,14 @@ class FunctionReport:
         return next((d.layer for d in self.layers if d.rel_diff > tol), None)
 
 
-def function_length(smallest_window: int | None, max_tokens: int) -> tuple[int, str]:
+def function_length(smallest_window: int | None, min_tokens: int) -> tuple[int, str]:
     """Tokens the function check runs, and what that length covers."""
     if smallest_window is None:
-        return max_tokens, "no attention window"
+        return min_tokens, "no attention window"
     if smallest_window <= WINDOW_CHECK_LIMIT:
-        tokens = max(max_tokens, 2 * smallest_window + 1)
+        tokens = max(min_tokens, 2 * smallest_window + 1)
         return tokens, f"{tokens} tokens cover 2 x the smallest attention window ({smallest_window})"
-    return max_tokens, (
+    return min_tokens, (
         f"the smallest attention window ({smallest_window}) is longer than {WINDOW_CHECK_LIMIT} tokens: the config "
         "check carries it (masks sampled at every position that matters)"
     )

@@ -1,0 +1,63 @@
+"""The command line keeps its promises: one meaning per flag, choices and exit codes in --help, names that say
+what they do, and fixes that can be followed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+COMMANDS = ("convert", "verify", "eval", "train", "export", "compare", "sweep", "plot", "demo", "recipes")
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps help text to the terminal: one line per option here
+
+
+def help_of(cli, command: str | None = None) -> str:
+    result = cli(*((command,) if command else ()), "--help")
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_force_means_replace_wherever_it_appears(cli, wide):
+    offered = [c for c in COMMANDS if "--force" in help_of(cli, c)]
+    assert {"convert", "export", "plot", "train"} <= set(offered)
+    for command in offered:
+        text = help_of(cli, command)
+        rows = [text[i : i + 120] for i in range(len(text)) if text.startswith("--force ", i)]
+        assert any("Replace" in row for row in rows), (command, rows)
+    for command in ("compare", "sweep"):  # writing beside a user's files is another thing, named for what it does
+        text = help_of(cli, command)
+        assert "--force" not in text and "--beside-others" in text, command
+
+
+def test_help_lists_the_choices_and_the_exit_codes(cli, wide):
+    convert = help_of(cli, "convert")
+    for choices in ("<renorm|softmax-topk>", "<random|zero|tied>", "<auto|float32|bfloat16|float16>"):
+        assert choices in convert, choices
+    assert "Hub id" in convert and "--revision" in convert
+    top = help_of(cli)
+    for code in ("0 done", "1 verify", "2 bad input", "3 a checkpoint", "4 training diverged", "130: Ctrl-C"):
+        assert code in top, code
+    refused = cli("convert", "a", "b", "--router", "softmax")
+    assert refused.exit_code == 2 and "softmax-topk" in refused.output
+
+
+def test_verify_says_its_token_count_is_a_minimum(cli, wide):
+    text = help_of(cli, "verify")
+    assert "--min-tokens" in text and "--max-tokens" not in text and "at least" in text
+
+
+def test_compare_takes_a_shipped_recipe_by_name_and_claims_no_unmeasured_time(cli, wide):
+    both = cli("compare", "dense-control", "--variant", "dense", "--out", os.devnull)
+    assert both.exit_code == 2 and "give recipes or variants, not both" in " ".join(both.output.split())
+    text = help_of(cli, "compare")
+    assert "not timed yet" in text and "10 min" not in text
+
+
+def test_a_sweep_without_a_grid_trains_nothing(cli, wide, tmp_path):
+    refused = cli("sweep", "cpu-quickstart", "--out", tmp_path / "out")
+    assert refused.exit_code == 2 and "would train one run" in " ".join(refused.output.split())
+    assert not (tmp_path / "out").exists()
