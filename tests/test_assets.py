@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -171,3 +173,14 @@ def test_dequantize_rejects_missing_file_and_existing_dest(tmp_path: Path) -> No
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputError):
         dequantize_gguf(bad, tmp_path / "out")
+
+
+def test_no_pip_run_goes_unannounced_on_the_command_line():
+    """A fetch prints what it fetches and the exact pip command, on stderr, before it runs."""
+    code = (
+        "from upcycle.cli.app import show_fetching; show_fetching(); from upcycle import assets; "
+        "assets._pip(['--version'], 'pip itself')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"upcycle: fetching pip itself, once: {sys.executable} -m pip --version" in result.stderr

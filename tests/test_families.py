@@ -114,9 +114,9 @@ def test_table_covers_every_family_and_refusal():
     assert len(exact) == len(FAMILIES) >= 14
 
 
-def test_readme_table_is_the_registry():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
+def test_the_documented_table_is_the_registry():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    block = page.split("<!-- families:start -->\n", 1)[1].split("<!-- families:end -->", 1)[0]
     assert block == markdown(), "regenerate with: upcycle families --markdown"
 
 

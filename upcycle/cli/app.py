@@ -44,6 +44,21 @@ def main(
         raise typer.Exit(0)
     STATE["debug"] = debug
     quiet_transformers()
+    show_fetching()
+
+
+def show_fetching() -> None:
+    """The library says what it fetches or builds once (a pip download, a de-quantisation, a tokenisation) through
+    its loggers; on the command line those lines go to stderr, so nothing slow happens unannounced."""
+    import logging
+
+    for name in ("upcycle.assets", "upcycle.train.token_cache"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("upcycle: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def quiet_transformers() -> None:

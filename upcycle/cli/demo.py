@@ -60,7 +60,7 @@ def demo_cmd(
     out: Annotated[Path | None, typer.Option(help="Where the MoE checkpoint goes (default: the cache).")] = None,
     train_steps: Annotated[int, typer.Option(help="Training steps for each model at the end (0 = skip).")] = 4,
 ) -> None:
-    """Upcycle the real SmolLM2-135M on this CPU, verify it, and compare generations."""
+    """Upcycle SmolLM2-135M-Instruct (its Q4_1 GGUF, de-quantised) on this CPU, verify it, compare generations."""
     from upcycle.demo import DemoSteps, run_demo
 
     start = time.perf_counter()
