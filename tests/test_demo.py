@@ -6,8 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
+from train_helpers import local_paths_in
 
-from upcycle import demo
+from upcycle import assets, demo
 from upcycle.cli.demo import show_demo_step
 from upcycle.convert.source import index_weights
 
@@ -50,6 +52,10 @@ def test_demo_end_to_end(cli, tmp_path) -> None:
     assert result.exit_code == 0, result.stdout[-3000:]
     assert "Greedy continuations" in text and "the MoE model is the dense model, now with experts" in text
     assert (out / "config.json").is_file() and (out / "upcycle.json").is_file()
+    assert local_paths_in(out) == {}  # the folder travels; where its source lay stays on this machine
+    matter = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert matter["base_model"] == assets.SMOLLM2_HUB_ID and matter["pipeline_tag"] == "text-generation"
+    assert matter["license"] == "apache-2.0" and "upcycle" in matter["tags"]
     if demo.training_budget(out).fits:
         assert "Short training run" in text and "upcycled MoE" in text
         assert (tmp_path / "train-moe").is_dir() and (tmp_path / "train-dense").is_dir()

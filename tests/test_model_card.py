@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_helpers import recipe_dict
+from train_helpers import local_paths_in, recipe_dict
 
 from upcycle.convert import UpcycleOptions
 from upcycle.errors import SourceError
@@ -148,6 +148,10 @@ def test_export_card_has_the_training_summary_and_held_out_losses(tiny_pair, tex
     summary = train(recipe_from_dict(recipe, tmp_path))
     export = Path(summary.export_dir)
     evals = [(r["step"], r["eval_loss"]) for r in read_metrics(run) if "eval_loss" in r]
+    # the folders travel: no file in them names a local path, while this machine still finds the dense source
+    assert local_paths_in(moe) == {} and local_paths_in(export) == {}
+    assert json.loads((moe / "upcycle.json").read_text())["source"]["path"] == "<local>/dense"
+    assert next(r for r in read_metrics(run) if "eval_loss" in r)["step0_matches_dense"] is True
     assert [step for step, _ in evals] == [0, 2, 4]
     card = held_out_rows(export)
     assert [step for step, _ in card] == [0, 2, 4]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -98,7 +99,8 @@ def isolated_cache(root: Path) -> Path:
     real = assets.cache_dir()
     model, _ = assets.smollm2_folder(), assets.shakespeare_dir()  # fetched once into the real cache
     root.mkdir(parents=True, exist_ok=True)
-    for name in (model.name, "shakespeare", "tokens"):
+    (real / "sources").mkdir(parents=True, exist_ok=True)  # where conversions made before met their dense folders
+    for name in (model.name, "shakespeare", "tokens", "sources"):
         if (real / name).exists() and not (root / name).exists():
             (root / name).symlink_to(real / name)
     return root
@@ -119,3 +121,20 @@ def source_recipe(dense: Path, folder: Path, texts, **sections) -> Path:
         "experts_implementation": "grouped_mm",
     }
     return write_recipe(folder / "tiny-upcycle.yaml", data)
+
+
+LOCAL_PATH = re.compile(r"(?<![\w.:])(?:/(?:tmp|root|home|Users|var|private|opt|mnt)/|~/|[A-Za-z]:\\)")
+
+
+def local_paths_in(folder: Path) -> dict[str, list[str]]:
+    """Every text file of an output folder that names a local absolute path, with the lines that do."""
+    found = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # weights
+        lines = [line.strip()[:160] for line in text.splitlines() if LOCAL_PATH.search(line)]
+        if lines:
+            found[str(path.relative_to(folder))] = lines
+    return found

@@ -7,6 +7,8 @@ as the dense model's do, and how far a rounding to a narrower dtype moves the mo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +73,38 @@ def convert(
         written = write_plan(
             plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written, hub=named
         )
+    if plan.source.get("kind") == "folder":
+        remember_source(plan.source, src)
     return ConvertResult(plan, out, written, time.perf_counter() - start)
 
 
-__all__ = ["ConvertResult", "UpcycleOptions", "convert"]
+def _source_key(source: dict) -> str:
+    return hashlib.sha256(json.dumps(source.get("sha256") or {}, sort_keys=True).encode()).hexdigest()
+
+
+def remember_source(source: dict, folder: Path) -> None:
+    """Where a conversion's dense folder lies, kept on this machine by the sha256 of its files: the converted
+    folder's own record names it by its last part only (the folder travels; see `redaction`)."""
+    from upcycle.assets import cache_dir
+    from upcycle.output_safety import write_json_atomically
+
+    entry = cache_dir() / "sources" / f"{_source_key(source)}.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(entry, {"path": str(Path(folder).absolute())})
+
+
+def local_source(source: dict) -> Path | None:
+    """The dense folder a conversion recorded in ``source`` was made from, when this machine converted it and the
+    folder is still there; None otherwise."""
+    from upcycle.assets import cache_dir
+
+    if not source.get("sha256"):
+        return None
+    try:
+        folder = Path(json.loads((cache_dir() / "sources" / f"{_source_key(source)}.json").read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+__all__ = ["ConvertResult", "UpcycleOptions", "convert", "local_source"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -59,6 +59,12 @@ def show_fetching() -> None:
             handler.setFormatter(logging.Formatter("upcycle: %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
+
+
+def one_of(literal: Any) -> str:
+    """An option's choices as --help shows them, from the Literal the library declares and checks them with (the
+    library's check keeps its one-line error and fix)."""
+    return "[" + "|".join(get_args(literal)) + "]"
 
 
 def quiet_transformers() -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from upcycle.cli.app import app, console, err_console, fail, quiet_transformers
+from upcycle.cli.app import app, console, err_console, fail, one_of, quiet_transformers
 from upcycle.convert.options import OutputDtype, RouterInit, RouterKind
 from upcycle.errors import UpcycleError
 from upcycle.spans import layer_spans
@@ -25,14 +25,20 @@ def convert_cmd(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Expansion rate E: copies of each MLP.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
     granularity: Annotated[int, typer.Option("--granularity", "-g", help="Shards per copy (virtual groups).")] = 1,
-    router: Annotated[RouterKind, typer.Option(help="renorm (exact) or softmax-topk (the paper's router).")] = "renorm",
-    router_init: Annotated[RouterInit, typer.Option(help="The router's initial weights.")] = "random",
+    router: Annotated[
+        str, typer.Option(metavar=one_of(RouterKind), help="renorm (exact) or softmax-topk (the paper's router).")
+    ] = "renorm",
+    router_init: Annotated[
+        str, typer.Option(metavar=one_of(RouterInit), help="The router's initial weights.")
+    ] = "random",
     weight_scale: Annotated[str, typer.Option(help="auto (the paper's factor), none, or a number.")] = "auto",
     drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
     noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
     layers: Annotated[str, typer.Option(help="Layers that become MoE: all, 0-11, 0,2,4 ...")] = "all",
     target: Annotated[str, typer.Option(help="auto, or a target class from `upcycle families`.")] = "auto",
-    dtype: Annotated[OutputDtype, typer.Option(help="auto: the dtype the source is stored in.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(metavar=one_of(OutputDtype), help="auto: the dtype the source is stored in.")
+    ] = "auto",
     shard_size: Annotated[
         str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
     ] = "2GB",

@@ -35,6 +35,7 @@ from upcycle.output_safety import (
     sweep_stale,
     temporary_sibling,
 )
+from upcycle.redaction import redact_local_paths
 from upcycle.units import format_bytes
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
@@ -103,7 +104,7 @@ def write_plan(
             }
             if hub is not None and hub.repo_id:  # the repository names the model; its cache path names nothing
                 plan.source |= {"path": hub.repo_id, "name": hub.repo_id, **hub.provenance()}
-            record = plan.to_json()
+            record = redact_local_paths(plan.to_json())  # the folder travels; where its source lay stays here
             _write_json(tmp / "upcycle.json", record)
             write_conversion_card(tmp, record, model_id=out.name)  # README.md: the same record, for people
             publish_atomically(tmp, out, force)

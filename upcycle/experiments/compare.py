@@ -82,8 +82,8 @@ def compare_main(
     check_parallel(parallel)
     tasks = parse_tasks(list(tasks)) if tasks else ()  # a mistyped task stops here, before anything trains
     out = Path(out).absolute()
-    recipes = [find_recipe(r) for r in recipes]  # a file, or the name of a recipe that ships (dense-control, ...)
     arms = choose_arms(recipes, variants)
+    recipes = [find_recipe(r) for r in recipes]  # a file, or the name of a recipe that ships (dense-control, ...)
     echo(size.describe())
     echo(f"sized for: {size.budget}")
     dense_model: Path | None = None

@@ -18,6 +18,7 @@ from upcycle.experiments.paper_recipe import sized, with_upcycle
 from upcycle.experiments.points import Point
 from upcycle.experiments.sizes import Size
 from upcycle.train.recipe import TrainRecipe, load_recipe
+from upcycle.train.shipped_recipes import find_recipe
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ DEFAULT_VARIANTS = ("dense", "e8g1t2-renorm", "e8g1t2-softmax", "e8g8t8")  # e8g
 
 def recipe_variant(path: Path | str) -> Variant:
     """A user recipe as one arm: its model, data, optimiser and MoE settings; the size sets batch and evaluation."""
-    recipe = load_recipe(path)  # validates and resolves every path; a model.source is converted by its runs
+    recipe = load_recipe(find_recipe(path))  # a file or a shipped recipe's name; validated, its paths resolved
     stem = Path(path).stem
     return Variant(stem, f"{stem} (recipe)", recipe=recipe)
 

@@ -23,6 +23,7 @@ from upcycle.errors import OutputError, UpcycleError
 from upcycle.model_card import CARD_NAME, RANDOM_INIT_METHOD, write_training_card
 from upcycle.model_files import COPIED_FILES
 from upcycle.output_safety import exists, refuse_existing, refuse_overlap, resolved, staged
+from upcycle.redaction import redact_local_paths
 from upcycle.train.distributed import Dist, barrier
 from upcycle.train.metrics import read_metrics
 
@@ -134,7 +135,7 @@ def export_model(
             for path in source.iterdir():
                 if path.is_file() and any(fnmatch(path.name, p) for p in COPIED_FILES):
                     shutil.copy2(path, tmp / path.name)
-            record = training_record(source, summary)
+            record = redact_local_paths(training_record(source, summary))  # the run folder keeps the local record
             (tmp / "upcycle.json").write_text(json.dumps(record, indent=2) + "\n")
             name = f"{out.parent.name}/{out.name}" if out.name == "export" else out.name  # a run's export: RUN/export
             log_dir = run_dir or _recipe_run_dir(summary)

@@ -29,6 +29,7 @@ from upcycle.train.distributed import Dist, all_reduce_max, all_reduce_sum
 from upcycle.train.eval_plan import eval_batches
 from upcycle.train.packing import PackedDataset, make_batch
 from upcycle.train.recipe import TrainRecipe
+from upcycle.upcycling import local_source
 
 PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # What correct upcycles measure at step 0 in the training's precision (max relative logit difference), with a
@@ -66,9 +67,9 @@ def dense_source(model_path: Path) -> tuple[Path, dict] | tuple[None, str]:
     if "training" in plan:
         return None, "trained after conversion: not compared with the original dense model"
     source = plan.get("source", {})
-    folder = Path(source.get("path", ""))
-    if source.get("kind") != "folder" or not (folder / "config.json").is_file():
-        return None, f"its dense source {folder} is not at hand"
+    folder = local_source(source) if source.get("kind") == "folder" else None
+    if folder is None:
+        return None, f"its dense source {source.get('path', '')} is not at hand (not converted on this machine)"
     return folder, plan
 
 
