@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from upcycle import assets
 from upcycle.convert import UpcycleOptions
-from upcycle.downstream import TaskResult, evaluate_model
+from upcycle.downstream.run import TaskResult, evaluate_model
 from upcycle.hf.loading import load_causal_lm_strict
 from upcycle.upcycling import convert
 

@@ -4,6 +4,8 @@ what they do, and fixes that can be followed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +63,19 @@ def test_a_sweep_without_a_grid_trains_nothing(cli, wide, tmp_path):
     refused = cli("sweep", "cpu-quickstart", "--out", tmp_path / "out")
     assert refused.exit_code == 2 and "would train one run" in " ".join(refused.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_typo_is_reported_before_torch_is_imported(tmp_path):
+    """The error comes from the recipe alone: nothing heavy is imported first (3 s of start-up before)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: asset:smollm2\ndata:\n  train: asset:shakespeare/train\nbatch:\n  stepz: 3\n")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom upcycle.cli import app\n"
+        f"result = CliRunner().invoke(app, ['train', {str(bad)!r}])\n"
+        "print(result.exit_code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+        "print(result.output)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    first, *rest = run.stdout.splitlines()
+    assert first == "2 False False", run.stdout + run.stderr
+    assert "did you mean batch.steps?" in " ".join(rest)

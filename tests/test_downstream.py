@@ -15,10 +15,11 @@ from transformers import AutoTokenizer
 
 from upcycle import assets
 from upcycle.convert import UpcycleOptions
-from upcycle.downstream import TASKS, evaluate, parse_tasks
+from upcycle.downstream import TASKS, parse_tasks
 from upcycle.downstream.items import Item, Request, load_items
 from upcycle.downstream.loglikelihood import Scored, encode, score
 from upcycle.downstream.metrics import mean_and_stderr, outcome
+from upcycle.downstream.run import evaluate
 from upcycle.downstream.sources import load_task_items
 from upcycle.errors import OptionError, SourceError
 from upcycle.hf.loading import load_causal_lm_strict

@@ -40,7 +40,8 @@ def eval_cmd(
     it by the choice's length in characters); LAMBADA by whether greedy decoding gives the last word; MMLU with
     the harness' prompts (letters A-D; mmlu_continuation: the answers' texts), 5-shot unless --shots says.
     """
-    from upcycle.downstream import evaluate, parse_tasks
+    from upcycle.downstream import parse_tasks
+    from upcycle.downstream.run import evaluate
     from upcycle.hf.loading import dtype_named
 
     try:

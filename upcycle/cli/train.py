@@ -56,7 +56,6 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs and nodes under torchrun)."""
-    from upcycle.train.loop import train
     from upcycle.train.recipe import load_recipe
     from upcycle.train.shipped_recipes import find_recipe
 
@@ -72,6 +71,8 @@ def train_cmd(
             for line in plan_run(loaded, world_size, budget).lines():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
             return
+        from upcycle.train.loop import train  # torch and transformers: only once the recipe is known to be valid
+
         allowed = {name.strip() for name in allow_changes.split(",") if name.strip()}
         with RichTrainReporter() as reporter:
             summary = train(

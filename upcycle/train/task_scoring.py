@@ -59,7 +59,7 @@ class TaskScoring:
         self, step: int, model: nn.Module, autocast: contextlib.AbstractContextManager, taps: moe_losses.RouterTaps
     ) -> dict[str, Any]:
         """Score the tasks on the live model; the record, also kept as `latest`."""
-        from upcycle.downstream import evaluate_model
+        from upcycle.downstream.run import evaluate_model
 
         s = self.settings
         with autocast:
