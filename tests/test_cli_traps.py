@@ -3,6 +3,7 @@ what they do, and fixes that can be followed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,20 @@ def test_a_recipe_typo_is_reported_before_torch_is_imported(tmp_path):
     first, *rest = run.stdout.splitlines()
     assert first == "2 False False", run.stdout + run.stderr
     assert "did you mean batch.steps?" in " ".join(rest)
+
+
+def test_scripts_get_json_from_convert_families_recipes_and_eval(cli, dense_dir, tmp_path):
+    from upcycle.convert.families import FAMILIES
+
+    dense = dense_dir("llama")
+    planned = cli("convert", dense, tmp_path / "moe", "--dry-run", "--json", "-e", "4")
+    report = json.loads(planned.stdout)
+    assert planned.exit_code == 0 and report["dry_run"] is True and report["written"] is None
+    assert report["plan"]["options"]["experts"] == 4 and not (tmp_path / "moe").exists()
+    assert all(isinstance(count, int) for count in report["plan"]["shards"].values())
+    written = json.loads(cli("convert", dense, tmp_path / "moe", "--json", "-e", "4").stdout)
+    assert written["written"]["out"] == str(tmp_path / "moe") and written["written"]["bytes"] > 0
+    families = json.loads(cli("families", "--json").stdout)
+    assert sum(bool(row["targets"]) for row in families) == len(FAMILIES)
+    recipes = json.loads(cli("recipes", "--json").stdout)
+    assert "cpu-quickstart" in {r["name"] for r in recipes} and all(r["summary"] for r in recipes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +49,9 @@ def convert_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Accept a source that declares custom code.")] = False,
     show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the plan (and what was written) as JSON instead of tables.")
+    ] = False,
     revision: Annotated[
         str | None, typer.Option(help="For a Hub id: the branch, tag or commit (default: main).")
     ] = None,
@@ -85,6 +90,9 @@ def convert_cmd(
             )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
+    if json_out:
+        print(json.dumps(_json_report(result, show_plan), indent=2))
+        return
     _print_plan(result.plan, show_plan)
     if dry_run:
         console.print("[yellow]dry run:[/] nothing was written.")
@@ -93,6 +101,16 @@ def convert_cmd(
     console.print(
         f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s, {rate:.0f} MB/s)"
     )
+
+
+def _json_report(result: Any, with_tensors: bool) -> dict[str, Any]:
+    """The plan as upcycle.json records it (each output file's tensor count, or every tensor's recipe with
+    --show-plan), and what was written (nothing for a dry run)."""
+    plan = result.plan.to_json()
+    if not with_tensors:
+        plan["shards"] = {name: len(recipes) for name, recipes in plan["shards"].items()}
+    written = {"out": str(result.out), "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
+    return {"dry_run": result.out is None, "written": None if result.out is None else written, "plan": plan}
 
 
 def _transfer_progress(disable: bool) -> Progress:
@@ -162,7 +180,10 @@ def _config_check_text(record: dict) -> str:
 
 @app.command("families")
 def families_cmd(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as Markdown (the README's).")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (docs/families.md's).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every family's row as JSON.")] = False,
 ) -> None:
     """Every dense family: its exact native MoE targets and the methods they hold, or why it is refused."""
     from upcycle.convert.families.table import METHODS, family_rows
@@ -173,6 +194,9 @@ def families_cmd(
         typer.echo(markdown_table(), nl=False)
         return
     rows = family_rows()
+    if json_out:
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+        return
     table = Table(title="dense families upcycle converts exactly")
     table.add_column("family")
     table.add_column("targets")

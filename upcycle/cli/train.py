@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -155,7 +156,10 @@ app.add_typer(recipes_app, name="recipes")
 
 
 @recipes_app.callback(invoke_without_command=True)
-def recipes_cmd(ctx: typer.Context) -> None:
+def recipes_cmd(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON: name, file, summary.")] = False,
+) -> None:
     """List the recipes that ship with upcycle (run one with `upcycle train NAME`)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -165,6 +169,10 @@ def recipes_cmd(ctx: typer.Context) -> None:
         recipes = shipped_recipes()
     except UpcycleError as error:
         raise fail(error) from None
+    if json_out:
+        listed = [{"name": name, "file": str(path), "summary": summary(path)} for name, path in recipes.items()]
+        print(json.dumps(listed, indent=2))
+        return
     table = Table("recipe", "what it trains", box=None, pad_edge=False)
     for name, path in recipes.items():
         table.add_row(f"[bold]{name}[/]", summary(path))
