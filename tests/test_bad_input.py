@@ -245,7 +245,7 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, sig):
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + sig, stderr  # what a shell reports of a process the signal ended
-    assert "interrupted: nothing was left behind. Fix: run the command again." in stderr
+    assert "interrupted: nothing was left behind. Fix: run the command again." in " ".join(stderr.split())
     assert not out.exists() and not list(tmp_path.glob(".out.upcycle-*"))
 
 

@@ -258,7 +258,7 @@ def test_compare_refuses_a_folder_holding_other_files(cli, llama, tmp_path):
     (out / "runs").mkdir(parents=True)
     (out / "notes.txt").write_text("the user's")
     before = snapshot(out)
-    assert_refused(cli("compare", compare_recipe(tmp_path, llama), "--out", out), "notes.txt", "--force")
+    assert_refused(cli("compare", compare_recipe(tmp_path, llama), "--out", out), "notes.txt", "--beside-others")
     assert snapshot(out) == before
 
 
@@ -275,7 +275,7 @@ def test_compare_refuses_a_folder_holding_other_files(cli, llama, tmp_path):
 def test_compare_never_writes_into_or_over_what_it_reads(cli, llama, tmp_path, out_of, relation):
     recipe = compare_recipe(tmp_path, llama)
     before = snapshot(tmp_path)
-    assert_refused(cli("compare", recipe, "--out", out_of(tmp_path, llama), "--force"), relation)
+    assert_refused(cli("compare", recipe, "--out", out_of(tmp_path, llama), "--beside-others"), relation)
     assert snapshot(tmp_path) == before
 
 
@@ -289,7 +289,7 @@ def test_compare_continues_its_own_folder_and_writes_beside_others_only_when_tol
     (out / "notes.txt").write_text("the user's")
     with pytest.raises(OutputError, match="notes.txt"):
         check_compare_out(out)
-    check_compare_out(out, force=True)
+    check_compare_out(out, beside_others=True)
     assert (out / "notes.txt").read_text() == "the user's"
 
 
