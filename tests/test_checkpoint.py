@@ -364,6 +364,23 @@ def test_unserialisable_trainer_state_writes_nothing(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_ctrl_c_while_dcp_writes_is_an_interruption_not_a_write_failure(tmp_path, monkeypatch):
+    """DCP catches every exception of a save, a KeyboardInterrupt too, and reports a CheckpointException; the
+    user pressed Ctrl-C, so the run must stop as interrupted (exit 130, resume from the last checkpoint), not as a
+    checkpoint that could not be written (exit 3)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model, opt = tiny()
+    save_checkpoint(tmp_path, 1, model, opt, {"step": 1})
+    monkeypatch.setattr(FileSystemWriter, "write_data", pressed_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, opt, {"step": 2})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]  # its partial files: the next save's
+
+
 def test_keep_last_n_and_replace_same_step(tmp_path):
     model, opt = tiny()
     assert latest_checkpoint(tmp_path) is None and list_checkpoints(tmp_path) == []

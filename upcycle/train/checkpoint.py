@@ -145,6 +145,12 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether DCP caught a Ctrl-C (or a signal turned into one) and reported it as a CheckpointException."""
+    failures = getattr(exc, "failures", None) or {}
+    return any(isinstance(failure[0], KeyboardInterrupt) for failure in failures.values())
+
+
 def _describe(exc: BaseException) -> str:
     """One line per distinct failure; DCP's CheckpointException otherwise prints every rank's traceback."""
     if isinstance(exc, CheckpointException):
@@ -280,6 +286,8 @@ def save_checkpoint(
     except CheckpointError:
         raise
     except (OSError, CheckpointException) as exc:  # DCP gathers every rank's failure into one CheckpointException
+        if _interrupted(exc):  # Ctrl-C while DCP wrote: an interruption, not a failure to write
+            raise KeyboardInterrupt from exc
         raise CheckpointError(
             f"Could not write checkpoint {final}: {_describe(exc)}.",
             "free disk space or fix permissions; the partial files are removed by the next save.",
