@@ -224,11 +224,18 @@ def test_disk_filling_up_while_writing_leaves_nothing(cli, llama, small_tmpfs):
     assert list(disk.iterdir()) == []
 
 
+def sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_slow_conversion(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     src = make_dense("llama", tmp_path / "big", hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "upcycle", "convert", str(src), str(out), "-e", "64", "--shard-size", "20MB"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell starts background jobs with SIGINT ignored, which a child would inherit
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         shards = list(tmp_path.glob(".out.upcycle-tmp-*/model-00002-*"))

@@ -166,6 +166,7 @@ def test_ctrl_c_says_what_the_run_kept_and_how_to_go_on(tiny_pair, texts, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, not a background job
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
