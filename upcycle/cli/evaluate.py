@@ -1,4 +1,4 @@
-"""`upcycle eval`: downstream accuracy of a model folder, per task and as a macro average."""
+"""`upcycle eval`: downstream accuracy of a model folder, per benchmark and as a macro average."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     per_item: Annotated[bool, typer.Option("--per-item", help="With --json: every item's prediction too.")] = False,
 ) -> None:
-    """Score MODEL on downstream tasks offline: accuracy with its standard error per task, and bits-per-byte.
+    """Score MODEL on downstream benchmarks offline: accuracy with its standard error for each, and bits-per-byte.
 
     Multiple choice is scored as lm-evaluation-harness does (the log-likelihood of each choice; acc_norm divides
     it by the choice's length in characters); LAMBADA by whether greedy decoding gives the last word; MMLU with
@@ -66,7 +66,7 @@ def eval_cmd(
 
 
 class TaskBars:
-    """One bar per task, drawn on the console; nothing when the output is JSON."""
+    """One bar per benchmark, drawn on the console; nothing when the output is JSON."""
 
     def __init__(self, quiet: bool) -> None:
         self.bar = (

@@ -43,7 +43,7 @@ def compare_cmd(
         str | None,
         typer.Option(help="Downstream tasks scored at each run's start and end, e.g. arc_easy,piqa (upcycle eval)."),
     ] = None,
-    task_limit: Annotated[int, typer.Option(min=1, help="Items per task (the first of each).")] = 100,
+    task_limit: Annotated[int, typer.Option(min=1, help="Items of each benchmark (the first ones).")] = 100,
 ) -> None:
     """Train the dense control and its upcycled MoEs on the same tokens; held-out loss table, plot and JSON.
 
