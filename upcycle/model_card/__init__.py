@@ -14,6 +14,15 @@ from typing import Any
 
 from upcycle.errors import SourceError
 from upcycle.hub import HUB_ID
+from upcycle.model_card.sections import (
+    conversion_exactness_after_training,
+    downstream_section,
+    exactness_section,
+    held_out_section,
+    not_verified_section,
+    table,
+    verify_section,
+)
 from upcycle.model_identity import CARD_NAME, LICENSE_FIELDS, source_identity
 from upcycle.output_safety import write_text_atomically
 from upcycle.spans import layer_spans
@@ -45,9 +54,9 @@ def conversion_card(
         f"A Mixture-of-Experts model upcycled from {origin} by upcycle {_tool_version(record)}, without training: "
         "each expert starts from the dense model's MLP weights.\n",
         "## What was done\n",
-        _table(_conversion_rows(record, with_dtype=True)),
-        _exactness_section(record["exactness"]),
-        _verify_section(verify) if verify is not None else _not_verified_section(),
+        table(_conversion_rows(record, with_dtype=True)),
+        exactness_section(record["exactness"]),
+        verify_section(verify) if verify is not None else not_verified_section(),
         _loading_section(model_id, tokenizer),
         "`upcycle.json` in this folder is the machine-readable record of the conversion: the options, every tensor's "
         "recipe and the sha256 of the source files. This card summarises it.\n",
@@ -86,13 +95,13 @@ def training_card(
         f"# {model_id}\n",
         what,
         "## Training\n",
-        _table(_training_rows(record, architecture, config)),
-        _held_out_section(held_out),
-        _downstream_section(record["training"].get("downstream")),
+        table(_training_rows(record, architecture, config)),
+        held_out_section(held_out),
+        downstream_section(record["training"].get("downstream")),
     ]
     if conversion:
-        parts += ["## Upcycled from\n", _table(_conversion_rows(conversion, with_dtype=False))]
-        parts.append(_conversion_exactness_after_training(conversion["exactness"]))
+        parts += ["## Upcycled from\n", table(_conversion_rows(conversion, with_dtype=False))]
+        parts.append(conversion_exactness_after_training(conversion["exactness"]))
     parts += [
         _loading_section(model_id, tokenizer),
         "`upcycle.json` in this folder is the machine-readable record of the training and of the conversion it "
@@ -163,105 +172,6 @@ def _layers_text(moe_layers: list[int], num_layers: int | None) -> str:
     return f"{spans} of {num_layers} layers (the others keep the dense MLP)"
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    return "| | |\n|---|---|\n" + "".join(f"| {key} | {_cell(value)} |\n" for key, value in rows)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _exactness_section(exactness: dict[str, Any]) -> str:
-    measured = exactness.get("rounding_deviation") or {}
-    if exactness["exact"]:
-        head = "**Exact by design**: the MoE computes the same function as the dense model it was upcycled from."
-    elif exactness.get("exact_up_to_rounding"):
-        head = (
-            f"**Exact up to rounding to {exactness['rounded_to']}**: the upcycling itself is exact ("
-            f"{exactness['method']}), but some dense weights are held here rounded to {exactness['rounded_to']} "
-            "(the notes below say which)."
-        )
-        if "relative" in measured:
-            head += (
-                f" Measured at conversion: the {measured['what']} deviate {measured['relative']:.3g} relative from "
-                f"the dense model's ({measured['tokens']} tokens, {measured['compute']} compute)."
-            )
-    else:
-        why = "because:" if exactness.get("notes") else f"({exactness['method']})."
-        head = f"**Approximate by design**: the MoE does not equal the dense model, {why}"
-    notes = "".join(f"- {note}\n" for note in exactness.get("notes") or [])
-    return f"## Exactness\n\n{head}\n" + (f"\n{notes}" if notes else "")
-
-
-def _conversion_exactness_after_training(exactness: dict[str, Any]) -> str:
-    kind = "exact" if exactness["exact"] else "approximate"
-    if exactness.get("exact_up_to_rounding"):
-        kind = f"exact up to rounding to {exactness['rounded_to']}"
-    return (
-        f"At conversion the model was {kind} by design ({exactness['method']}); training has changed its weights "
-        "since, so it no longer equals the dense model.\n"
-    )
-
-
-def _not_verified_section() -> str:
-    return (
-        "## Verification\n\n"
-        "Not verified when this card was written: `upcycle verify DENSE THIS_FOLDER` checks the config, every "
-        "tensor and the model's output against the dense model.\n"
-    )
-
-
-def _verify_section(report: dict[str, Any]) -> str:
-    """The figures of an `upcycle verify` report (VerifyReport.to_json()), only those the report holds."""
-    lines = [f"- Verdict: {'passed' if report.get('equivalent') else 'failed'}: {report.get('verdict', '')}"]
-    config = report.get("config") or {}
-    if config:
-        layers = len(config.get("layers") or [])
-        lines.append(
-            f"- Config check: {layers} layers compute the same in transformers: {_yes(config.get('equivalent'))}"
-        )
-    if report.get("config_matches_plan") is not None:
-        lines.append(f"- config.json as recorded in upcycle.json: {_yes(report['config_matches_plan'])}")
-    weights = report.get("weights")
-    if weights:
-        mismatches = len(weights.get("mismatches") or [])
-        lines.append(
-            f"- Weights: {weights.get('tensors_checked', 0)} tensors re-made from the dense model, {mismatches} "
-            "differing"
-        )
-        provenance = weights.get("source_matches_provenance")
-        lines.append(
-            "- Source sha256 as recorded in upcycle.json: "
-            + ("not comparable" if provenance is None else _yes(provenance))
-        )
-    lines.append(_function_line(report))
-    if report.get("tolerance") is not None:
-        explicit = " (given explicitly)" if report.get("tolerance_explicit") else ""
-        lines.append(f"- Tolerance: {report['tolerance']:g} relative{explicit}")
-    return "## Verification\n\n" + "\n".join(lines) + "\n"
-
-
-def _function_line(report: dict[str, Any]) -> str:
-    full, streamed = report.get("function"), report.get("streaming")
-    if full:
-        return (
-            f"- Function check (whole model, {full['dtype']}, {full['tokens']} tokens): max logit relative difference "
-            f"{full['logits_rel_diff']:.3g}, top-1 agreement {full['top1_agreement']:.2%}"
-        )
-    if streamed:
-        outer = [streamed.get(key, 0.0) for key in ("final_norm_rel_diff", "embedding_rel_diff", "lm_head_rel_diff")]
-        worst = max([layer["rel_diff"] for layer in streamed.get("layers") or []] + outer)
-        return (
-            f"- Function check (layer by layer, {streamed['dtype']}, {streamed['tokens']} tokens): max relative "
-            f"difference {worst:.3g} (layer outputs, embedding rows, final norm, LM head logits)"
-        )
-    return "- Function check: not run"
-
-
-def _yes(value: Any) -> str:
-    return "yes" if value else "no"
-
-
 def _training_rows(record: dict[str, Any], architecture: str, config: dict[str, Any]) -> list[tuple[str, str]]:
     training = record["training"]
     rows = [("Class", f"`{architecture}`"), ("dtype", str(config.get("dtype") or config.get("torch_dtype") or "?"))]
@@ -274,36 +184,6 @@ def _training_rows(record: dict[str, Any], architecture: str, config: dict[str, 
     if earlier > 0:
         rows.append(("Earlier training runs", f"{earlier} (listed in upcycle.json)"))
     return rows
-
-
-def _held_out_section(held_out: list[tuple[int, float]]) -> str:
-    if not held_out:
-        return "No held-out loss was measured (the run had no eval data).\n"
-    rows = "".join(f"| {step} | {loss:.4f} |\n" for step, loss in held_out)
-    return "Held-out loss (mean cross-entropy per token) by step:\n\n| Step | Held-out loss |\n|---:|---:|\n" + rows
-
-
-def _downstream_section(downstream: dict[str, Any] | None) -> str:
-    """The last evaluation's task scores, with the protocol that makes them comparable (or not) with others'."""
-    if not downstream:
-        return ""
-    tasks = downstream["tasks"]
-    items = "every item" if downstream.get("limit") is None else f"the first {downstream['limit']} items"
-    rows = "".join(
-        f"| {t['title']} | {t['shots']} | {t['items']} | {t['primary']} | {100 * t['score']:.1f} | "
-        f"{t['bits_per_byte']:.3f} |\n"
-        for t in tasks.values()
-    )
-    return (
-        f"Downstream tasks at step {downstream['step']}, scored as `upcycle eval` scores them "
-        f"({items} of each task from {downstream['source']}"
-        f"{', in ' + downstream['precision'] if downstream.get('precision') else ''}): the log-likelihood of each "
-        "choice as lm-evaluation-harness scores it; acc_norm divides it by the choice's length in characters; "
-        "LAMBADA counts greedy last words; bits per byte are the gold continuation's.\n\n"
-        "| Task | Shots | Items | Metric | Score (%) | Bits per byte |\n|---|---:|---:|---|---:|---:|\n"
-        + rows
-        + f"\nMacro average: {100 * downstream['macro_average']:.1f} over {len(tasks)} tasks.\n"
-    )
 
 
 CACHE_KEY = re.compile(r"[0-9a-f]{32}")  # how upcycle names a conversion in its cache: no name for people
