@@ -66,20 +66,52 @@ def test_a_sweep_without_a_grid_trains_nothing(cli, wide, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_recipe_typo_is_reported_before_torch_is_imported(tmp_path):
-    """The error comes from the recipe alone: nothing heavy is imported first (3 s of start-up before)."""
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  path: asset:smollm2\ndata:\n  train: asset:shakespeare/train\nbatch:\n  stepz: 3\n")
+def exit_code_and_heavy_imports(args: list[str]) -> tuple[str, str]:
+    """Run the CLI in a fresh interpreter: its exit code, whether torch/transformers got imported, its output."""
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom upcycle.cli import app\n"
-        f"result = CliRunner().invoke(app, ['train', {str(bad)!r}])\n"
+        f"result = CliRunner().invoke(app, {args!r})\n"
         "print(result.exit_code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
         "print(result.output)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     first, *rest = run.stdout.splitlines()
-    assert first == "2 False False", run.stdout + run.stderr
-    assert "did you mean batch.steps?" in " ".join(rest)
+    return first, " ".join(" ".join(rest).split()) + run.stderr
+
+
+def test_a_recipe_typo_is_reported_before_torch_is_imported(tmp_path):
+    """The error comes from the recipe alone: nothing heavy is imported first (3 s of start-up before)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: asset:smollm2\ndata:\n  train: asset:shakespeare/train\nbatch:\n  stepz: 3\n")
+    first, output = exit_code_and_heavy_imports(["train", str(bad)])
+    assert first == "2 False False", output
+    assert "did you mean batch.steps?" in output
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["convert", "{missing}", "{out}"], "does not exist"),
+        (["convert", "{no_config}", "{out}"], "has no config.json"),
+        (["verify", "{missing}", "{no_config}"], "was not written by upcycle convert"),
+        (["verify", "{missing}", "{converted}"], "does not exist"),
+        (["eval", "{missing}"], "is not a Hugging Face model folder"),
+        (["eval", "{no_config}", "--tasks", "arc_easy", "--shots", "1"], "has prompts for 0, 5 shots"),
+        (["eval", "{no_config}", "--tasks", "arc_easy"], "is not a Hugging Face model folder"),
+    ],
+)
+def test_a_wrong_path_is_reported_before_torch_is_imported(tmp_path, command, said):
+    """convert, verify and eval check what the file system alone can say before loading torch (2-3 s before)."""
+    no_config, converted = tmp_path / "empty", tmp_path / "converted"
+    no_config.mkdir()
+    converted.mkdir()
+    for name in ("config.json", "upcycle.json"):
+        (converted / name).write_text("{}")
+    paths = {"missing": tmp_path / "missing", "no_config": no_config, "converted": converted, "out": tmp_path / "o"}
+    first, output = exit_code_and_heavy_imports([part.format(**paths) for part in command])
+    assert first == "2 False False", output
+    assert said in output
+    assert not (tmp_path / "o").exists()
 
 
 def test_scripts_get_json_from_convert_families_recipes_and_eval(cli, dense_dir, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fnmatch import fnmatch
 from pathlib import Path
 
+from upcycle.errors import SourceError
+
 # Beside the weights and config.json: what shapes what a user gets from the folder (tokenizer, chat template,
 # generation settings) and what travels with the weights (licence files). Copied from a source, proven equal.
 COPIED_FILES = (
@@ -51,3 +53,52 @@ def record_files(folder: Path) -> dict[str, str]:
     from upcycle.hashing import file_sha256
 
     return {path.name: file_sha256(path) for path in copied_files(folder)}
+
+
+# The checks below need nothing but the file system, so the command line runs them before it imports torch: a
+# wrong path is reported at once, by the same words the library uses.
+
+
+def check_source_folder(folder: Path) -> None:
+    """A dense model folder convert can read: it exists, is a folder and holds config.json."""
+    if not folder.exists():
+        raise SourceError(
+            f"source {folder} does not exist.",
+            "pass a local Hugging Face model folder (with config.json and *.safetensors) or a .gguf file.",
+        )
+    if not folder.is_dir():
+        raise SourceError(
+            f"source {folder} is a file, not a model folder.",
+            "pass the folder that holds config.json, or a .gguf file.",
+        )
+    if not (folder / "config.json").is_file():
+        raise SourceError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder.",
+            "pass the folder written by save_pretrained (config.json + weights).",
+        )
+
+
+def check_source_path(path: Path) -> None:
+    """A source convert can read: a .gguf file, or a model folder."""
+    if path.suffix.lower() != ".gguf":
+        check_source_folder(path)
+    elif not path.is_file():
+        raise SourceError(f"source {path} does not exist.", "pass an existing .gguf file or model folder.")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A folder transformers can load a model from (dense or MoE)."""
+    if not (folder / "config.json").is_file():
+        raise SourceError(
+            f"{folder} is not a Hugging Face model folder (no config.json).",
+            "pass a folder written by save_pretrained or `upcycle convert`.",
+        )
+
+
+def check_converted_folder(folder: Path) -> None:
+    """An OUT folder of `upcycle convert`, the only kind verify proves."""
+    if not (folder / "upcycle.json").is_file() or not (folder / "config.json").is_file():
+        raise SourceError(
+            f"{folder} has no upcycle.json/config.json, so it was not written by upcycle convert.",
+            "pass the OUT folder of `upcycle convert`.",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -40,12 +41,17 @@ def eval_cmd(
     it by the choice's length in characters); LAMBADA by whether greedy decoding gives the last word; MMLU with
     the harness' prompts (letters A-D; mmlu_continuation: the answers' texts), 5-shot unless --shots says.
     """
-    from upcycle.downstream import parse_tasks
-    from upcycle.downstream.run import evaluate
-    from upcycle.hf.loading import dtype_named
+    from upcycle.downstream import parse_request
+    from upcycle.hub import is_hub_id
+    from upcycle.model_files import check_model_folder
 
     try:
-        names = parse_tasks(tasks)
+        names = parse_request(tasks, shots)
+        if not is_hub_id(model):
+            check_model_folder(Path(model))  # before torch loads: a wrong path is said at once
+        from upcycle.downstream.run import evaluate
+        from upcycle.hf.loading import dtype_named
+
         with TaskBars(quiet=json_out) as progress:
             report = evaluate(
                 model,

@@ -48,14 +48,15 @@ def verify_cmd(
     The function check runs both whole models when they fit in memory, else streams them layer by layer
     (--full / --streaming choose).
     """
-    from upcycle.verify import verify
-
     try:
         if text is not None and not text.is_file():
             raise UpcycleError(f"--text {text} does not exist.", "pass an existing UTF-8 text file.")
         if full and streaming:
             raise UpcycleError("--full and --streaming exclude each other.", "pass one of them, or neither.")
+        check_local_paths(dense, moe)
         content = text.read_text(errors="replace") if text is not None else None
+        from upcycle.verify import verify
+
         report = verify(
             dense,
             moe,
@@ -74,6 +75,17 @@ def verify_cmd(
     else:
         print_verify_report(report)
     raise typer.Exit(0 if report.equivalent else EXIT_NOT_EQUIVALENT)
+
+
+def check_local_paths(dense: str, moe: str) -> None:
+    """What the file system alone can tell of DENSE and MOE, before torch loads (Hub ids are resolved later)."""
+    from upcycle.hub import is_hub_id
+    from upcycle.model_files import check_converted_folder, check_source_path
+
+    if not is_hub_id(moe):
+        check_converted_folder(Path(moe))
+    if not is_hub_id(dense):
+        check_source_path(Path(dense))
 
 
 def _layer_label(index: int) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from upcycle.errors import SourceError
+from upcycle.model_files import check_source_folder, check_source_path
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -125,22 +126,8 @@ class DenseSource:
     @classmethod
     def open(cls, folder: Path, trust_remote_code: bool = False) -> DenseSource:
         folder = Path(folder)
-        if not folder.exists():
-            raise SourceError(
-                f"source {folder} does not exist.",
-                "pass a local Hugging Face model folder (with config.json and *.safetensors) or a .gguf file.",
-            )
-        if not folder.is_dir():
-            raise SourceError(
-                f"source {folder} is a file, not a model folder.",
-                "pass the folder that holds config.json, or a .gguf file.",
-            )
+        check_source_folder(folder)
         config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise SourceError(
-                f"{folder} has no config.json, so it is not a Hugging Face model folder.",
-                "pass the folder written by save_pretrained (config.json + weights).",
-            )
         try:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -315,11 +302,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def open_source(path: Path, trust_remote_code: bool = False, scratch: Path | None = None) -> Iterator[DenseSource]:
     """Open SRC as a DenseSource; a .gguf file is first de-quantised into a scratch folder removed afterwards."""
     path = Path(path)
+    check_source_path(path)
     if path.suffix.lower() != ".gguf":
         yield DenseSource.open(path, trust_remote_code)
         return
-    if not path.is_file():
-        raise SourceError(f"source {path} does not exist.", "pass an existing .gguf file or model folder.")
     from upcycle.hf.gguf import dequantize_gguf
 
     parent = scratch if scratch is not None else Path(tempfile.gettempdir())

@@ -6,6 +6,6 @@ in ``downstream.run`` (``evaluate``, ``evaluate_model``), which brings torch; th
 only, so a command line can check task names without loading torch.
 """
 
-from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, TaskSpec, parse_tasks
+from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, TaskSpec, parse_request, parse_tasks
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "TaskSpec", "parse_tasks"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "TaskSpec", "parse_request", "parse_tasks"]

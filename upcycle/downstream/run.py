@@ -15,7 +15,7 @@ from upcycle.assets import EVAL_WHEEL_PACKAGE, eval_tasks_dir
 from upcycle.downstream.loglikelihood import score
 from upcycle.downstream.metrics import Outcome, mean_and_stderr, outcome
 from upcycle.downstream.sources import load_task_items
-from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, parse_tasks
+from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, parse_request
 from upcycle.errors import OptionError, SourceError
 
 # (task, requests scored so far in it, its requests in all): enough for a progress bar per task.
@@ -101,7 +101,7 @@ def evaluate_model(
         raise OptionError(f"batch size must be at least 1, got {batch_size}.", "Use e.g. --batch-size 16.")
     if limit is not None and limit < 1:
         raise OptionError(f"limit must be at least 1, got {limit}.", "Use e.g. --limit 100, or leave it out.")
-    names = parse_tasks(list(tasks))
+    names = parse_request(list(tasks), shots)
     folder = eval_tasks_dir()
     was_training = model.training
     model.eval()
@@ -160,9 +160,7 @@ def evaluate(
     from upcycle.hf.loading import load_causal_lm_strict
     from upcycle.hub import resolve_model
 
-    names = parse_tasks(list(tasks))  # a bad task name is refused before the model loads
-    for task in names:
-        TASKS[task].check_shots(shots)
+    names = parse_request(list(tasks), shots)  # a bad task name is refused before the model loads
     name = str(model_folder)
     model_folder = resolve_model(model_folder).folder
     model = load_causal_lm_strict(model_folder, dtype).to(device)

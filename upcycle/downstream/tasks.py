@@ -86,3 +86,11 @@ def parse_tasks(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise OptionError(f"a task is named twice in {','.join(names)}.", "Name each task once.")
     return tuple(names)
+
+
+def parse_request(text: str | list[str] | tuple[str, ...], shots: int | None) -> tuple[str, ...]:
+    """The task names, each checked against the shot count asked for: all of it known before a model loads."""
+    names = parse_tasks(text)
+    for task in names:
+        TASKS[task].check_shots(shots)
+    return names

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import OptionError, SourceError
+from upcycle.model_files import check_model_folder
 
 TORCH_DTYPES = {  # the dtypes a user may name for loading or computing, by name
     "float32": torch.float32,
@@ -38,11 +39,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SourceError(
-            f"{folder} is not a Hugging Face model folder (no config.json).",
-            "pass a folder written by save_pretrained or `upcycle convert`.",
-        )
+    check_model_folder(folder)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **options
     )

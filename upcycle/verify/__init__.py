@@ -26,6 +26,7 @@ from upcycle.hf.config_check import ConfigReport, check_config_equivalence
 from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.hf.skeleton import SkeletonError
 from upcycle.hub import resolve_model
+from upcycle.model_files import check_converted_folder
 from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
     TOLERANCE,
@@ -86,12 +87,8 @@ class VerifyReport:
 
 
 def read_plan(moe_folder: Path) -> UpcyclePlan:
+    check_converted_folder(moe_folder)
     plan_path, config_path = moe_folder / "upcycle.json", moe_folder / "config.json"
-    if not plan_path.is_file() or not config_path.is_file():
-        raise SourceError(
-            f"{moe_folder} has no upcycle.json/config.json, so it was not written by upcycle convert.",
-            "pass the OUT folder of `upcycle convert`.",
-        )
     try:
         data = json.loads(plan_path.read_text())
         if data.get("kind") == "trained":
