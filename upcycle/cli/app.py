@@ -19,9 +19,9 @@ app = typer.Typer(
     invoke_without_command=True,
     pretty_exceptions_enable=False,
     help="Turn a dense Hugging Face model into an exact Mixture-of-Experts model, verify it, train it.",
-    epilog="Exit codes: 0 done; 1 verify or demo found the models not equivalent; 2 bad input (one line: the "
-    "problem, then Fix:); 3 a checkpoint is missing, damaged or cannot be written; 4 training diverged (non-finite "
-    "loss for too many steps); 128 + N stopped by signal N (130: Ctrl-C).",
+    epilog="Exit codes: 0 done; 1 verify or demo found the models not equivalent, or cache verify a damaged entry; "
+    "2 bad input (one line: the problem, then Fix:); 3 a checkpoint is missing, damaged or cannot be written; "
+    "4 training diverged (non-finite loss for too many steps); 128 + N stopped by signal N (130: Ctrl-C).",
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -52,10 +52,21 @@ def show_fetching() -> None:
     its loggers; on the command line those lines go to stderr, so nothing slow happens unannounced."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is when a line comes (a test runner swaps it), not the one at set-up."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value) -> None:
+            pass
+
     for name in ("upcycle.assets", "upcycle.train.token_cache"):
         logger = logging.getLogger(name)
         if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = CurrentStderr()
             handler.setFormatter(logging.Formatter("upcycle: %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)

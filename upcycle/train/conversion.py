@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from upcycle import __version__
-from upcycle.assets import cache_dir, cache_lock
+from upcycle.assets import cache_dir, cache_lock, mark_used
 from upcycle.convert.exactness import Exactness
 from upcycle.errors import SourceError, UpcycleError
 from upcycle.hub import ModelSource, resolve_model
@@ -99,6 +99,7 @@ def prepare_model(
                 if already
                 else f"re-checked in {time.perf_counter() - started:.1f} s"
             )
+            mark_used(folder)
             echo(f"conversion reused: {folder} (source hashed in {hash_seconds:.1f} s, {checked})")
             conversion = Conversion(folder, key, True, hash_seconds, 0.0, 0.0, record)
         else:

@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from upcycle.assets import cache_dir
+from upcycle.assets import cache_dir, mark_used
 from upcycle.hashing import file_sha256
 
 
@@ -35,6 +35,7 @@ def memo_sha256(path: Path) -> str:
     try:
         digest = memo.read_text().strip()
         if len(digest) == 64:
+            mark_used(memo)
             return digest
     except OSError:
         pass

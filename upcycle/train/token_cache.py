@@ -282,7 +282,10 @@ def build_token_file(
     key = token_cache_key(files, tokenizer_dir, text_field)
     final = cache_dir / f"{key}.npy"
     entry = [final, final.with_suffix(".json")]
+    from upcycle.assets import mark_used
+
     if final.is_file() and checked_in_this_launch(final, entry):
+        mark_used(cache_dir / f".{key}.lock")  # not the stream or its record: their mtimes are the launch's stamp
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(cache_dir / f".{key}.lock"):  # ranks and parallel runs wait for one builder
@@ -290,6 +293,7 @@ def build_token_file(
             problem = stream_problem(final)
             if problem is None:
                 mark_checked(final, entry)
+                mark_used(cache_dir / f".{key}.lock")
                 return final
             aside = set_aside(final)
             if final.with_suffix(".json").is_file():
