@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-COMMANDS = ("convert", "verify", "eval", "train", "export", "compare", "sweep", "plot", "demo", "recipes")
+COMMANDS = ("convert", "verify", "eval", "train", "export", "compare", "sweep", "plot", "demo", "recipes", "cache")
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_a_wrong_path_is_reported_before_torch_is_imported(tmp_path, command, sa
     assert not (tmp_path / "o").exists()
 
 
-def test_scripts_get_json_from_convert_families_recipes_and_eval(cli, dense_dir, tmp_path):
+def test_scripts_get_json_from_convert_families_recipes_train_and_eval(cli, dense_dir, tmp_path):
     from upcycle.convert.families import FAMILIES
 
     dense = dense_dir("llama")
@@ -129,3 +129,52 @@ def test_scripts_get_json_from_convert_families_recipes_and_eval(cli, dense_dir,
     assert sum(bool(row["targets"]) for row in families) == len(FAMILIES)
     recipes = json.loads(cli("recipes", "--json").stdout)
     assert "cpu-quickstart" in {r["name"] for r in recipes} and all(r["summary"] for r in recipes)
+    plan = json.loads(cli("train", "cpu-quickstart", "--dry-run", "--json", "--world-size", "8").stdout)
+    assert plan["layout"]["world_size"] == 8 and plan["model"]["experts_per_layer"] == 8
+    memory = plan["memory_per_rank"]
+    assert memory["total_bytes"] == sum(row["bytes"] for row in memory["rows"]) > 0
+    refused = cli("train", "cpu-quickstart", "--json")
+    assert refused.exit_code == 2 and "add --dry-run" in " ".join(refused.output.split())
+
+
+def test_training_says_what_it_waits_for_before_the_first_step(tiny_pair, texts, tmp_path):
+    """Tokenising (with its file count) and loading are announced before `start`, so a bar can show them."""
+    from train_helpers import recipe_dict
+
+    from upcycle.train.loop import train
+    from upcycle.train.recipe import recipe_from_dict
+    from upcycle.train.reporting import SilentReporter
+
+    class Waits(SilentReporter):
+        def __init__(self) -> None:
+            self.heard: list[tuple] = []
+
+        def start(self, info) -> None:
+            self.heard.append(("start",))
+
+        def working(self, what, done=None, total=None) -> None:
+            self.heard.append((what, done, total))
+
+    data = recipe_dict(
+        tiny_pair[1], tmp_path / "run", texts, batch={"micro_batch_size": 2, "grad_accum": 1, "steps": 1}
+    )
+    data["data"]["cache_dir"] = str(tmp_path / "tokens")  # a cache of its own: the stream is really built
+    reporter = Waits()
+    train(recipe_from_dict(data, tmp_path), reporter=reporter)
+    heard = reporter.heard
+    first_start = heard.index(("start",))
+    tokenising = [h for h in heard[:first_start] if h[0].startswith("tokenising")]
+    counts = {h[1:] for h in tokenising}
+    assert (len(texts[0]), len(texts[0])) in counts and (len(texts[1]), len(texts[1])) in counts  # train, eval
+    assert ("loading the model", None, None) in heard[:first_start]
+
+
+def test_verify_names_each_step_as_it_starts(tiny_pair):
+    from upcycle.verify import verify
+
+    dense, moe = tiny_pair
+    stages: list[str] = []
+    report = verify(dense, moe, stage=stages.append)
+    assert report.equivalent
+    assert stages[0] == "opening the dense model" and stages[1].startswith("config check")
+    assert any(stage.startswith("function check") for stage in stages) and stages[-1].startswith("weight check")

@@ -13,9 +13,10 @@ from upcycle.hf.loading import load_causal_lm_strict, random_causal_lm
 from upcycle.train.loop import train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import recipe_from_dict
+from upcycle.train.reporting import SilentReporter
 
 
-class Messages:
+class Messages(SilentReporter):
     def __init__(self) -> None:
         self.lines: list[str] = []
 

@@ -20,12 +20,13 @@ from upcycle.train.conversion import conversions_dir, prepare_model
 from upcycle.train.loop import train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import recipe_from_dict
+from upcycle.train.reporting import SilentReporter
 from upcycle.train.run_folder import LOCK_NAME
 from upcycle.train.schedule import lr_at
 from upcycle.train.token_cache import build_token_file, load_tokens
 
 
-class Messages:
+class Messages(SilentReporter):
     """A reporter that keeps what the loop says."""
 
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ from upcycle.train import moe_losses
 from upcycle.train.loop import TrainingDiverged, train
 from upcycle.train.metrics import read_metrics
 from upcycle.train.recipe import recipe_from_dict
+from upcycle.train.reporting import SilentReporter
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -28,7 +29,7 @@ def eval_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
 
 
-class Messages:
+class Messages(SilentReporter):
     """A reporter that keeps what the loop says."""
 
     def __init__(self) -> None:

@@ -55,6 +55,7 @@ def train_cmd(
         str | None,
         typer.Option(help="With --dry-run: one rank's device memory, e.g. 80GiB (default: the one seen)."),
     ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
 ) -> None:
     """Continue training an upcycled model from a recipe (1 CPU, 1 GPU, or many GPUs and nodes under torchrun)."""
     from upcycle.train.recipe import load_recipe
@@ -63,13 +64,17 @@ def train_cmd(
     loaded = None
     try:
         loaded = load_recipe(find_recipe(recipe), list(set_ or []))
-        if dry_run or world_size is not None or device_memory is not None:
+        if dry_run or world_size is not None or device_memory is not None or json_out:
             if not dry_run:
-                raise OptionError("--world-size and --device-memory only plan a run.", "add --dry-run.")
+                raise OptionError("--world-size, --device-memory and --json only plan a run.", "add --dry-run.")
             from upcycle.train.dry_run import dry_run as plan_run
 
             budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
-            for line in plan_run(loaded, world_size, budget).lines():
+            planned = plan_run(loaded, world_size, budget)
+            if json_out:
+                print(json.dumps(planned.to_json(), indent=2))
+                return
+            for line in planned.lines():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         from upcycle.train.loop import train  # torch and transformers: only once the recipe is known to be valid
@@ -103,7 +108,7 @@ class RichTrainReporter:
         from rich.progress import MofNCompleteColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
@@ -112,6 +117,7 @@ class RichTrainReporter:
             console=console,
         )
         self.task = None
+        self.waiting = None  # the wait before training starts: converting, tokenising, loading
 
     def __enter__(self) -> RichTrainReporter:
         self.progress.start()
@@ -125,6 +131,9 @@ class RichTrainReporter:
             f"{info['steps']} steps x {info['tokens_per_step']:,} tokens on {info['world_size']} x {info['device']} "
             f"({info['precision']}, experts: {info['experts_implementation']}, {info['routers']} MoE layers)"
         )
+        if self.waiting is not None:
+            self.progress.remove_task(self.waiting)
+            self.waiting = None
         self.task = self.progress.add_task("train", total=info["steps"], completed=info["start_step"], stats="")
 
     def step(self, record: dict[str, Any]) -> None:
@@ -149,6 +158,11 @@ class RichTrainReporter:
 
     def message(self, text: str) -> None:
         self.progress.console.print(f"[yellow]{text}[/]")
+
+    def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        if self.waiting is None:
+            self.waiting = self.progress.add_task(what, total=total, stats="")
+        self.progress.update(self.waiting, description=what, completed=done or 0, total=total)
 
 
 recipes_app = typer.Typer(help="The recipes that ship with upcycle: list them, show one, copy one to edit.")

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, fail
+from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, err_console, fail
 from upcycle.errors import UpcycleError
 
 
@@ -57,17 +57,19 @@ def verify_cmd(
         content = text.read_text(errors="replace") if text is not None else None
         from upcycle.verify import verify
 
-        report = verify(
-            dense,
-            moe,
-            dtype=dtype,
-            tol=tol,
-            text=content,
-            min_tokens=min_tokens,
-            function=not weights_only,
-            trust_remote_code=trust_remote_code,
-            mode="full" if full else "streaming" if streaming else "auto",
-        )
+        with err_console.status("verify", spinner="dots") as status:
+            report = verify(
+                dense,
+                moe,
+                dtype=dtype,
+                tol=tol,
+                text=content,
+                min_tokens=min_tokens,
+                function=not weights_only,
+                trust_remote_code=trust_remote_code,
+                mode="full" if full else "streaming" if streaming else "auto",
+                stage=lambda what: status.update(f"verify: {what}"),
+            )
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     if json_out:

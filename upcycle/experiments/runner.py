@@ -56,6 +56,10 @@ class LineReporter:
     def message(self, text: str) -> None:
         self.echo(text)
 
+    def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None:  # one line per wait, not one per file
+            self.echo(f"{what} ...")
+
 
 def execute_run(spec: RunSpec, echo: Echo = print, resume: bool = False) -> dict[str, Any]:
     """Convert (for an upcycle), train, and write ``result.json`` and ``run_info.json`` in the run folder.

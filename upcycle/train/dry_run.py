@@ -60,6 +60,34 @@ class DryRun:
             lines.append(f"{verdict} {plan.device_name} ({format_bytes(plan.device_bytes)} per rank)")
         return lines
 
+    def to_json(self) -> dict:
+        """The same plan for scripts: every figure `lines` prints, in bytes and counts."""
+        shape, plan = self.shape, self.plan
+        return {
+            "model": {
+                "parameters": shape.total_params,
+                "expert_parameters": shape.expert_params,
+                "layers": len(shape.layers),
+                "experts_per_layer": shape.num_experts,
+            },
+            "layout": self.layout.as_dict() | {"data_parallel": self.layout.data_parallel},
+            "batch": {
+                "micro_batch_size": self.micro_batch_size,
+                "grad_accum": self.grad_accum,
+                "tokens_per_step": self.tokens_per_step,
+                "steps": self.steps,
+            },
+            "precision": self.precision,
+            "notes": list(self.notes),
+            "memory_per_rank": {
+                "rows": [{"what": name, "bytes": count, "how": how} for name, count, how in plan.rows],
+                "total_bytes": plan.total,
+                "device": plan.device_name or None,
+                "device_bytes": plan.device_bytes,
+                "fits": plan.fits,
+            },
+        }
+
 
 def _device_budget(device_memory: int | None, ranks_here: int) -> tuple[int | None, str, bool]:
     """(bytes per rank, what they are, whether the device is an accelerator)."""

@@ -57,6 +57,8 @@ def train(
         if force and checkpoint is None and first_rank:
             clear_earlier_run(run_dir)
         # before the process group exists: converting may take minutes, longer than a collective waits
+        if main_rank and recipe.model.source is not None:
+            reporter.working("converting, or re-checking the cached conversion")
         recipe, conversion = prepare_model(recipe, reporter.message if main_rank else lambda _: None)
         info = init_distributed()
         report = reporter if (reporter is not None and info.is_main) else SilentReporter()

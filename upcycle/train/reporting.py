@@ -12,6 +12,8 @@ class Reporter(Protocol):
     def step(self, record: dict[str, Any]) -> None: ...
     def evaluated(self, record: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
+    def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        """A wait before training starts (converting, tokenising, loading), with its count when it has one."""
 
 
 class SilentReporter:
@@ -27,4 +29,7 @@ class SilentReporter:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
         pass

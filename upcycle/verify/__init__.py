@@ -113,6 +113,7 @@ def verify(
     function: bool = True,
     trust_remote_code: bool = False,
     mode: str = "auto",
+    stage: Callable[[str], None] = lambda _: None,
 ) -> VerifyReport:
     """All three checks and a verdict; approximate methods pass only against an explicit tolerance.
 
@@ -120,6 +121,7 @@ def verify(
     config check always runs. The function check runs at least ``min_tokens`` tokens of text (more to cover twice
     a short attention window) and loads both whole models (`mode="full"`) or streams them layer by layer
     (`"streaming"`, memory of about one layer); `"auto"` picks the whole-model check when it fits in memory.
+    ``stage`` hears each step as it starts (a command line shows it while the user waits).
     """
     if mode not in MODES:
         raise SourceError(f"unknown function-check mode {mode!r}.", f"choose one of {', '.join(MODES)}.")
@@ -131,8 +133,10 @@ def verify(
     target = TARGETS.get(plan.target)
     rounds = target.rounds_routing_weights if target is not None else True
     tolerance = tol if tol is not None else tolerance_for(dtype, rounds)
+    stage("opening the dense model" + (" (de-quantising the GGUF)" if dense_path.suffix.lower() == ".gguf" else ""))
     with _dense_source(dense_path, moe_folder, trust_remote_code) as (dense, hashes):
         exactness = _exactness(plan, dense)
+        stage("config check: what transformers computes from both configs")
         config_report = check_config_equivalence(dense.config, moe.config)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
@@ -144,6 +148,9 @@ def verify(
         checker = WeightChecker(dense, moe, plan) if weights else None
         if chosen != "none":
             tokens, coverage = function_length(config_report.smallest_window, min_tokens)
+        if chosen != "none":
+            how = "both whole models" if chosen == "full" else "layer by layer, with the weight check"
+            stage(f"function check: {tokens} tokens, {how}")
         if chosen == "full":
             function_report = check_function(dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code)
         elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads
@@ -153,6 +160,8 @@ def verify(
                 raise SourceError(f"the models cannot be streamed layer by layer: {error}.", "use --full.") from None
             except StreamingError as error:  # a tensor the MoE model needs is missing: not equivalent
                 streaming_problem = str(error)
+        if checker is not None:
+            stage("weight check: every tensor re-made from the dense model")
         weight_report = checker.finish(hashes()) if checker is not None else None
     equivalent, verdict = _verdict(
         exactness,
