@@ -144,7 +144,13 @@ def test_export_card_has_the_training_summary_and_held_out_losses(tiny_pair, tex
     moe = tmp_path / "moe"
     convert(dense, moe, UpcycleOptions(experts=4, top_k=2))
     run = tmp_path / "run"
-    recipe = recipe_dict(moe, run, texts, batch={"steps": 4}, run={"eval_interval": 2, "checkpoint_interval": 2})
+    # the training files as `hf download --repo-type dataset` lays them out: the card names that dataset
+    snapshot = tmp_path / "hf" / "hub" / "datasets--tiny-org--plays" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    train_files = [str(shutil.copy(file, snapshot)) for file in texts[0]]
+    recipe = recipe_dict(
+        moe, run, (train_files, texts[1]), batch={"steps": 4}, run={"eval_interval": 2, "checkpoint_interval": 2}
+    )
     summary = train(recipe_from_dict(recipe, tmp_path))
     export = Path(summary.export_dir)
     evals = [(r["step"], r["eval_loss"]) for r in read_metrics(run) if "eval_loss" in r]
@@ -164,6 +170,9 @@ def test_export_card_has_the_training_summary_and_held_out_losses(tiny_pair, tex
     assert rows["Class"] == "`MixtralForCausalLM`"
     matter = front_matter(export)
     assert matter["base_model"] == "tiny-org/tiny-llama" and matter["license"] == "apache-2.0"
+    assert matter["datasets"] == record["training"]["datasets"] == ["tiny-org/plays"]
+    assert rows["Training data"].startswith(f"2 files: `{Path(train_files[0]).name}`")
+    assert rows["Training data"].endswith("(from tiny-org/plays on the Hub)")
     assert "upcycled" in matter["tags"]
     text = (export / "README.md").read_text()
     assert "no longer equals the dense model" in text and "AutoTokenizer" in text

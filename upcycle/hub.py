@@ -85,3 +85,15 @@ def resolve_model(name: str | Path, revision: str | None = None) -> ModelSource:
     if not (folder / "config.json").is_file():
         raise SourceError(f"{repo_id} has no config.json: it is not a transformers model.", "pass a model repository.")
     return ModelSource(folder, repo_id, folder.name)
+
+
+_CACHED_DATASET = re.compile(r"datasets--([A-Za-z0-9][\w.-]*?)--([A-Za-z0-9][\w.-]*)")
+
+
+def hub_dataset_id(path: str | Path) -> str | None:
+    """The Hub dataset a file came from, when it lies in huggingface_hub's cache (``datasets--OWNER--NAME/...``,
+    the layout `hf download --repo-type dataset` writes); None for any other file. Only what the path proves."""
+    for part in Path(path).parts:
+        if found := _CACHED_DATASET.fullmatch(part):
+            return f"{found.group(1)}/{found.group(2)}"
+    return None

@@ -91,7 +91,7 @@ def training_card(
         what = f"A `{architecture}` model{f' based on {name}' if name else ''}, trained with upcycle "
         what += f"{_tool_version(record)}.\n"
     parts = [
-        front_matter(source, moe=bool(conversion), derived=not fresh),
+        front_matter(source, moe=bool(conversion), derived=not fresh, datasets=record["training"].get("datasets")),
         f"# {model_id}\n",
         what,
         "## Training\n",
@@ -110,7 +110,7 @@ def training_card(
     return "\n".join(parts)
 
 
-def front_matter(source: dict[str, Any], moe: bool, derived: bool = True) -> str:
+def front_matter(source: dict[str, Any], moe: bool, derived: bool = True, datasets: list[str] | None = None) -> str:
     """Hugging Face card metadata, written by huggingface_hub's own ModelCardData: what the source states about
     itself, never a guess; a model not derived from the source's weights (trained from a random initialisation)
     names no base model."""
@@ -120,6 +120,7 @@ def front_matter(source: dict[str, Any], moe: bool, derived: bool = True) -> str
     fields: dict[str, Any] = {
         # the Hub links base_model only as a repo id (owner/name)
         "base_model": name if derived and HUB_ID.fullmatch(name) else None,
+        "datasets": list(datasets) if datasets else None,  # Hub ids only: a local file names no dataset
         "library_name": "transformers",
         **{key: source[key] for key in LICENSE_FIELDS if source.get(key)},
         "pipeline_tag": "text-generation",
@@ -176,6 +177,9 @@ def _training_rows(record: dict[str, Any], architecture: str, config: dict[str, 
     training = record["training"]
     rows = [("Class", f"`{architecture}`"), ("dtype", str(config.get("dtype") or config.get("torch_dtype") or "?"))]
     rows.append(("Steps", str(training.get("steps"))))
+    data = ((training.get("recipe") or {}).get("data") or {}).get("train") or []
+    if data:
+        rows.append(("Training data", _files_text(data, training.get("datasets") or [])))
     if training.get("tokens") is not None:
         rows.append(("Training tokens", f"{training['tokens']:,}"))
     if training.get("final_loss") is not None:
@@ -184,6 +188,14 @@ def _training_rows(record: dict[str, Any], architecture: str, config: dict[str, 
     if earlier > 0:
         rows.append(("Earlier training runs", f"{earlier} (listed in upcycle.json)"))
     return rows
+
+
+def _files_text(files: list[str], datasets: list[str]) -> str:
+    """The training files by name (the first three), and the Hub datasets they came from when known."""
+    names = [Path(str(file)).name for file in files]
+    shown = ", ".join(f"`{name}`" for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    text = f"{len(names)} file{'s' if len(names) != 1 else ''}: {shown}"
+    return text + (f" (from {', '.join(datasets)} on the Hub)" if datasets else "")
 
 
 CACHE_KEY = re.compile(r"[0-9a-f]{32}")  # how upcycle names a conversion in its cache: no name for people

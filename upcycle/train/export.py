@@ -176,6 +176,7 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
     else:
         method = "trained after conversion"
     conversion = previous.get("conversion") if "training" in previous else (previous or None)
+    summary = {**summary, "datasets": training_datasets(summary)}
     trainings = [*previous.get("trainings", []), {**summary, "from": str(source)}] if "training" in previous else []
     return {
         "tool": {"name": "upcycle", "version": __version__},
@@ -185,6 +186,16 @@ def training_record(source: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "trainings": trainings or [{**summary, "from": str(source)}],
         "training": {**summary, "from": str(source)},
     }
+
+
+def training_datasets(summary: dict[str, Any]) -> list[str]:
+    """The Hub datasets the training files came from (recorded before local paths are redacted), in first-seen
+    order; files from anywhere else name none."""
+    from upcycle.hub import hub_dataset_id
+
+    files = (((summary.get("recipe") or {}).get("data") or {}).get("train")) or []
+    found = [hub_dataset_id(file) for file in files]
+    return list(dict.fromkeys(name for name in found if name))
 
 
 def run_of(checkpoint: Path) -> Path | None:
