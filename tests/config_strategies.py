@@ -399,4 +399,15 @@ def upcycle_options(draw: st.DrawFn, num_layers: int, intermediate: int) -> dict
         options["noise"] = 0.01
     elif extra == "scale":
         options["weight_scale"] = draw(st.sampled_from(["none", "2", "4"]))
+    shared = draw(st.sampled_from(["none"] * 3 + ["whole experts", "aligned", "any width"]))
+    if shared == "whole experts":  # S = n x (F - S) / G: what a class adding its shared expert as it is can hold
+        n = draw(st.integers(1, 3))
+        if (n * intermediate) % (granularity + n) == 0:
+            options["shared_width"] = n * intermediate // (granularity + n)
+    elif shared == "aligned" and intermediate >= 16:  # routed experts of whole 16-byte bf16 rows: a gated class's
+        options["shared_width"] = intermediate - 8 * granularity * draw(
+            st.integers(1, intermediate // 8 // granularity - 1 or 1)
+        )
+    elif shared == "any width":  # most widths must be refused: misaligned rows, or a width no class holds
+        options["shared_width"] = draw(st.integers(1, intermediate))
     return options

@@ -188,6 +188,8 @@ def test_every_case_is_exact_or_refused(case):
             )
             assert_same_generation(dense, out, (config, result.plan.config), config["vocab_size"])
             event(f"exact: {config['model_type']} via {result.plan.target}")
+            if options.get("shared_width"):
+                event(f"exact with a shared expert, via {result.plan.target}")
         elif exactness.exact_up_to_rounding:
             measured = exactness.rounding_deviation or {}
             assert measured.get("relative") is not None, "a rounding conversion without its measured deviation"

@@ -19,6 +19,8 @@ METHODS = {
     "softmax-topk zero router": (dict(router="softmax-topk", router_init="zero"), True),
     "virtual groups E4G2T2": (dict(granularity=2, top_k=2), True),
     "layers 10-29, rest dense": (dict(layers="10-29"), True),
+    "shared expert of 512 neurons (qwen2_moe)": (dict(shared_width=512), True),
+    "shared expert, virtual groups (glm4_moe)": (dict(granularity=2, top_k=2, shared_width=512), True),
     "softmax-topk paper scaling": (dict(router="softmax-topk"), False),
     "drop-upcycling 0.5": (dict(drop_upcycling=0.5), False),
     "noise 0.02": (dict(noise=0.02), False),
@@ -65,6 +67,15 @@ def test_every_method_on_smollm2(smollm2, dense_logits, tmp_path, method):
         assert relative <= 1e-5
     else:
         assert relative > 1e-4
+
+
+def test_a_shared_expert_on_smollm2_passes_verify(smollm2, tmp_path):
+    out = tmp_path / "moe"
+    result = convert(smollm2, out, UpcycleOptions(experts=4, shared_width=512, layers="24-29"))
+    assert result.plan.target == "qwen2_moe" and result.plan.exactness.exact
+    report = verify(smollm2, out, min_tokens=128, mode="full")
+    assert report.equivalent, report.verdict
+    assert not report.weights.mismatches and report.function.top1_agreement == 1.0
 
 
 def test_gguf_file_converts_directly(smollm2, dense_logits, tmp_path):

@@ -143,7 +143,9 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
             if time.time() - path.stat().st_mtime > LEFTOVER_AGE_S:
                 entries.append(_entry(root, "leftover", [path], None, "left by a build that was killed"))
         elif name == "demo" and path.is_dir():
-            entries += [_entry(root, "demo MoE", [p], None) for p in sorted(path.iterdir()) if p.is_dir()]
+            for part in sorted(path.iterdir()):
+                is_model = part.is_dir() and any((part / f).exists() for f in ("config.json", "upcycle.json"))
+                entries.append(_entry(root, "demo MoE" if is_model else "demo run", [part], None))
         elif name not in known and not name.startswith("."):
             entries.append(_entry(root, "unknown", [path], None))
     entries += _folder_entries(root, "conversions", "conversion")

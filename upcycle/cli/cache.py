@@ -50,7 +50,8 @@ def _rows(entries: list[Any], now: float) -> tuple[list[tuple[str, ...]], list[s
 def _short(name: str) -> str:
     """A content-hashed entry by the first 12 characters of its key (JSON gives the whole name)."""
     folder, _, key = name.rpartition("/")
-    return f"{folder}/{key[:12]}" if folder and len(key) > 12 else name
+    hashed = len(key.split(".")[0]) >= 32 and all(c in "0123456789abcdef" for c in key.split(".")[0])
+    return f"{folder}/{key[:12]}" if folder and hashed else name
 
 
 def _print_table(entries: list[Any], title: str) -> None:

@@ -27,6 +27,14 @@ def convert_cmd(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Expansion rate E: copies of each MLP.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
     granularity: Annotated[int, typer.Option("--granularity", "-g", help="Shards per copy (virtual groups).")] = 1,
+    shared_width: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Dense MLP neurons kept always on as a shared expert (qwen2_moe; glm4_moe, dots1: a whole "
+            "number of routed experts wide).",
+        ),
+    ] = 0,
     router: Annotated[
         str, typer.Option(metavar=one_of(RouterKind), help="renorm (exact) or softmax-topk (the paper's router).")
     ] = "renorm",
@@ -65,6 +73,7 @@ def convert_cmd(
             experts=experts,
             top_k=top_k,
             granularity=granularity,
+            shared_width=shared_width,
             router=router,
             router_init=router_init,
             weight_scale=weight_scale,

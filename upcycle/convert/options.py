@@ -60,13 +60,19 @@ class UpcycleOptions:
     shard_size: Size = Field(2 * 1000**3, ge=1000**2, examples=["2GB"])  # bytes per safetensors file: 2GB
     seed: Integer = 0
     extra: dict = Field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
+    shared_width: Integer = Field(0, ge=0)  # dense MLP neurons kept always on, as the target's shared expert
 
     @property
     def num_experts(self) -> int:
         return self.experts * self.granularity
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The options as upcycle.json records them; a shared width of 0 (none) is left out, so every conversion
+        made before the option existed keeps its record and its cache key."""
+        data = asdict(self)
+        if not data["shared_width"]:
+            del data["shared_width"]
+        return data
 
     def validate(self) -> None:
         """The options together (each alone was checked when built), with the reason and the fix.

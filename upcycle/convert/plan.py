@@ -25,6 +25,7 @@ from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, des
 from upcycle.convert.options import UpcycleOptions, parse_layers
 from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
+from upcycle.convert.targets.base import expert_width
 from upcycle.convert.tensor_recipe import TensorRecipe
 from upcycle.errors import SourceError, UnsupportedModelError
 from upcycle.memory import available_memory
@@ -123,6 +124,10 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
+    if opts.shared_width:
+        exactness.method += f", shared expert of {opts.shared_width} neurons"
+        if target.shared_expert == "gated":
+            exactness.notes.append("the shared expert's gate is zero (sigmoid 1/2) and its down projection doubled")
     if opts.drop_upcycling:
         exactness.exact = False
         exactness.notes.append(f"Drop-Upcycling re-draws {opts.drop_upcycling:.0%} of each expert's neurons")
@@ -209,11 +214,17 @@ def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) 
 
 
 def _check_granularity(dense: DenseModel, opts: UpcycleOptions) -> None:
-    inter = dense.intermediate_size
-    if inter % opts.granularity:
+    inter, shared = dense.intermediate_size, opts.shared_width
+    if shared >= inter:
         raise SourceError(
-            f"the intermediate size {inter} does not split into {opts.granularity} equal shards.",
-            f"choose a --granularity that divides {inter}.",
+            f"--shared-width {shared} leaves none of the {inter} intermediate neurons for the routed experts.",
+            f"choose a --shared-width below {inter}.",
+        )
+    if (inter - shared) % opts.granularity:
+        left = f"the {inter - shared} neurons beside the shared expert" if shared else f"the intermediate size {inter}"
+        raise SourceError(
+            f"{left} does not split into {opts.granularity} equal shards.",
+            f"choose a --granularity that divides {inter - shared}.",
         )
 
 
@@ -283,10 +294,10 @@ def _moe_block(
     dtype_of: Callable[[str], str],
     scales: tuple[float, float, float],
 ) -> list[TensorRecipe]:
-    hidden, inter, groups = dense.hidden_size, dense.intermediate_size, opts.granularity
+    hidden, groups, shared = dense.hidden_size, opts.granularity, opts.shared_width
     sources = dense.mlp_sources(layer)
     dtype = dtype_of(sources["gate"].name)  # the MLP's dtype: the router's and any extra tensor's
-    shard = inter // groups
+    shard = expert_width(dense, opts)
     std = opts.router_std if opts.router_std is not None else float(dense.resolved.get("initializer_range") or 0.02)
     recipes = [
         TensorRecipe(
@@ -302,8 +313,9 @@ def _moe_block(
         )
     ]
     for expert in range(opts.num_experts):
-        g = expert % groups  # expert e = n*G + g holds shard g of copy n
-        span = (g * shard, (g + 1) * shard)
+        g = expert % groups  # expert e = n*G + g holds shard g of copy n; the shared expert's neurons come first
+        span = (shared + g * shard, shared + (g + 1) * shard)
+        sliced = groups > 1 or shared > 0
         common = dict(
             op="expert",
             drop_ratio=opts.drop_upcycling,
@@ -322,8 +334,8 @@ def _moe_block(
                     dtype=dtype_of(sources[projection].name),
                     source=sources[projection].name,
                     source_rows=sources[projection].rows,
-                    rows=None if is_down or groups == 1 else span,
-                    cols=span if is_down and groups > 1 else None,
+                    rows=span if sliced and not is_down else None,
+                    cols=span if sliced and is_down else None,
                     scale=scale,
                     drop_axis=1 if is_down else 0,
                     projection=projection,
@@ -332,7 +344,37 @@ def _moe_block(
             )
     if target.stacked_experts:
         recipes = recipes[:1] + _stacked(layer, opts, target, recipes[1:], hidden, shard)
+    if shared:
+        recipes += _shared_expert(layer, dense, opts, target, dtype_of)
     recipes += target.extra_tensors(layer, dense, opts, dtype)
+    return recipes
+
+
+def _shared_expert(
+    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: Callable[[str], str]
+) -> list[TensorRecipe]:
+    """The first --shared-width neurons of the dense MLP, always on. A gated class multiplies the shared output by
+    sigmoid(0) = 1/2 (its gate is written zero), so the down projection is doubled: both factors are powers of two,
+    exact in every dtype."""
+    span, hidden = (0, opts.shared_width), dense.hidden_size
+    recipes = []
+    for projection, ref in dense.mlp_sources(layer).items():
+        is_down = projection == "down"
+        recipes.append(
+            TensorRecipe(
+                target.shared_key(layer, projection),
+                (hidden, opts.shared_width) if is_down else (opts.shared_width, hidden),
+                dtype_of(ref.name),
+                "expert",
+                source=ref.name,
+                source_rows=ref.rows,
+                rows=None if is_down else span,
+                cols=span if is_down else None,
+                scale=2.0 if is_down and target.shared_expert == "gated" else 1.0,
+                layer=layer,
+                projection=projection,
+            )
+        )
     return recipes
 
 

@@ -12,11 +12,16 @@ from upcycle.convert.families import FAMILIES, REFUSED
 from upcycle.convert.families.base import DenseModel, Family
 from upcycle.convert.options import UpcycleOptions
 
-METHODS: dict[str, dict] = {
-    "G=1": dict(experts=8, top_k=2),
-    "G>1": dict(experts=4, granularity=2, top_k=2),
-    "softmax-topk": dict(experts=8, top_k=2, router="softmax-topk", router_init="zero"),
-    "--layers": dict(experts=8, top_k=2, layers="2-3"),
+METHODS: dict[str, list[dict]] = {
+    "G=1": [dict(experts=8, top_k=2)],
+    "G>1": [dict(experts=4, granularity=2, top_k=2)],
+    "softmax-topk": [dict(experts=8, top_k=2, router="softmax-topk", router_init="zero")],
+    "--layers": [dict(experts=8, top_k=2, layers="2-3")],
+    # a third of the 96 neurons: any width for a gated shared expert, one routed expert's width (G = 2) otherwise
+    "--shared-width": [
+        dict(experts=8, top_k=2, shared_width=32),
+        dict(experts=4, granularity=2, top_k=2, shared_width=32),
+    ],
 }
 
 
@@ -40,10 +45,13 @@ def family_rows() -> list[FamilyRow]:
     for name, family in sorted(FAMILIES.items()):
         dense = _plain_dense(family)
         methods = {}
-        for method, options in METHODS.items():
+        for method, variants in METHODS.items():
             held = []
             for target in family.targets:
-                for variant, note in ((options, ""), ({**options, "router_init": "zero"}, " (zero router)")):
+                tries = [(v, "") for v in variants] + [
+                    ({**v, "router_init": "zero"}, " (zero router)") for v in variants
+                ]
+                for variant, note in tries:
                     opts = UpcycleOptions(**variant)
                     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
                     if TARGETS[target].why_not(dense, opts, layout) is None:

@@ -87,6 +87,53 @@ def sibling_fields(dense: DenseModel, model_type: str) -> dict:
     return {key: value for key, value in dense.resolved.items() if key in known}
 
 
+def expert_width(dense: DenseModel, opts: UpcycleOptions) -> int:
+    """Intermediate neurons of one routed expert: the dense MLP's, less the shared expert's, cut into G shards."""
+    return (dense.intermediate_size - opts.shared_width) // opts.granularity
+
+
+GROUPED_MM_ROW_BYTES = 16  # torch's grouped_mm, transformers' default experts on any device, needs such strides
+WIDEST_LOAD_BYTES = 2  # bf16 and fp16: the narrowest dtype a user loads in sets the tightest rule
+
+
+def expert_shape_problem(target: Target, dense: DenseModel, opts: UpcycleOptions) -> str | None:
+    """Why the routed experts' shapes cannot run in transformers, or the shared expert does not fit the class."""
+    multiple = GROUPED_MM_ROW_BYTES // WIDEST_LOAD_BYTES
+    if opts.shared_width and not target.shared_expert:
+        return f"{target.architecture} has no shared expert (qwen2_moe holds one of any width; glm4_moe and dots1 too)"
+    problem = shared_width_problem(target, dense, opts)
+    if problem:
+        return problem
+    for what, size in (("routed expert width", expert_width(dense, opts)), ("hidden size", dense.hidden_size)):
+        if size % multiple:
+            return (
+                f"transformers' grouped_mm experts need rows of a multiple of {GROUPED_MM_ROW_BYTES} bytes, so in "
+                f"bf16 the {what} must be a multiple of {multiple}, and {size} is not (the forward pass fails)"
+            )
+    return None
+
+
+def shared_width_problem(target: Target, dense: DenseModel, opts: UpcycleOptions) -> str | None:
+    """Why the class cannot hold a shared expert of --shared-width neurons (None: it can, or none is asked)."""
+    width = opts.shared_width
+    if not width:
+        return None
+    if not target.shared_expert:
+        return f"{target.architecture} has no shared expert (qwen2_moe holds one of any width; glm4_moe and dots1 too)"
+    if width >= dense.intermediate_size:
+        return f"--shared-width {width} leaves no neurons of the {dense.intermediate_size} for the routed experts"
+    routed = dense.intermediate_size - width
+    if routed % opts.granularity:
+        return f"the {routed} neurons left beside the shared expert do not split into {opts.granularity} shards"
+    expert = routed // opts.granularity
+    if target.shared_expert == "plain" and width % expert:
+        return (
+            f"{target.architecture}'s shared expert is a whole number of routed experts wide ({expert} neurons each "
+            f"here), and --shared-width {width} is not"
+        )
+    return None
+
+
 def no_groups_problem(target: Target, opts: UpcycleOptions) -> str | None:
     """Classes without group-limited routing: tied router rows alone can split a copy on ties, so G > 1 is refused."""
     if opts.granularity > 1:
@@ -130,10 +177,18 @@ class Target:
     # The class casts the selected routing weights to the compute dtype before combining the experts, so in bf16
     # they no longer sum to exactly 1: a correct upcycle then differs from its dense model by up to ~1 % in bf16.
     rounds_routing_weights: bool = True
+    # How the class adds its shared expert to the routed output: "" (it has none upcycle can fill), "gated" (times
+    # a sigmoid gate: a zero gate is exactly 1/2, cancelled by doubling the down projection), "plain" (added as it
+    # is, its width a whole number of routed experts' widths).
+    shared_expert: str = ""
 
     def why_not(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         """The reason this class cannot hold the upcycled model exactly, or None when it can."""
-        return attention_problem(self, dense) or self.routing_problem(dense, opts, layout)
+        return (
+            attention_problem(self, dense)
+            or expert_shape_problem(self, dense, opts)
+            or self.routing_problem(dense, opts, layout)
+        )
 
     def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         """The reason the class's router, layer layout or windows cannot hold these options, or None."""
@@ -172,6 +227,10 @@ class Target:
 
     def router_key(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.gate.weight"
+
+    def shared_key(self, layer: int, projection: str) -> str:
+        """The shared expert's tensor for one projection (gate, up, down); only for classes with `shared_expert`."""
+        raise NotImplementedError
 
     def dense_mlp_key(self, layer: int, projection: str) -> str:
         return f"model.layers.{layer}.mlp.{projection}_proj.weight"

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.targets.base import Layout, Target, window_fields
+from upcycle.convert.targets.base import Layout, Target, expert_width, window_fields
 from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 class GroupLimitedTarget(Target):
     router_fp32 = True
+    shared_expert = "plain"
     per_layer_windows = False  # whether the class reads layer_types (one window for some layers, full for others)
 
     def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
@@ -29,7 +30,7 @@ class GroupLimitedTarget(Target):
                 f"{self.architecture} can keep only the first layers dense (first_k_dense_replace); "
                 "choose --layers as a range that runs to the last layer"
             )
-        if dense.intermediate_size % opts.granularity:
+        if (dense.intermediate_size - opts.shared_width) % opts.granularity:
             return (
                 f"the intermediate size {dense.intermediate_size} does not split into {opts.granularity} equal shards"
             )
@@ -38,14 +39,14 @@ class GroupLimitedTarget(Target):
     def moe_config(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
         return {
             "intermediate_size": dense.intermediate_size,
-            "moe_intermediate_size": dense.intermediate_size // opts.granularity,
+            "moe_intermediate_size": expert_width(dense, opts),
             "n_routed_experts": opts.num_experts,
             "num_experts_per_tok": opts.top_k,
             "n_group": opts.experts,
             "topk_group": opts.top_k // opts.granularity,
             "norm_topk_prob": True,
             "routed_scaling_factor": float(opts.granularity),
-            "n_shared_experts": 0,
+            "n_shared_experts": opts.shared_width // expert_width(dense, opts),
             "first_k_dense_replace": layout.moe_layers[0],
         }
 
@@ -55,12 +56,18 @@ class GroupLimitedTarget(Target):
     def extra_tensors(self, layer: int, dense: DenseModel, opts: UpcycleOptions, dtype: str) -> list[TensorRecipe]:
         prefix = f"model.layers.{layer}.mlp."
         hidden = dense.hidden_size
+        bias = TensorRecipe(prefix + "gate.e_score_correction_bias", (opts.num_experts,), "F32", "zeros", layer=layer)
+        if opts.shared_width:  # the plan makes the shared experts from the dense MLP
+            return [bias]
         return [
-            TensorRecipe(prefix + "gate.e_score_correction_bias", (opts.num_experts,), "F32", "zeros", layer=layer),
+            bias,
             TensorRecipe(prefix + "shared_experts.gate_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
             TensorRecipe(prefix + "shared_experts.up_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
             TensorRecipe(prefix + "shared_experts.down_proj.weight", (hidden, 0), dtype, "zeros", layer=layer),
         ]
+
+    def shared_key(self, layer: int, projection: str) -> str:
+        return f"model.layers.{layer}.mlp.shared_experts.{projection}_proj.weight"
 
 
 class Glm4MoeTarget(GroupLimitedTarget):

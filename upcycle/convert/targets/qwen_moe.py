@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
-from upcycle.convert.targets.base import Layout, Target, uniform_window_problem, window_fields
+from upcycle.convert.targets.base import Layout, Target, expert_width, uniform_window_problem, window_fields
 from upcycle.convert.tensor_recipe import TensorRecipe
 
 
 def _routing(dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> dict:
     return {
         "intermediate_size": dense.intermediate_size,
-        "moe_intermediate_size": dense.intermediate_size,
+        "moe_intermediate_size": expert_width(dense, opts),
         "num_experts": opts.num_experts,  # never also num_local_experts: Qwen3-MoE maps one onto the other
         "num_experts_per_tok": opts.top_k,
         "norm_topk_prob": opts.router == "renorm",
@@ -26,6 +26,7 @@ class Qwen2MoeTarget(Target):
     architecture = "Qwen2MoeForCausalLM"
     model_type = "qwen2_moe"
     qkv_bias = True
+    shared_expert = "gated"
 
     def routing_problem(self, dense: DenseModel, opts: UpcycleOptions, layout: Layout) -> str | None:
         if opts.granularity > 1:
@@ -41,7 +42,7 @@ class Qwen2MoeTarget(Target):
         cfg = _routing(dense, opts, layout)
         cfg.update(
             qkv_bias=dense.traits.qkv_bias,
-            shared_expert_intermediate_size=0,  # a zero-width shared expert adds nothing to the output
+            shared_expert_intermediate_size=opts.shared_width,  # zero wide (the default) it adds nothing
             **window_fields(dense),
         )
         return cfg
@@ -49,12 +50,18 @@ class Qwen2MoeTarget(Target):
     def extra_tensors(self, layer: int, dense: DenseModel, opts: UpcycleOptions, dtype: str) -> list[TensorRecipe]:
         prefix = f"model.layers.{layer}.mlp."
         hidden = dense.hidden_size
+        gate = TensorRecipe(prefix + "shared_expert_gate.weight", (1, hidden), dtype, "zeros", layer=layer)
+        if opts.shared_width:  # the plan makes the shared expert from the dense MLP; its gate stays zero
+            return [gate]
         return [
             TensorRecipe(prefix + "shared_expert.gate_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
             TensorRecipe(prefix + "shared_expert.up_proj.weight", (0, hidden), dtype, "zeros", layer=layer),
             TensorRecipe(prefix + "shared_expert.down_proj.weight", (hidden, 0), dtype, "zeros", layer=layer),
-            TensorRecipe(prefix + "shared_expert_gate.weight", (1, hidden), dtype, "zeros", layer=layer),
+            gate,
         ]
+
+    def shared_key(self, layer: int, projection: str) -> str:
+        return f"model.layers.{layer}.mlp.shared_expert.{projection}_proj.weight"
 
 
 class Qwen3MoeTarget(Target):
