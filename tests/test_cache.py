@@ -141,7 +141,7 @@ def test_prune_keeps_an_entry_being_built_and_removes_a_damaged_one(cache, cli):
     with FileLock(cache["root"] / f".conversion-{folder.name}.lock"):  # as `prepare_model` holds it
         result = cli("cache", "prune", "--max-size", "1")
     words = " ".join(result.output.split())
-    assert folder.is_dir() and f"kept conversions/{folder.name}: a process is building it" in words
+    assert folder.is_dir() and f"kept conversions/{folder.name}: a process is building or reading it" in words
     (folder / "config.json").write_text("{}")
     result = json.loads(cli("cache", "prune", "--damaged", "--json").output)
     assert [item["entry"] for item in result["removed"] if item["why"].startswith("damaged")] == [
@@ -157,3 +157,30 @@ def test_bad_durations_and_sizes_are_refused_in_one_line(cli, cache):
     result = cli("cache", "prune", "--max-size", "lots")
     assert result.exit_code == 2 and "is not a size" in result.output
     assert cache["old"].exists()  # nothing removed on bad input
+
+
+def test_prune_keeps_what_a_run_reads_and_what_is_not_upcycles(cache, cli):
+    """A training run marks its conversion in use (`assets.in_use`); files and links upcycle did not put in its
+    folders are listed and never removed; a write a killed process left is."""
+    from upcycle.assets import in_use
+
+    root, folder = cache["root"], cache["conversion"]
+    (root / "tokens" / "notes.txt").write_text("mine")
+    (root / "tokens" / "sub").mkdir()
+    (root / "conversions" / "mine").symlink_to(cache["old"])
+    dead = root / "conversions" / f".{'0' * 32}.upcycle-tmp-999999"  # no such process: a killed conversion's
+    dead.mkdir()
+    with in_use(folder):
+        listed = {e.name: e for e in list_entries()}
+        assert listed[f"conversions/{folder.name}"].users and listed["tokens/notes.txt"].kind == "unknown"
+        assert listed["conversions/mine"].kind.startswith("link to")
+        assert listed[f"conversions/{dead.name}"].obsolete == "left by a build that was killed"
+        result = cli("cache", "prune", "--max-size", "1")
+        assert result.exit_code == 0, result.output
+        assert folder.is_dir()  # in use: kept whatever the limit
+    assert (root / "tokens" / "notes.txt").is_file() and (root / "tokens" / "sub").is_dir()
+    assert (root / "conversions" / "mine").is_symlink() and cache["old"].is_dir() is False  # the link stays
+    assert not dead.exists()
+    assert not list((root / "conversions").glob(".*removing*"))
+    cli("cache", "prune", "--max-size", "1")
+    assert not folder.exists()  # no longer in use: the size limit takes it

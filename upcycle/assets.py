@@ -16,10 +16,12 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +83,55 @@ def mark_used(path: Path) -> None:
     """Renew an entry's modification time on reuse: `upcycle cache` reads it as the entry's last use."""
     with contextlib.suppress(OSError):  # a read-only cache still serves
         os.utime(path)
+
+
+IN_USE_MARK = ".in-use-"  # beside an entry: `.NAME.in-use-HOST-PID` while a process reads it
+
+
+@contextlib.contextmanager
+def in_use(entry: Path) -> Iterator[None]:
+    """Say, for as long as a process needs an entry (a training run its conversion), that it must not be pruned;
+    a marker whose process is gone no longer counts."""
+    marker = entry.with_name(f".{entry.name}{IN_USE_MARK}{socket.gethostname()}-{os.getpid()}")
+    try:
+        marker.touch()
+    except OSError:  # a read-only cache: nothing prunes it either
+        yield
+        return
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def users(entry: Path) -> list[str]:
+    """The processes that hold `entry` in use now (HOST-PID); one on another host counts while its marker is less
+    than a day old, since its life cannot be checked from here."""
+    found = []
+    for marker in entry.parent.glob(f".{entry.name}{IN_USE_MARK}*"):
+        holder = marker.name.rsplit(IN_USE_MARK, 1)[1]
+        host, _, pid = holder.rpartition("-")
+        if host == socket.gethostname() and pid.isdigit():
+            alive = process_alive(int(pid))
+        else:
+            try:
+                alive = time.time() - marker.stat().st_mtime < 86400
+            except OSError:
+                alive = False
+        if alive:
+            found.append(holder)
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

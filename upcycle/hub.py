@@ -87,7 +87,7 @@ def resolve_model(name: str | Path, revision: str | None = None) -> ModelSource:
     return ModelSource(folder, repo_id, folder.name)
 
 
-_CACHED_DATASET = re.compile(r"datasets--([A-Za-z0-9][\w.-]*?)--([A-Za-z0-9][\w.-]*)")
+_CACHED_DATASET = re.compile(r"datasets--(?:([A-Za-z0-9][\w.-]*?)--)?([A-Za-z0-9][\w.-]*)")  # owner optional
 
 
 def hub_dataset_id(path: str | Path) -> str | None:
@@ -95,5 +95,5 @@ def hub_dataset_id(path: str | Path) -> str | None:
     the layout `hf download --repo-type dataset` writes); None for any other file. Only what the path proves."""
     for part in Path(path).parts:
         if found := _CACHED_DATASET.fullmatch(part):
-            return f"{found.group(1)}/{found.group(2)}"
+            return "/".join(name for name in found.groups() if name)
     return None

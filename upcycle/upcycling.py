@@ -47,13 +47,14 @@ def convert(
     overrides that, and a dry run refuses it too, since no real run could use that OUT. An existing OUT is
     replaced only with ``force``, atomically; a dry run does not check that (``--force`` can still fix it).
     """
+    from upcycle.convert.targets import check_options
     from upcycle.hub import resolve_model
     from upcycle.model_files import check_source_path
     from upcycle.output_safety import free_space, refuse_overlap
 
     start = time.perf_counter()
     options = options or UpcycleOptions()
-    options.validate()
+    check_options(options)  # before a Hub id is fetched: a typo in --target costs no download
     out = Path(out).absolute()
     named = resolve_model(src, revision)
     src = named.folder
@@ -62,11 +63,9 @@ def convert(
     # Imported here so that importing this module (for UpcycleOptions, ConvertResult) does not bring torch.
     from upcycle.convert.plan import build_plan
     from upcycle.convert.source import open_source
-    from upcycle.convert.targets import check_options
     from upcycle.convert.writer import check_output, write_plan
     from upcycle.verify.written import inspect_written
 
-    check_options(options)  # the named target exists (the targets load with torch)
     if not dry_run:
         check_output(out, force)
     with open_source(src, trust_remote_code, scratch=out.parent if out.parent.is_dir() else None) as source:

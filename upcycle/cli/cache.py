@@ -29,7 +29,7 @@ def _rows(entries: list[Any], now: float) -> tuple[list[tuple[str, ...]], list[s
         if entry.kind in GROUPED:
             groups[entry.kind].append(entry)
             continue
-        kind = entry.kind
+        kind = entry.kind + (" (in use)" if entry.users else "")
         if entry.problem:
             kind = f"[red]{entry.kind}, damaged[/]"
             notes.append(f"{entry.name}: {entry.problem}")
@@ -43,7 +43,7 @@ def _rows(entries: list[Any], now: float) -> tuple[list[tuple[str, ...]], list[s
             notes.append(f"{folder}/: {len(stale)} of {len(members)} stale ({stale[0].obsolete})")
         size = format_bytes(sum(entry.bytes for entry in members))
         newest = age_text(max(entry.last_used for entry in members), now)
-        rows.append((f"{folder}/ ({len(members)} files)", kind, size, newest))
+        rows.append((f"{folder}/ ({len(members)} file{'s' if len(members) != 1 else ''})", kind, size, newest))
     return rows, notes
 
 
@@ -132,12 +132,13 @@ def cache_prune_cmd(
     if damaged:
         verify_entries(entries)
     plan = plan_prune(entries, older_than_s=age, max_bytes=limit, damaged=damaged)
-    removed, kept_busy = [], []
+    removed, kept_busy, busy_bytes = [], [], 0
     for entry, why in plan.remove:
         if dry_run or remove_entry(entry):
             removed.append({"entry": entry.name, "kind": entry.kind, "bytes": entry.bytes, "why": why})
         else:
             kept_busy.append(entry.name)
+            busy_bytes += entry.bytes
     freed = sum(item["bytes"] for item in removed)
     if json_out:
         report = {"dry_run": dry_run, "removed": removed, "freed_bytes": freed, "busy": kept_busy}
@@ -151,6 +152,6 @@ def cache_prune_cmd(
         what = names[0] if len(names) == 1 else f"{len(names)} {kind} entries"
         console.print(f"{verb} {what}: {why}", highlight=False)
     for name in kept_busy:
-        console.print(f"kept {name}: a process is building it", highlight=False)
+        console.print(f"kept {name}: a process is building or reading it", highlight=False)
     verb = "would free" if dry_run else "freed"
-    console.print(f"{verb} {format_bytes(freed)}; {format_bytes(plan.keep_bytes)} kept", highlight=False)
+    console.print(f"{verb} {format_bytes(freed)}; {format_bytes(plan.keep_bytes + busy_bytes)} kept", highlight=False)

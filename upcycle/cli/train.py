@@ -118,6 +118,7 @@ class RichTrainReporter:
         )
         self.task = None
         self.waiting = None  # the wait before training starts: converting, tokenising, loading
+        self.waiting_for = ""
 
     def __enter__(self) -> RichTrainReporter:
         self.progress.start()
@@ -160,9 +161,12 @@ class RichTrainReporter:
         self.progress.console.print(f"[yellow]{text}[/]")
 
     def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
-        if self.waiting is None:
+        if what != self.waiting_for:  # a new wait: its own count, or none (rich keeps a total once set)
+            if self.waiting is not None:
+                self.progress.remove_task(self.waiting)
             self.waiting = self.progress.add_task(what, total=total, stats="")
-        self.progress.update(self.waiting, description=what, completed=done or 0, total=total)
+        self.waiting_for = what
+        self.progress.update(self.waiting, completed=done or 0)
 
 
 recipes_app = typer.Typer(help="The recipes that ship with upcycle: list them, show one, copy one to edit.")

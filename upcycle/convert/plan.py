@@ -122,8 +122,11 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     stacked = all(target.stacked_experts for target in candidates)
     needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype], stacked)
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
+    row_note = _check_expert_rows(dense, opts, dtype)
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
+    if row_note:
+        exactness.notes.append(row_note)
     if opts.shared_width:
         exactness.method += f", shared expert of {opts.shared_width} neurons"
         if target.shared_expert == "gated":
@@ -226,6 +229,29 @@ def _check_granularity(dense: DenseModel, opts: UpcycleOptions) -> None:
             f"{left} does not split into {opts.granularity} equal shards.",
             f"choose a --granularity that divides {inter - shared}.",
         )
+
+
+GROUPED_MM_ROW_BYTES = 16  # torch's grouped_mm (transformers' default experts, on any device) needs such rows
+
+
+def _check_expert_rows(dense: DenseModel, opts: UpcycleOptions, dtype: str) -> str | None:
+    """Refuse experts whose rows transformers' default experts cannot run in the dtype they are stored in; say
+    so when only a narrower dtype a user may load them in would fail (the eager experts run any shape)."""
+    width = expert_width(dense, opts)
+    stored = budget.CODE_BYTES[DTYPE_NAMES[dtype]]
+    for what, size in (("routed expert width", width), ("hidden size", dense.hidden_size)):
+        if size * stored % GROUPED_MM_ROW_BYTES:
+            raise UnsupportedModelError(
+                f"transformers' grouped_mm experts need rows of a multiple of {GROUPED_MM_ROW_BYTES} bytes, and a "
+                f"{what} of {size} in {dtype} is {size * stored} bytes (the forward pass fails).",
+                f"choose options that make it a multiple of {GROUPED_MM_ROW_BYTES // stored}.",
+            )
+    if any(size * 2 % GROUPED_MM_ROW_BYTES for size in (width, dense.hidden_size)):
+        return (
+            f"loaded in bf16 or fp16, its experts' rows ({width} values) are too short for transformers' default "
+            "grouped_mm experts: load it with experts_implementation='eager' there"
+        )
+    return None
 
 
 def _recipes(

@@ -138,7 +138,7 @@ def _conversion_rows(record: dict[str, Any], with_dtype: bool) -> list[tuple[str
     copies, shards = options["experts"], options["granularity"]
     rows = [
         ("Target class", f"`{record['architecture']}`"),
-        ("Experts", _experts_text(copies, shards)),
+        ("Experts", _experts_text(copies, shards, options.get("shared_width", 0))),
         ("Experts per token (top-k)", str(options["top_k"])),
         ("MoE layers", _layers_text(record["moe_layers"], (record.get("config") or {}).get("num_hidden_layers"))),
         ("Router", f"{ROUTERS.get(options['router'], options['router'])}; {options['router_init']} init"),
@@ -157,11 +157,17 @@ def _conversion_rows(record: dict[str, Any], with_dtype: bool) -> list[tuple[str
     return rows
 
 
-def _experts_text(copies: int, shards: int) -> str:
-    """Total experts and where they come from: E copies of the dense MLP, each cut into G shards."""
+def _experts_text(copies: int, shards: int, shared: int = 0) -> str:
+    """Total experts and where they come from: E copies of the dense MLP (of its neurons beside the shared
+    expert), each cut into G shards."""
+    mlp = (
+        f"the dense MLP's neurons after the first {shared} (those make the shared expert)"
+        if shared
+        else "the dense MLP"
+    )
     if shards == 1:
-        return f"{copies} copies of the dense MLP (E = {copies}, G = 1)"
-    return f"{copies * shards} = {copies} copies of the dense MLP x {shards} shards each (E = {copies}, G = {shards})"
+        return f"{copies} copies of {mlp} (E = {copies}, G = 1)"
+    return f"{copies * shards} = {copies} copies of {mlp} x {shards} shards each (E = {copies}, G = {shards})"
 
 
 def _layers_text(moe_layers: list[int], num_layers: int | None) -> str:

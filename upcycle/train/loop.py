@@ -9,17 +9,19 @@ run's phases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
 
+from upcycle.assets import in_use
 from upcycle.output_safety import refuse_overlap
 from upcycle.train.conversion import prepare_model
 from upcycle.train.distributed import init_distributed, shutdown
 from upcycle.train.export import check_replaceable_export
 from upcycle.train.recipe import TrainRecipe
-from upcycle.train.reporting import Reporter, SilentReporter
+from upcycle.train.reporting import Reporter, SilentReporter, announce
 from upcycle.train.run_folder import check_run_folder, clear_earlier_run, run_lock
 from upcycle.train.run_state import TrainSummary
 from upcycle.train.trainer import Trainer, TrainingDiverged
@@ -58,13 +60,15 @@ def train(
             clear_earlier_run(run_dir)
         # before the process group exists: converting may take minutes, longer than a collective waits
         if main_rank and recipe.model.source is not None:
-            reporter.working("converting, or re-checking the cached conversion")
+            announce(reporter, "converting, or re-checking the cached conversion")
         recipe, conversion = prepare_model(recipe, reporter.message if main_rank else lambda _: None)
         info = init_distributed()
         report = reporter if (reporter is not None and info.is_main) else SilentReporter()
+        held = in_use(conversion.folder) if conversion is not None else contextlib.nullcontext()
         try:
-            check_output_dir(recipe)  # again, now that model.path names the model really trained
-            summary = Trainer(recipe, info, report, checkpoint, set(allow_changes)).run(started)
+            with held:  # `upcycle cache prune` leaves the conversion alone while the run reads it (export too)
+                check_output_dir(recipe)  # again, now that model.path names the model really trained
+                summary = Trainer(recipe, info, report, checkpoint, set(allow_changes)).run(started)
         finally:
             shutdown(info)
     return dataclasses.replace(summary, conversion=conversion)

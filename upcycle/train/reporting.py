@@ -33,3 +33,10 @@ class SilentReporter:
 
     def working(self, what: str, done: int | None = None, total: int | None = None) -> None:
         pass
+
+
+def announce(reporter: Reporter, what: str, done: int | None = None, total: int | None = None) -> None:
+    """Tell the reporter what the run waits for, when it listens (reporters written before `working` do not)."""
+    working = getattr(reporter, "working", None)
+    if working is not None:
+        working(what, done, total)

@@ -34,7 +34,7 @@ from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
 from upcycle.train.parallel import resolve_layout
 from upcycle.train.placement import checked_placement, describe_experts_calls, parallel_record
 from upcycle.train.recipe import TrainRecipe
-from upcycle.train.reporting import Reporter
+from upcycle.train.reporting import Reporter, announce
 from upcycle.train.resume import ResumePoint, check_same_data, resume_point
 from upcycle.train.router_precision import routers_in_fp32, run_routers_in_fp32
 from upcycle.train.run_state import Progress, TrainSummary
@@ -196,8 +196,8 @@ class Trainer:
         cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
         args = ([Path(f) for f in files], Path(recipe.model.path), recipe.data.seq_len, recipe.data.text_field, cache)
         if self.info.is_main:
-            self.report.working("tokenising (once, then cached)")
-            progress = lambda done, total: self.report.working("tokenising (once, then cached)", done, total)  # noqa: E731
+            announce(self.report, "tokenising (once, then cached)")
+            progress = lambda done, total: announce(self.report, "tokenising (once, then cached)", done, total)  # noqa: E731
             dataset = packed_dataset(*args, warn=self.report.message, progress=progress)
         barrier(self.info)
         return dataset if self.info.is_main else packed_dataset(*args)
@@ -208,7 +208,7 @@ class Trainer:
         self.export_dtype, self.export_use_cache = export_settings(Path(recipe.model.path), recipe.run.export_dtype)
         for line in self.layout.describe(self.shape.num_experts):
             self.report.message(line)
-        self.report.working("loading the model")
+        announce(self.report, "loading the model")
         self.model = load_model(recipe, info, self.layout, self.compute_dtype)
         self.placement = checked_placement(self.model, self.layout, self.shape.num_experts, info)
         self.taps = moe_losses.RouterTaps(self.model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0)

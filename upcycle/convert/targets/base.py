@@ -92,25 +92,11 @@ def expert_width(dense: DenseModel, opts: UpcycleOptions) -> int:
     return (dense.intermediate_size - opts.shared_width) // opts.granularity
 
 
-GROUPED_MM_ROW_BYTES = 16  # torch's grouped_mm, transformers' default experts on any device, needs such strides
-WIDEST_LOAD_BYTES = 2  # bf16 and fp16: the narrowest dtype a user loads in sets the tightest rule
-
-
 def expert_shape_problem(target: Target, dense: DenseModel, opts: UpcycleOptions) -> str | None:
-    """Why the routed experts' shapes cannot run in transformers, or the shared expert does not fit the class."""
-    multiple = GROUPED_MM_ROW_BYTES // WIDEST_LOAD_BYTES
+    """Why the shared expert asked for does not fit the class (None: it fits, or none is asked)."""
     if opts.shared_width and not target.shared_expert:
         return f"{target.architecture} has no shared expert (qwen2_moe holds one of any width; glm4_moe and dots1 too)"
-    problem = shared_width_problem(target, dense, opts)
-    if problem:
-        return problem
-    for what, size in (("routed expert width", expert_width(dense, opts)), ("hidden size", dense.hidden_size)):
-        if size % multiple:
-            return (
-                f"transformers' grouped_mm experts need rows of a multiple of {GROUPED_MM_ROW_BYTES} bytes, so in "
-                f"bf16 the {what} must be a multiple of {multiple}, and {size} is not (the forward pass fails)"
-            )
-    return None
+    return shared_width_problem(target, dense, opts)
 
 
 def shared_width_problem(target: Target, dense: DenseModel, opts: UpcycleOptions) -> str | None:
