@@ -32,7 +32,7 @@ from filelock import FileLock
 from upcycle.errors import OptionError, SourceError
 from upcycle.hashing import file_sha256
 from upcycle.model_identity import CARD_NAME
-from upcycle.output_safety import publish_atomically, write_text_atomically
+from upcycle.output_safety import process_alive, publish_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +121,6 @@ def users(entry: Path) -> list[str]:
         if alive:
             found.append(holder)
     return found
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host still runs (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

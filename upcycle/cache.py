@@ -25,10 +25,9 @@ from upcycle.assets import (
     SMOLLM2_FOLDER_FILES,
     cache_dir,
     is_smollm2_folder,
-    process_alive,
     users,
 )
-from upcycle.output_safety import OLD_MARK, TMP_MARK
+from upcycle.output_safety import OLD_MARK, TMP_MARK, process_alive
 from upcycle.train.launch_checks import stamp_path
 
 LEFTOVER_AGE_S = 3600.0  # a build folder older than this was left by a killed process, not one at work

@@ -180,7 +180,7 @@ def sweep_stale(out: Path) -> None:
     for mark in (TMP_MARK, OLD_MARK):
         for stale in out.parent.glob(f".{out.name}{mark}*"):
             pid = stale.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or process_alive(int(pid)):
                 continue
             if mark == OLD_MARK and not exists(out):
                 os.replace(stale, out)
@@ -204,7 +204,8 @@ def staged(out: Path, force: bool = False, kind: Kind = "folder") -> Iterator[Pa
         raise
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
