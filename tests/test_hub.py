@@ -100,6 +100,7 @@ def test_a_hub_id_resolves_from_the_cache_through_convert_verify_and_eval(hub, t
     out = tmp_path / "moe"
     converted = run_cli("convert", REPO, str(out), "--experts", "4", env=offline(cache))
     assert converted.returncode == 0, converted.stderr
+    assert f"{REPO}: from the Hugging Face cache" in converted.stderr  # said, with the file count's bar
     record = json.loads((out / "upcycle.json").read_text())["source"]
     assert (record["repo_id"], record["revision"], record["path"], record["name"]) == (REPO, COMMIT, REPO, REPO)
     assert record["sha256"] == json.loads((moe_from_folder / "upcycle.json").read_text())["source"]["sha256"]

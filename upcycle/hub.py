@@ -7,12 +7,14 @@ check or an evaluation reads are fetched: config, weights, tokenizer, generation
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle.errors import OptionError, SourceError
 
+log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 MODEL_FILES = (
     "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md", "LICENSE*", "NOTICE*",
@@ -53,11 +55,20 @@ def resolve_model(name: str | Path, revision: str | None = None) -> ModelSource:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from tqdm.auto import tqdm
 
+    log.info("%s: from the Hugging Face cache, or downloaded into it once", repo_id)
     try:
-        # top-level files only: some repositories also keep original or consolidated weights in subfolders
+        # top-level files only: some repositories also keep original or consolidated weights in subfolders. The
+        # file count shows as a bar whatever HF_HUB_DISABLE_PROGRESS_BARS says (it silences transformers' bars).
         folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES), ignore_patterns=["*/*"])
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(MODEL_FILES),
+                ignore_patterns=["*/*"],
+                tqdm_class=tqdm,
+            )
         )
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"

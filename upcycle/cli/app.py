@@ -63,7 +63,7 @@ def show_fetching() -> None:
         def stream(self, _value) -> None:
             pass
 
-    for name in ("upcycle.assets", "upcycle.train.token_cache"):
+    for name in ("upcycle.assets", "upcycle.train.token_cache", "upcycle.hub"):
         logger = logging.getLogger(name)
         if not logger.handlers:
             handler = CurrentStderr()

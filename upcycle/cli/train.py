@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from upcycle.cli.app import NOTHING_WRITTEN, app, console, fail
+from upcycle.cli.app import NOTHING_WRITTEN, app, console, err_console, fail
 from upcycle.errors import OptionError, SourceError, UpcycleError
 from upcycle.units import parse_size
 
@@ -63,7 +63,8 @@ def train_cmd(
 
     loaded = None
     try:
-        loaded = load_recipe(find_recipe(recipe), list(set_ or []))
+        with err_console.status("reading the recipe (its model and texts are fetched once, when missing)"):
+            loaded = load_recipe(find_recipe(recipe), list(set_ or []))
         if dry_run or world_size is not None or device_memory is not None or json_out:
             if not dry_run:
                 raise OptionError("--world-size, --device-memory and --json only plan a run.", "add --dry-run.")
