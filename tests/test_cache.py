@@ -184,3 +184,16 @@ def test_prune_keeps_what_a_run_reads_and_what_is_not_upcycles(cache, cli):
     assert not list((root / "conversions").glob(".*removing*"))
     cli("cache", "prune", "--max-size", "1")
     assert not folder.exists()  # no longer in use: the size limit takes it
+
+
+def test_an_entry_of_an_older_format_is_obsolete_not_damaged(cache, cli):
+    """A token stream recorded in format 1 (before records held the stream's sha256) is never read again: prune
+    removes it as obsolete, and verify does not call it damaged."""
+    record = cache["tokens"].with_suffix(".json")
+    data = json.loads(record.read_text())
+    data["format"], _ = 1, data.pop("sha256")
+    record.write_text(json.dumps(data))
+    entry = next(e for e in list_entries() if e.kind == "tokens")
+    assert entry.obsolete.startswith("a token stream of an older format (1)")
+    assert cli("cache", "verify").exit_code == 0
+    assert cli("cache", "prune").exit_code == 0 and not cache["tokens"].exists() and not record.exists()

@@ -138,7 +138,8 @@ def _keyed_entries(
             yield _entry(root, kind, [path], None, "set aside as damaged when it was last reused")
         elif name == entry_name:
             beside = [folder / f"{stem}.json", stamp_path(path)]
-            yield _entry(root, kind, [path, *(p for p in beside if p.is_file())], lock)
+            old = _older_format(sub, folder / f"{stem}.json")
+            yield _entry(root, kind, [path, *(p for p in beside if p.is_file())], lock, old)
         elif name.startswith("."):
             if name == stamp_path(folder / entry_name).name:
                 if entry_name not in names:
@@ -150,6 +151,23 @@ def _keyed_entries(
                 yield _entry(root, kind, [path], lock, "a record whose entry is gone")
         else:
             yield _kept(root, path)
+
+
+def _older_format(sub: str, record: Path) -> str | None:
+    """Why an entry of an earlier upcycle's format is never read again (its key no longer comes up), or None."""
+    from upcycle.train.token_cache import FORMAT_VERSION
+
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None  # no record: verify says so, as damage
+    if not isinstance(data, dict):
+        return None
+    if sub == "tokens" and data.get("format") != FORMAT_VERSION:
+        return f"a token stream of an older format ({data.get('format')}), never read by this upcycle"
+    if sub == "conversions" and "files" not in data:
+        return "a conversion recorded by an older upcycle (no file hashes), never reused by this one"
+    return None
 
 
 def _index_entries(root: Path) -> Iterator[CacheEntry]:
