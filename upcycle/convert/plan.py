@@ -21,8 +21,10 @@ from upcycle.convert.exactness import (
     mark_rounding,
     rounded_sources,
 )
+from upcycle.convert.expert_shape import check_expert_rows, check_granularity
 from upcycle.convert.families import MLP_PROJECTIONS, DenseModel, SourceRef, describe_dense
 from upcycle.convert.options import UpcycleOptions, parse_layers
+from upcycle.convert.shared_expert import shared_expert_recipes
 from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
 from upcycle.convert.targets.base import expert_width
@@ -117,12 +119,12 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     dense = describe_dense(source.config, source.tensors)
     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
     candidates = candidate_targets(dense, opts, layout)
-    _check_granularity(dense, opts)
+    check_granularity(dense, opts)
     dtype = _output_dtype(source, dense, opts)
     stacked = all(target.stacked_experts for target in candidates)
     needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype], stacked)
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
-    row_note = _check_expert_rows(dense, opts, dtype)
+    row_note = check_expert_rows(dense, opts, dtype)
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
     scales, exactness = expert_scales(opts)
     if row_note:
@@ -214,44 +216,6 @@ def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) 
         return declared
     code = DTYPE_CODES.get(source.tensors[dense.mlp_sources(0)["gate"].name].dtype, "F32")
     return CODE_NAMES.get(code, "float32")
-
-
-def _check_granularity(dense: DenseModel, opts: UpcycleOptions) -> None:
-    inter, shared = dense.intermediate_size, opts.shared_width
-    if shared >= inter:
-        raise SourceError(
-            f"--shared-width {shared} leaves none of the {inter} intermediate neurons for the routed experts.",
-            f"choose a --shared-width below {inter}.",
-        )
-    if (inter - shared) % opts.granularity:
-        left = f"the {inter - shared} neurons beside the shared expert" if shared else f"the intermediate size {inter}"
-        raise SourceError(
-            f"{left} does not split into {opts.granularity} equal shards.",
-            f"choose a --granularity that divides {inter - shared}.",
-        )
-
-
-GROUPED_MM_ROW_BYTES = 16  # torch's grouped_mm (transformers' default experts, on any device) needs such rows
-
-
-def _check_expert_rows(dense: DenseModel, opts: UpcycleOptions, dtype: str) -> str | None:
-    """Refuse experts whose rows transformers' default experts cannot run in the dtype they are stored in; say
-    so when only a narrower dtype a user may load them in would fail (the eager experts run any shape)."""
-    width = expert_width(dense, opts)
-    stored = budget.CODE_BYTES[DTYPE_NAMES[dtype]]
-    for what, size in (("routed expert width", width), ("hidden size", dense.hidden_size)):
-        if size * stored % GROUPED_MM_ROW_BYTES:
-            raise UnsupportedModelError(
-                f"transformers' grouped_mm experts need rows of a multiple of {GROUPED_MM_ROW_BYTES} bytes, and a "
-                f"{what} of {size} in {dtype} is {size * stored} bytes (the forward pass fails).",
-                f"choose options that make it a multiple of {GROUPED_MM_ROW_BYTES // stored}.",
-            )
-    if any(size * 2 % GROUPED_MM_ROW_BYTES for size in (width, dense.hidden_size)):
-        return (
-            f"loaded in bf16 or fp16, its experts' rows ({width} values) are too short for transformers' default "
-            "grouped_mm experts: load it with experts_implementation='eager' there"
-        )
-    return None
 
 
 def _recipes(
@@ -371,36 +335,8 @@ def _moe_block(
     if target.stacked_experts:
         recipes = recipes[:1] + _stacked(layer, opts, target, recipes[1:], hidden, shard)
     if shared:
-        recipes += _shared_expert(layer, dense, opts, target, dtype_of)
+        recipes += shared_expert_recipes(layer, dense, opts, target, dtype_of)
     recipes += target.extra_tensors(layer, dense, opts, dtype)
-    return recipes
-
-
-def _shared_expert(
-    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: Callable[[str], str]
-) -> list[TensorRecipe]:
-    """The first --shared-width neurons of the dense MLP, always on. A gated class multiplies the shared output by
-    sigmoid(0) = 1/2 (its gate is written zero), so the down projection is doubled: both factors are powers of two,
-    exact in every dtype."""
-    span, hidden = (0, opts.shared_width), dense.hidden_size
-    recipes = []
-    for projection, ref in dense.mlp_sources(layer).items():
-        is_down = projection == "down"
-        recipes.append(
-            TensorRecipe(
-                target.shared_key(layer, projection),
-                (hidden, opts.shared_width) if is_down else (opts.shared_width, hidden),
-                dtype_of(ref.name),
-                "expert",
-                source=ref.name,
-                source_rows=ref.rows,
-                rows=None if is_down else span,
-                cols=span if is_down else None,
-                scale=2.0 if is_down and target.shared_expert == "gated" else 1.0,
-                layer=layer,
-                projection=projection,
-            )
-        )
     return recipes
 
 

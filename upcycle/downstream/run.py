@@ -18,7 +18,7 @@ from upcycle.downstream.sources import load_task_items
 from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS, parse_request
 from upcycle.errors import OptionError, SourceError
 
-# (task, requests scored so far in it, its requests in all): enough for a progress bar per task.
+# (benchmark, requests scored so far in it, its requests in all): enough for a progress bar per benchmark.
 TaskProgress = Callable[[str, int, int], None]
 
 
@@ -63,7 +63,7 @@ class EvalReport:
         return sum(t.score for t in self.tasks) / len(self.tasks)
 
     def compact(self) -> dict[str, Any]:
-        """The figures a training record, a comparison table and a model card keep: per task and the average."""
+        """The figures a training record, a comparison table and a model card keep: per benchmark and the average."""
         keep = ("title", "score", "primary", "acc", "acc_norm", "bits_per_byte", "items", "shots")
         tasks = {t.task: {k: v for k, v in t.summary().items() if k in keep} for t in self.tasks}
         return {"tasks": tasks, "macro_average": self.macro_average, "limit": self.limit, "source": self.source}

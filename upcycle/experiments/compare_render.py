@@ -83,8 +83,8 @@ def downstream_note(rows: Sequence[dict[str, Any]]) -> list[str]:
     items = sorted({n for r in scored for n in r["downstream_items"].values()})
     return [
         f"Downstream tasks (%): each run's last evaluation, scored as `upcycle eval` scores them (acc_norm or acc, "
-        f"the task's leading figure; {'/'.join(map(str, items))} items per task, mean over seeds). At a few hundred "
-        "items a task's standard error is several points: differences smaller than that are noise."
+        f"the benchmark's leading figure; {'/'.join(map(str, items))} items per benchmark, mean over seeds). At a few "
+        "hundred items a benchmark's standard error is several points: differences smaller than that are noise."
     ]
 
 

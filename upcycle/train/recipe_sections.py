@@ -183,7 +183,7 @@ class EvalSection:
     """Downstream tasks scored at every evaluation (as ``upcycle eval`` scores them), on their first ``limit`` items."""
 
     tasks: TaskNames = Field((), examples=["[arc_easy, hellaswag, piqa]", "arc_easy,piqa"])  # none: held-out loss only
-    limit: Integer | None = Field(100, ge=1, examples=["100", "null (every item)"])  # items per task
+    limit: Integer | None = Field(100, ge=1, examples=["100", "null (every item)"])  # items per benchmark
     # null: each task's standard count (5 for MMLU, 0 for the rest)
     shots: Integer | None = Field(None, ge=0, examples=["null (each task's standard)", "0", "5"])
     batch_size: Integer = Field(16, ge=1)  # requests per forward pass

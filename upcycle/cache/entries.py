@@ -1,32 +1,18 @@
-"""What upcycle keeps in its cache folder, and keeping it in check: list it, verify it, prune it.
+"""What the cache folder holds, entry by entry: its kind, size, last use, whether it is obsolete, and who reads it.
 
-The cache holds what upcycle fetched (the SmolLM2 folder, the benchmark data, the Shakespeare texts) and what it
-derived and reuses (conversions for training, token streams, the demo's MoE, small indexes). Each entry is
-published atomically and re-checked on reuse, so pruning only ever costs a rebuild. An entry is removed under the
-same lock its builder takes (one that is being built is skipped) and renamed aside first, so no reader ever sees
-half of one.
+Only names, sizes and times are read (and a token stream's small record, for its format); nothing is hashed here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-from upcycle.assets import (
-    EVAL_DATA_NAME,
-    SMOLLM2_FOLDER_FILES,
-    cache_dir,
-    is_smollm2_folder,
-    users,
-)
+from upcycle.assets import EVAL_DATA_NAME, cache_dir, is_smollm2_folder, users
 from upcycle.output_safety import OLD_MARK, TMP_MARK, process_alive
 from upcycle.train.launch_checks import stamp_path
 
@@ -241,166 +227,3 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
     entries += _keyed_entries(root, "tokens", "tokens", SHA256_HEX, lambda key: f"tokens/.{key}.lock")
     entries += _index_entries(root)
     return entries
-
-
-# ------------------------------------------------------------------------------------------------------ verify
-
-
-def _check_smollm2(path: Path) -> str | None:
-    missing = [name for name in SMOLLM2_FOLDER_FILES if not (path / name).is_file()]
-    if missing:
-        return f"{', '.join(missing)} missing"
-    return _safetensors_problem(path / "model.safetensors")
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - a safetensors handle is no dict
-                handle.get_slice(name)  # reads every tensor's header entry, not its bytes
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for one meaning: unreadable
-        return f"{path.name} cannot be read ({str(error).splitlines()[0]})"
-    return None
-
-
-def _check_conversion(path: Path) -> str | None:
-    from upcycle.train.conversion import entry_problems
-
-    record_path = path.with_name(f"{path.name}.json")
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return "its record is missing or unreadable"
-    if not isinstance(record, dict) or not str(record.get("key", "")).startswith(path.name):
-        return "its record does not name it"
-    problems = entry_problems(path, record)
-    return "; ".join(problems[:3]) if problems else None
-
-
-def _check_tokens(path: Path) -> str | None:
-    from upcycle.train.token_cache import stream_problem
-
-    return stream_problem(path)
-
-
-def _check_eval_data(path: Path) -> str | None:
-    missing = [name for name in ("LICENSE", "mmlu") if not (path / name).exists()]
-    return f"{', '.join(missing)} missing" if missing else None
-
-
-def _check_texts(path: Path) -> str | None:
-    return None if any(path.glob("*_gut.txt")) else "no text in it"
-
-
-def _check_model_folder(path: Path) -> str | None:
-    missing = [name for name in ("config.json", "upcycle.json") if not (path / name).is_file()]
-    return f"{', '.join(missing)} missing" if missing else None
-
-
-CHECKS: dict[str, Callable[[Path], str | None]] = {
-    "SmolLM2 model": _check_smollm2,
-    "benchmark data": _check_eval_data,
-    "Shakespeare": _check_texts,
-    "conversion": _check_conversion,
-    "tokens": _check_tokens,
-    "demo MoE": _check_model_folder,
-}
-"""How each kind is checked: conversions and token streams against the sha256 their records hold (every byte is
-read), the rest by what their builder guarantees to put there."""
-
-
-def verify_entries(entries: list[CacheEntry], on_entry: Callable[[CacheEntry], None] = lambda _: None) -> None:
-    """Set each entry's `problem` (None when intact); the kinds without a check are left as they are."""
-    for entry in entries:
-        check = CHECKS.get(entry.kind)
-        if check is not None and entry.obsolete is None:
-            entry.problem = check(entry.paths[0])
-        on_entry(entry)
-
-
-# ------------------------------------------------------------------------------------------------------- prune
-
-
-@dataclass
-class PrunePlan:
-    remove: list[tuple[CacheEntry, str]]  # entry, why
-    keep_bytes: int
-
-
-def plan_prune(
-    entries: list[CacheEntry],
-    older_than_s: float | None = None,
-    max_bytes: int | None = None,
-    damaged: bool = False,
-    now: float | None = None,
-) -> PrunePlan:
-    """What goes: obsolete entries always; then unused for longer than `older_than_s`; then damaged ones (when
-    verified); then the least recently used until the rest fits in `max_bytes`."""
-    now = time.time() if now is None else now
-    remove: list[tuple[CacheEntry, str]] = []
-    rest: list[CacheEntry] = []
-    for entry in entries:
-        if entry.kind == "unknown" or entry.kind.startswith("link to"):  # not this cache's own: never removed
-            continue
-        if entry.users:  # a running process reads it (a training run its conversion): kept, whatever is asked
-            rest.append(entry)
-            continue
-        if entry.obsolete:
-            remove.append((entry, entry.obsolete))
-        elif older_than_s is not None and now - entry.last_used > older_than_s:
-            remove.append((entry, f"unused for {_age(now - entry.last_used)}"))
-        elif damaged and entry.problem:
-            remove.append((entry, f"damaged: {entry.problem}"))
-        else:
-            rest.append(entry)
-    kept = sum(entry.bytes for entry in rest)
-    if max_bytes is not None:
-        for entry in sorted((e for e in rest if not e.users), key=lambda e: e.last_used):
-            if kept <= max_bytes:
-                break
-            remove.append((entry, "least recently used, over the size limit"))
-            kept -= entry.bytes
-    return PrunePlan(remove, kept)
-
-
-def remove_entry(entry: CacheEntry) -> bool:
-    """Remove an entry under its builder's lock; False when a process holds that lock (being built) or has begun
-    to read it since it was listed: then it is kept. A link is never followed."""
-    lock = FileLock(entry.lock) if entry.lock is not None and entry.lock.parent.is_dir() else None
-    try:
-        if lock is not None:
-            lock.acquire(timeout=0)
-    except Timeout:
-        return False
-    try:
-        if users(entry.paths[0]):
-            return False
-        for path in entry.paths:
-            if path.is_symlink():
-                continue
-            if not path.exists():
-                continue
-            if path.is_dir():
-                aside = path.with_name(f".{path.name}.removing-{os.getpid()}")
-                os.replace(path, aside)  # the entry disappears at once; then its bytes go
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-    finally:
-        if lock is not None:
-            lock.release()
-    return True
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit}"
-    return f"{int(seconds)} s"
-
-
-def age_text(last_used: float, now: float | None = None) -> str:
-    """How long ago, in the largest whole unit: '3 d ago'."""
-    return f"{_age((time.time() if now is None else now) - last_used)} ago"
