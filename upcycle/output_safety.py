@@ -179,8 +179,7 @@ def sweep_stale(out: Path) -> None:
         return
     for mark in (TMP_MARK, OLD_MARK):
         for stale in out.parent.glob(f".{out.name}{mark}*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or process_alive(int(pid)):
+            if not left_by_dead_writer(stale.name):
                 continue
             if mark == OLD_MARK and not exists(out):
                 os.replace(stale, out)
@@ -202,6 +201,14 @@ def staged(out: Path, force: bool = False, kind: Kind = "folder") -> Iterator[Pa
     except BaseException:
         remove(tmp)
         raise
+
+
+def left_by_dead_writer(name: str) -> bool:
+    """A `.OUT.upcycle-tmp-PID` or `.OUT.upcycle-old-PID` sibling (see `staged`) whose process is gone."""
+    if TMP_MARK not in name and OLD_MARK not in name:
+        return False
+    pid = name.rsplit("-", 1)[-1]
+    return pid.isdigit() and not process_alive(int(pid))
 
 
 def process_alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from upcycle.assets import EVAL_DATA_NAME, cache_dir, is_smollm2_folder, users
-from upcycle.output_safety import OLD_MARK, TMP_MARK, process_alive
+from upcycle.output_safety import left_by_dead_writer
 from upcycle.train.launch_checks import stamp_path
 
 LEFTOVER_AGE_S = 3600.0  # a build folder older than this was left by a killed process, not one at work
@@ -86,15 +86,8 @@ def _kept(root: Path, path: Path) -> CacheEntry:
 
 
 def _set_aside(name: str) -> bool:
-    return any(why in name for why in (".damaged-", ".stale-"))
-
-
-def _dead_writer(name: str) -> bool:
-    """A `.NAME.upcycle-tmp-PID` or `-old-PID` sibling whose process is gone (see `output_safety.staged`)."""
-    if TMP_MARK not in name and OLD_MARK not in name:
-        return False
-    pid = name.rsplit("-", 1)[-1]
-    return pid.isdigit() and not process_alive(int(pid))
+    """Renamed aside by `cache_integrity.set_aside` when a reuse found it damaged."""
+    return ".damaged-" in name
 
 
 def _aged(path: Path) -> bool:
@@ -130,7 +123,7 @@ def _keyed_entries(
             if name == stamp_path(folder / entry_name).name:
                 if entry_name not in names:
                     yield _entry(root, kind, [path], lock, "a check's note whose entry is gone")
-            elif _dead_writer(name) or (".tmp-" in name and _aged(path)):
+            elif left_by_dead_writer(name) or (".tmp-" in name and _aged(path)):
                 yield _entry(root, kind, [path], lock, "left by a build that was killed")
         elif name == f"{stem}.json":
             if entry_name not in names:
@@ -198,7 +191,7 @@ def _top_entry(root: Path, path: Path) -> CacheEntry | None:
             if _aged(path)
             else None
         )
-    if name.startswith(".") and _dead_writer(name):
+    if name.startswith(".") and left_by_dead_writer(name):
         return _entry(root, "leftover", [path], None, "left by a write that was killed")
     if name.startswith(".") or name in OWNED:
         return None
@@ -218,7 +211,7 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
                 entries.append(_kept(root, part))
                 continue
             if part.name.startswith("."):  # the demo's conversion being written, or left by a killed one
-                if _dead_writer(part.name):
+                if left_by_dead_writer(part.name):
                     entries.append(_entry(root, "leftover", [part], None, "left by a write that was killed"))
                 continue
             is_model = part.is_dir() and any((part / f).exists() for f in ("config.json", "upcycle.json"))
