@@ -29,7 +29,7 @@ from tiny_models import make_dense  # noqa: E402
 
 from upcycle.convert import UpcycleOptions  # noqa: E402
 from upcycle.upcycling import convert  # noqa: E402
-from upcycle.verify.function import check_function  # noqa: E402
+from upcycle.verify.function import Probe, check_function  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY = {
@@ -42,11 +42,8 @@ TINY = {
 }
 
 
-def measure(dense: Path, moe: Path, storage: str, tokens: int) -> dict[str, float]:
-    return {
-        dtype: check_function(dense, moe, dtype, tokens=tokens, storage_dtype=storage).logits_rel_diff
-        for dtype in DTYPES
-    }
+def measure(dense: Path, moe: Path, tokens: int) -> dict[str, float]:
+    return {dtype: check_function(dense, moe, Probe(dtype, tokens=tokens)).logits_rel_diff for dtype in DTYPES}
 
 
 def inject_error(moe: Path, factor: float) -> None:
@@ -74,7 +71,7 @@ def main() -> None:
             dense = make_dense(family, root / f"{name}-dense".replace(" ", "_"), num_hidden_layers=2)
             moe = root / f"{name}-moe".replace(" ", "_")
             convert(dense, moe, UpcycleOptions(**options))
-            rows.append({"case": f"tiny {name}", "storage": "float32", **measure(dense, moe, "float32", 256)})
+            rows.append({"case": f"tiny {name}", "storage": "float32", **measure(dense, moe, 256)})
         if not args.tiny_only:
             from upcycle import assets
 
@@ -82,13 +79,13 @@ def main() -> None:
             for storage in ("bfloat16", "float32"):
                 moe = root / f"smollm2-{storage}"
                 convert(smollm2, moe, UpcycleOptions(dtype=storage))
-                rows.append({"case": "SmolLM2 E8T2", "storage": storage, **measure(smollm2, moe, storage, 256)})
+                rows.append({"case": "SmolLM2 E8T2", "storage": storage, **measure(smollm2, moe, 256)})
             for factor in (1.001, 1.003, 1.01):
                 moe = root / f"smollm2-error-{factor}"
                 convert(smollm2, moe, UpcycleOptions(dtype="float32"))
                 inject_error(moe, factor)
                 label = f"SmolLM2 E8T2, down x {factor} (an error)"
-                rows.append({"case": label, "storage": "float32", **measure(smollm2, moe, "float32", 256)})
+                rows.append({"case": label, "storage": "float32", **measure(smollm2, moe, 256)})
     print(f"{'case':48} {'storage':9} " + " ".join(f"{d:>10}" for d in DTYPES))
     for row in rows:
         print(f"{row['case']:48} {row['storage']:9} " + " ".join(f"{row[d]:10.3g}" for d in DTYPES))

@@ -287,7 +287,7 @@ def test_bf16_verify_passes_correct_upcycles_at_the_measured_tolerance(cli, dens
 def test_bf16_verify_sees_a_small_real_error(dense_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from upcycle.verify.function import TOLERANCE, check_function
+    from upcycle.verify.function import TOLERANCE, Probe, check_function
 
     src = dense_dir("llama")
     out = tmp_path / "moe"
@@ -298,6 +298,6 @@ def test_bf16_verify_sees_a_small_real_error(dense_dir, tmp_path):
         if name.endswith("w2.weight"):
             tensors[name] = tensors[name] * 1.003  # every expert's output 0.3 % too large
     save_file(tensors, shard, metadata={"format": "pt"})
-    fp32 = check_function(src, out, "float32", tokens=64).logits_rel_diff
-    bf16 = check_function(src, out, "bfloat16", tokens=64).logits_rel_diff
+    fp32 = check_function(src, out, Probe("float32", tokens=64)).logits_rel_diff
+    bf16 = check_function(src, out, Probe("bfloat16", tokens=64)).logits_rel_diff
     assert 1e-4 < fp32 < 1e-2 and bf16 > TOLERANCE["bfloat16"]

@@ -99,9 +99,9 @@ def test_nan_is_never_equivalent(cli, nan_pair, mode):
 
 
 def test_the_function_check_calls_nan_logits_infinitely_far(nan_pair):
-    from upcycle.verify.function import check_function
+    from upcycle.verify.function import Probe, check_function
 
-    report = check_function(*nan_pair, tokens=32)
+    report = check_function(*nan_pair, Probe(tokens=32))
     assert report.logits_rel_diff == float("inf") and report.non_finite.get("moe logits")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from upcycle.convert.shared_expert import shared_expert_recipes
 from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
 from upcycle.convert.targets.base import expert_width
-from upcycle.convert.tensor_recipe import TensorRecipe
+from upcycle.convert.tensor_recipe import DtypeOf, TensorRecipe
 from upcycle.errors import SourceError, UnsupportedModelError
 from upcycle.memory import available_memory
 
@@ -126,7 +125,7 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
     row_note = check_expert_rows(dense, opts, dtype)
     target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
-    scales, exactness = expert_scales(opts)
+    _, exactness = expert_scales(opts)
     if row_note:
         exactness.notes.append(row_note)
     if opts.shared_width:
@@ -139,7 +138,7 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     if opts.noise:
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
-    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), scales)
+    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype))
     mark_rounding(exactness, rounded_sources(source, recipes))
     return UpcyclePlan(
         options=opts,
@@ -195,7 +194,7 @@ def _config_check_record(report) -> dict:
     }
 
 
-def _tensor_dtypes(source: DenseSource, opts: UpcycleOptions, dtype: str) -> Callable[[str], str]:
+def _tensor_dtypes(source: DenseSource, opts: UpcycleOptions, dtype: str) -> DtypeOf:
     """The output dtype code of a tensor made from a source tensor: as that tensor (--dtype auto), or as asked."""
     model_code = DTYPE_NAMES[dtype]
     if opts.dtype != "auto":
@@ -219,13 +218,7 @@ def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) 
 
 
 def _recipes(
-    source: DenseSource,
-    dense: DenseModel,
-    opts: UpcycleOptions,
-    layout: Layout,
-    target: Target,
-    dtype_of: Callable[[str], str],
-    scales: tuple[float, float, float],
+    source: DenseSource, dense: DenseModel, opts: UpcycleOptions, layout: Layout, target: Target, dtype_of: DtypeOf
 ) -> list[TensorRecipe]:
     """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest.
 
@@ -242,32 +235,23 @@ def _recipes(
             continue
         layer = dense.layer_of(name)
         for out_name, ref in dense.copies(name):
-            shape = _shape(source, ref)
-            recipe = TensorRecipe(
-                target.rename(out_name), shape, dtype_of(ref.name), "copy", source=ref.name, source_rows=ref.rows,
-                layer=-1 if layer is None else layer,
-            )  # fmt: skip
+            recipe = _copy(target.rename(out_name), source, ref, dtype_of, -1 if layer is None else layer)
             (outer if layer is None else per_layer[layer]).append(recipe)
     for layer in range(dense.num_layers):
         if layer in moe:
-            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of, scales)
+            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of)
             continue
         for projection, ref in dense.mlp_sources(layer).items():
-            shape = _shape(source, ref)
-            per_layer[layer].append(
-                TensorRecipe(
-                    target.dense_mlp_key(layer, projection),
-                    shape,
-                    dtype_of(ref.name),
-                    "copy",
-                    source=ref.name,
-                    source_rows=ref.rows,
-                    layer=layer,
-                )  # fmt: skip
-            )
+            per_layer[layer].append(_copy(target.dense_mlp_key(layer, projection), source, ref, dtype_of, layer))
     embeddings = [r for r in outer if "embed" in r.name]
     rest = [r for r in outer if "embed" not in r.name]
     return embeddings + [r for recipes in per_layer for r in recipes] + rest
+
+
+def _copy(out_name: str, source: DenseSource, ref: SourceRef, dtype_of: DtypeOf, layer: int) -> TensorRecipe:
+    """A tensor written as it is stored (or a block of its rows); layer -1 is outside the decoder layers."""
+    shape = _shape(source, ref)
+    return TensorRecipe(out_name, shape, dtype_of(ref.name), "copy", source=ref.name, source_rows=ref.rows, layer=layer)
 
 
 def _shape(source: DenseSource, ref: SourceRef) -> tuple[int, ...]:
@@ -277,13 +261,9 @@ def _shape(source: DenseSource, ref: SourceRef) -> tuple[int, ...]:
 
 
 def _moe_block(
-    layer: int,
-    dense: DenseModel,
-    opts: UpcycleOptions,
-    target: Target,
-    dtype_of: Callable[[str], str],
-    scales: tuple[float, float, float],
+    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: DtypeOf
 ) -> list[TensorRecipe]:
+    scales, _ = expert_scales(opts)
     hidden, groups, shared = dense.hidden_size, opts.granularity, opts.shared_width
     sources = dense.mlp_sources(layer)
     dtype = dtype_of(sources["gate"].name)  # the MLP's dtype: the router's and any extra tensor's

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from upcycle.convert.families import DenseModel
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.targets.base import Target
-from upcycle.convert.tensor_recipe import TensorRecipe
+from upcycle.convert.tensor_recipe import DtypeOf, TensorRecipe
 
 
 def shared_expert_recipes(
-    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: Callable[[str], str]
+    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: DtypeOf
 ) -> list[TensorRecipe]:
     """The first --shared-width neurons of the dense MLP, always on. A gated class multiplies the shared output by
     sigmoid(0) = 1/2 (its gate is written zero), so the down projection is doubled: both factors are powers of two,

@@ -7,10 +7,12 @@ tensors exists exactly once.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 Op = Literal["copy", "expert", "router", "zeros", "stack"]
+DtypeOf = Callable[[str], str]  # a source tensor's name -> the dtype code of what is made from it
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ class Size:
     steps: int
     eval_interval: int
     eval_sequences: int  # held-out sequences per evaluation (0 = all)
-    lr: float
-    min_lr: float
     warmup_steps: int
+    lr: float = 3e-4  # peak; every size shares the comparison recipe's schedule unless it says otherwise
+    min_lr: float = 3e-5
     precision: str = "auto"
     moe_layers: str = "all"  # which decoder layers become MoE (convert's --layers); the others stay dense
     budget: str = ""  # what it is sized for, printed with the plan
@@ -50,6 +50,7 @@ class Size:
         )
 
 
+# fmt: off
 SIZES: dict[str, Size] = {
     # 2 CPU cores, fp32. The full E8 top-2 upcycle of all 30 layers of SmolLM2 (0.69 B parameters, ~15 GB with
     # AdamW) took 82 s for one step of 4 x 128 tokens on this shared 2-core machine (~20 s at best), so four MoE
@@ -59,37 +60,18 @@ SIZES: dict[str, Size] = {
     # 24 keep their dense MLP): every arm starts from SmolLM2 itself, the exact upcycles at its loss. Each run
     # is 12 steps of 2 x 128 tokens: enough to see the direction of the first steps, not converged gains.
     "cpu": Size(
-        "cpu",
-        seq_len=128,
-        micro_batch_size=2,
-        grad_accum=1,
-        steps=12,
-        eval_interval=3,
-        eval_sequences=8,
-        lr=3e-4,
-        min_lr=3e-5,
-        warmup_steps=2,
-        precision="fp32",
-        moe_layers="24-29",
+        "cpu", seq_len=128, micro_batch_size=2, grad_accum=1, steps=12, warmup_steps=2, precision="fp32",
+        eval_interval=3, eval_sequences=8, moe_layers="24-29",
         budget="under 30 minutes on 2 CPU cores, all runs and seeds included",
     ),
     # One GPU (bf16): ~1.3 M tokens per run (just under one pass over the Shakespeare training text), for the
     # default variants with two seeds of the dense control and the best MoE. Its time has not been measured.
     "gpu": Size(
-        "gpu",
-        seq_len=1024,
-        micro_batch_size=8,
-        grad_accum=4,
-        steps=40,
-        eval_interval=5,
-        eval_sequences=0,
-        lr=3e-4,
-        min_lr=3e-5,
-        warmup_steps=4,
-        precision="bf16",
-        budget="one GPU; its time has not been measured yet",
+        "gpu", seq_len=1024, micro_batch_size=8, grad_accum=4, steps=40, warmup_steps=4, precision="bf16",
+        eval_interval=5, eval_sequences=0, budget="one GPU; its time has not been measured yet",
     ),
 }
+# fmt: on
 
 
 def get_size(size: str | Size) -> Size:

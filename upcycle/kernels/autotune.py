@@ -38,36 +38,22 @@ class KernelConfig:
 # Small tiles keep the numpy interpreter cheap and make CPU tests cross several tile boundaries.
 INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 1, 1)
 
+
+def _configs(*tiles: tuple[int, int, int, int, int]) -> list[KernelConfig]:
+    """Configs from (block_m, block_n, block_k, num_warps, num_stages) rows."""
+    return [KernelConfig(*tile) for tile in tiles]
+
+
 # Candidates per kernel on GPU, first entry = default. "up" carries two accumulators (gate and up), so its tiles
 # are smaller; "dw" tiles are (N, K) of the weight gradient with block_m rows reduced per step. Every entry
 # compiles for sm_90 to warp-group MMA with pipelined loads and no register spills (benchmarks/kernel_report.py,
 # checked in CI): the spilling ones it found, down_bwd at 128x128 / 64x128 with 4 warps (~180 spill stores) and
 # up at 64x128 with 4 warps, were dropped.
 _CANDIDATES: dict[str, list[KernelConfig]] = {
-    "up": [
-        KernelConfig(128, 64, 64, 8, 3),
-        KernelConfig(128, 64, 64, 8, 4),
-        KernelConfig(128, 128, 64, 8, 3),
-        KernelConfig(64, 64, 64, 4, 3),
-    ],
-    "gemm": [
-        KernelConfig(128, 128, 64, 8, 3),
-        KernelConfig(128, 256, 64, 8, 3),
-        KernelConfig(64, 128, 64, 4, 4),
-        KernelConfig(128, 64, 64, 4, 4),
-    ],
-    "down_bwd": [
-        KernelConfig(128, 64, 64, 8, 3),
-        KernelConfig(128, 64, 64, 8, 4),
-        KernelConfig(64, 128, 64, 8, 3),
-        KernelConfig(64, 64, 64, 4, 3),
-    ],
-    "dw": [
-        KernelConfig(64, 128, 128, 8, 3),
-        KernelConfig(32, 128, 128, 8, 4),
-        KernelConfig(64, 128, 64, 4, 4),
-        KernelConfig(64, 64, 64, 4, 4),
-    ],
+    "up": _configs((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)),
+    "gemm": _configs((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)),
+    "down_bwd": _configs((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)),
+    "dw": _configs((64, 128, 128, 8, 3), (32, 128, 128, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
 }
 
 

@@ -8,17 +8,14 @@ inference never writes the gate/up activations the backward needs: `moe_swiglu` 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .backend import select_backend
 from .reference import moe_swiglu_reference, moe_swiglu_reference_backward
 
 
 def _check(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, top_k_index_TK: Tensor, top_k_weights_TK: Tensor
 ) -> None:
     """Refuse inputs the kernels would silently mis-compute."""
     if x_TH.dim() != 2 or w_gate_up_E2FH.dim() != 3 or w_down_EHF.dim() != 3:
@@ -65,12 +62,8 @@ def _triton_forward(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weig
 
 @torch.library.custom_op("upcycle::moe_swiglu", mutates_args=())
 def moe_swiglu_op(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-) -> torch.Tensor:
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, top_k_index_TK: Tensor, top_k_weights_TK: Tensor
+) -> Tensor:
     if select_backend(x_TH.device) == "triton":
         return _triton_forward(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK, False)[0]
     return moe_swiglu_reference(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK)
@@ -83,12 +76,8 @@ def _(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK):
 
 @torch.library.custom_op("upcycle::moe_swiglu_train", mutates_args=())
 def moe_swiglu_train_op(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, top_k_index_TK: Tensor, top_k_weights_TK: Tensor
+) -> tuple[Tensor, Tensor]:
     if select_backend(x_TH.device) == "triton":
         return _triton_forward(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK, True)
     out_TH = moe_swiglu_reference(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK)
@@ -103,14 +92,9 @@ def _(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK):
 
 @torch.library.custom_op("upcycle::moe_swiglu_backward", mutates_args=())
 def moe_swiglu_backward_op(
-    grad_TH: torch.Tensor,
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-    gu_S2F: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_TH: Tensor, x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor,
+    top_k_index_TK: Tensor, top_k_weights_TK: Tensor, gu_S2F: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     if gu_S2F.shape[0] == top_k_index_TK.numel() and select_backend(x_TH.device) == "triton":
         from .routing import build_routing
         from .triton_bwd import moe_swiglu_backward
@@ -147,12 +131,8 @@ moe_swiglu_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def moe_swiglu(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-) -> torch.Tensor:
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, top_k_index_TK: Tensor, top_k_weights_TK: Tensor
+) -> Tensor:
     """Fused SwiGLU experts: out[t] = sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = index[t,k].
 
     Differentiable in x, both weights and top_k_weights. Weights may be strided views (e.g. transposed

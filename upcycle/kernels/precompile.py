@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from .autotune import compile_in_parallel, configs_to_compile, device_arch, tokens_per_expert_bucket
 from .launch import Capture, capture_launches
@@ -34,12 +35,7 @@ def precompile_enabled() -> bool:
 
 
 def plan(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    routing: Routing,
-    top_k_weights_TK: torch.Tensor,
-    training: bool,
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, routing: Routing, top_k_weights_TK: Tensor, training: bool
 ) -> Capture:
     """The launches (and tuned sites) of one forward, plus the backward when `training`; nothing runs."""
     from .triton_bwd import moe_swiglu_backward
@@ -65,12 +61,7 @@ def warmups(captured: Capture, dtype: torch.dtype, arch: int = 90) -> list[Calla
 
 
 def precompile(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    routing: Routing,
-    top_k_weights_TK: torch.Tensor,
-    training: bool,
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, routing: Routing, top_k_weights_TK: Tensor, training: bool
 ) -> None:
     """Once per (shapes, strides, dtype, device, tokens-per-expert bucket, training): compile all, in parallel."""
     if x_TH.device.type != "cuda" or not precompile_enabled():

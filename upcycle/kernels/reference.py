@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def moe_swiglu_reference(
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-) -> torch.Tensor:
+    x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor, top_k_index_TK: Tensor, top_k_weights_TK: Tensor
+) -> Tensor:
     """Differentiable reference; one host sync (expert counts), fp32 weighted combine like `grouped_mm`."""
     T, H = x_TH.shape
     E, F2, _ = w_gate_up_E2FH.shape
@@ -44,13 +41,9 @@ def moe_swiglu_reference(
 
 
 def moe_swiglu_reference_backward(
-    grad_TH: torch.Tensor,
-    x_TH: torch.Tensor,
-    w_gate_up_E2FH: torch.Tensor,
-    w_down_EHF: torch.Tensor,
-    top_k_index_TK: torch.Tensor,
-    top_k_weights_TK: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_TH: Tensor, x_TH: Tensor, w_gate_up_E2FH: Tensor, w_down_EHF: Tensor,
+    top_k_index_TK: Tensor, top_k_weights_TK: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Hand-written gradients of the reference (dx, dW_gate_up, dW_down, dweights): the CPU fallback's backward.
 
     Written out rather than recomputed through autograd because it runs inside a custom op's backward, where

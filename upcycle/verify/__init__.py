@@ -32,7 +32,7 @@ from upcycle.verify.function import (
     TOLERANCE,
     FunctionReport,
     check_function,
-    function_length,
+    probe_for,
     tolerance_for,
 )
 from upcycle.verify.modes import MODES, choose_mode
@@ -146,16 +146,15 @@ def verify(
         function_report = streaming_report = streaming_problem = None
         chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
         checker = WeightChecker(dense, moe, plan) if weights else None
-        if chosen != "none":
-            tokens, coverage = function_length(config_report.smallest_window, min_tokens)
+        probe = probe_for(config_report.smallest_window, min_tokens, dtype, text)
         if chosen != "none":
             how = "both whole models" if chosen == "full" else "layer by layer, with the weight check"
-            stage(f"function check: {tokens} tokens, {how}")
+            stage(f"function check: {probe.tokens} tokens, {how}")
         if chosen == "full":
-            function_report = check_function(dense.folder, moe_folder, dtype, text, tokens, coverage, trust_remote_code)
+            function_report = check_function(dense.folder, moe_folder, probe, trust_remote_code)
         elif chosen == "streaming":  # the weight check is fed the tensors the streaming pass reads
             try:
-                streaming_report = check_streaming(dense, moe, plan, dtype, text, tokens, coverage, checker=checker)
+                streaming_report = check_streaming(dense, moe, plan, probe, checker=checker)
             except SkeletonError as error:
                 raise SourceError(f"the models cannot be streamed layer by layer: {error}.", "use --full.") from None
             except StreamingError as error:  # a tensor the MoE model needs is missing: not equivalent

@@ -65,17 +65,31 @@ class FunctionReport:
         return next((d.layer for d in self.layers if d.rel_diff > tol), None)
 
 
-def function_length(smallest_window: int | None, min_tokens: int) -> tuple[int, str]:
-    """Tokens the function check runs, and what that length covers."""
+@dataclass(frozen=True)
+class Probe:
+    """What a function check runs: which text (None: held-out Shakespeare), how many tokens of it and why that
+    many, and the dtype both models compute in."""
+
+    dtype: str = "float32"
+    text: str | None = None
+    tokens: int = 256
+    window_coverage: str = "no attention window"
+
+
+def probe_for(smallest_window: int | None, min_tokens: int, dtype: str = "float32", text: str | None = None) -> Probe:
+    """The probe that sees every attention window: at least `min_tokens`, and twice the smallest window when that
+    is at most WINDOW_CHECK_LIMIT."""
     if smallest_window is None:
-        return min_tokens, "no attention window"
+        return Probe(dtype, text, min_tokens)
     if smallest_window <= WINDOW_CHECK_LIMIT:
         tokens = max(min_tokens, 2 * smallest_window + 1)
-        return tokens, f"{tokens} tokens cover 2 x the smallest attention window ({smallest_window})"
-    return min_tokens, (
+        return Probe(
+            dtype, text, tokens, f"{tokens} tokens cover 2 x the smallest attention window ({smallest_window})"
+        )
+    return Probe(dtype, text, min_tokens, (
         f"the smallest attention window ({smallest_window}) is longer than {WINDOW_CHECK_LIMIT} tokens: the config "
         "check carries it (masks sampled at every position that matters)"
-    )
+    ))  # fmt: skip
 
 
 def load_text_tokens(moe_folder: Path, text: str | None, tokens: int, vocab_size: int) -> tuple[torch.Tensor, str]:
@@ -111,25 +125,22 @@ def load_text_tokens(moe_folder: Path, text: str | None, tokens: int, vocab_size
 def check_function(
     dense_folder: Path,
     moe_folder: Path,
-    dtype: str = "float32",
-    text: str | None = None,
-    tokens: int = 256,
-    window_coverage: str = "",
+    probe: Probe = Probe(),
     trust_remote_code: bool = False,
 ) -> FunctionReport:
     """Run both models with plain transformers and compare logits and every layer's hidden state.
 
-    Each model is loaded as stored (every value exact), then computes in `dtype`: a bf16 MoE of an fp32 dense model
-    is compared with the fp32 dense model, so a rounding the conversion made is measured, not hidden.
+    Each model is loaded as stored (every value exact), then computes in the probe's dtype: a bf16 MoE of an fp32
+    dense model is compared with the fp32 dense model, so a rounding the conversion made is measured, not hidden.
     """
     from upcycle.hf.loading import load_causal_lm, load_causal_lm_strict
 
-    torch_dtype = TORCH_DTYPES[dtype]
-    loaded = load_dtype(dtype)
+    torch_dtype = TORCH_DTYPES[probe.dtype]
+    loaded = load_dtype(probe.dtype)
     dense = load_causal_lm_strict(dense_folder, loaded, trust_remote_code)
     moe, problems = load_causal_lm(moe_folder, loaded)
     dense, moe = dense.to(torch_dtype).eval(), moe.to(torch_dtype).eval()
-    ids, origin = load_text_tokens(moe_folder, text, tokens, dense.config.vocab_size)
+    ids, origin = load_text_tokens(moe_folder, probe.text, probe.tokens, dense.config.vocab_size)
     with torch.no_grad():
         a = dense(ids[None], output_hidden_states=True)
         b = moe(ids[None], output_hidden_states=True)
@@ -150,10 +161,10 @@ def check_function(
         size = ha.double().abs().max().item()
         layers.append(LayerDiff(i, diff, diff / size if size else diff))
     return FunctionReport(
-        dtype,
+        probe.dtype,
         len(ids),
         origin,
-        window_coverage,
+        probe.window_coverage,
         max_abs,
         finite_or_inf(max_abs / scale) if scale else max_abs,
         kl,

@@ -37,7 +37,7 @@ from upcycle.hf.skeleton import (
     meta_model,
     rebuild_rotary,
 )
-from upcycle.verify.function import load_text_tokens
+from upcycle.verify.function import Probe, load_text_tokens
 from upcycle.verify.layer_pairs import (
     PairedLayer,
     Pairs,
@@ -94,10 +94,7 @@ def check_streaming(
     dense: DenseSource,
     moe: DenseSource,
     plan: UpcyclePlan,
-    dtype: str = "float32",
-    text: str | None = None,
-    tokens: int = 256,
-    window_coverage: str = "",
+    probe: Probe = Probe(),
     device: str | None = None,
     checker: WeightChecker | None = None,
 ) -> StreamingReport:
@@ -108,12 +105,12 @@ def check_streaming(
     """
     start = time.perf_counter()
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    compute = TORCH_DTYPES[dtype]
+    compute = TORCH_DTYPES[probe.dtype]
     target = TARGETS[plan.target]
     dense_model = _skeleton(dense.config)
     moe_model = _skeleton(moe.config, experts_implementation="eager")
     vocab = dense_model.get_input_embeddings().weight.shape[0]
-    ids, origin = load_text_tokens(moe.folder, text, tokens, vocab)
+    ids, origin = load_text_tokens(moe.folder, probe.text, probe.tokens, vocab)
     ids = ids[None].to(where)
     moe_calls = layer_calls(moe_model, ids, where, compute)
     pairs = Pairs(dense, moe, dense_model, moe_model, target, moe_calls, where, compute, checker)
@@ -157,11 +154,11 @@ def check_streaming(
         if name in dense.tensors or name in moe.tensors
     }
     return StreamingReport(
-        dtype=dtype,
+        dtype=probe.dtype,
         device=str(where),
         tokens=int(ids.shape[1]),
         text_source=origin,
-        window_coverage=window_coverage,
+        window_coverage=probe.window_coverage,
         layers=pairs.results,
         final_norm_rel_diff=final_diff,
         embedding_rel_diff=embedding_diff,

@@ -15,7 +15,7 @@ from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource
 from upcycle.errors import UnsupportedModelError
 from upcycle.verify.files import check_files
-from upcycle.verify.function import check_function, function_length
+from upcycle.verify.function import check_function, probe_for
 from upcycle.verify.modes import choose_mode
 from upcycle.verify.streaming import check_streaming
 
@@ -45,12 +45,12 @@ def inspect_written(plan: UpcyclePlan, dense: DenseSource, folder: Path) -> None
 def measure_rounding(plan: UpcyclePlan, dense: DenseSource, moe_folder: Path) -> dict:
     """The relative deviation of the written MoE from the dense model as stored, and how it was measured."""
     moe = DenseSource.open(moe_folder)
-    tokens, coverage = function_length(plan.config_check.get("smallest_window"), MEASURE_TOKENS)
+    probe = probe_for(plan.config_check.get("smallest_window"), MEASURE_TOKENS)
     mode, _ = choose_mode("auto", dense, moe, "float32")
     if mode == "full":
-        full = check_function(dense.folder, moe_folder, "float32", None, tokens, coverage)
+        full = check_function(dense.folder, moe_folder, probe)
         relative, what, origin = full.logits_rel_diff, "logits", full.text_source
     else:
-        streamed = check_streaming(dense, moe, plan, "float32", None, tokens, coverage)
+        streamed = check_streaming(dense, moe, plan, probe)
         relative, what, origin = streamed.rel_diff, "worst layer output", streamed.text_source
-    return {"relative": relative, "what": what, "compute": "float32", "tokens": tokens, "text": origin}
+    return {"relative": relative, "what": what, "compute": "float32", "tokens": probe.tokens, "text": origin}
