@@ -386,9 +386,10 @@ def upcycle_options(draw: st.DrawFn, num_layers: int, intermediate: int) -> dict
     options: dict[str, Any] = {"experts": experts, "top_k": top_k, "granularity": granularity}
     routers = ["renorm", "renorm", "softmax-topk"] if granularity == 1 else ["renorm"] * 7 + ["softmax-topk"]
     options["router"] = draw(st.sampled_from(routers))
-    options["router_init"] = draw(
-        st.sampled_from(["random", "zero", "zero"] if options["router"] != "renorm" else ["random", "random", "zero"])
-    )
+    inits = ["random", "zero", "zero"] if options["router"] != "renorm" else ["random", "random", "zero"]
+    options["router_init"] = draw(st.sampled_from([*inits, "cluster"]))
+    if options["router_init"] == "cluster":  # centroids of real text through the dense model: a short calibration
+        options["calibration_tokens"] = 64
     if num_layers > 1 and draw(st.booleans()):
         first = draw(st.integers(0, num_layers - 1))
         options["layers"] = f"{first}-{num_layers - 1}" if draw(st.booleans()) else str(first)

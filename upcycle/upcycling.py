@@ -10,23 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from upcycle.convert.options import UpcycleOptions
+from upcycle.convert.result import Written
 
 if TYPE_CHECKING:
     from upcycle.convert.plan import UpcyclePlan
     from upcycle.convert.writer import Progress
 
 
-@dataclass
-class ConvertResult:
-    plan: UpcyclePlan
-    out: Path | None  # None for a dry run
-    bytes_written: int
-    seconds: float
+ConvertResult = Written  # Written[UpcyclePlan]
 
 
 def convert(
@@ -39,7 +34,7 @@ def convert(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     revision: str | None = None,
-) -> ConvertResult:
+) -> Written[UpcyclePlan]:
     """Upcycle SRC (HF folder, .gguf, or a Hub id at ``revision``) into OUT; a dry run plans and checks everything
     but writes nothing.
 
@@ -72,6 +67,8 @@ def convert(
         plan = build_plan(source, options, disk=None if dry_run else free_space(out))
         if dry_run:
             return ConvertResult(plan, None, 0, time.perf_counter() - start)
+        if plan.calibration is not None:
+            plan.calibration.ensure(source.folder)  # the dense model on the calibration text, once per cache key
         origin = src if src.suffix.lower() == ".gguf" else None
         written = write_plan(
             plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written, hub=named

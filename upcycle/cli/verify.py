@@ -122,6 +122,13 @@ def print_verify_report(report: Any) -> None:
         for m in w.mismatches[:8]:
             diff = f"{m.max_abs_diff:.3g}" if m.max_abs_diff == m.max_abs_diff else ""
             table.add_row(f"  {m.tensor}", diff, f"[red]{m.problem}[/]")
+        if w.not_remade:
+            table.add_row(
+                "  routers made from calibration data",
+                f"{len(w.not_remade)}",
+                "[yellow]not re-made: their centroids are not in this machine's cache (the function check carries "
+                "them)[/]",
+            )
     if report.function_mode != "none":
         table.add_row("function check", report.function_mode, report.function_mode_reason)
     _streaming_rows(table, report, ok, bad)

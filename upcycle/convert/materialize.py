@@ -56,7 +56,8 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
     if recipe.op == "stack":
         per_expert = len(recipe.parts) // recipe.shape[0]
         blocks = [recipe.parts[e * per_expert : (e + 1) * per_expert] for e in range(recipe.shape[0])]
-        return torch.stack([torch.cat([materialize(part, read) for part in block]) for block in blocks])
+        stacked = torch.stack([torch.cat([materialize(part, read) for part in block]) for block in blocks])
+        return stacked.reshape(recipe.shape)  # parts that are rows of a source ([1, ...]) lose their unit axis
     assert recipe.source is not None
     if recipe.is_verbatim:
         return _slice(_unfused(read(recipe.source, out_dtype), recipe), recipe)
@@ -100,5 +101,10 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
     if recipe.router_init == "zero":
         return torch.zeros(recipe.shape)
     rows = num_experts // recipe.group_size
+    if recipe.router_init == "cluster":  # unit centroids at the norm a random row has: std * sqrt(H)
+        from upcycle.convert.calibration import centroids
+
+        weight = centroids(recipe.calibration, recipe.layer) * (recipe.router_std * hidden**0.5)
+        return weight.repeat_interleave(recipe.group_size, dim=0)
     weight = torch.empty(rows, hidden).normal_(std=recipe.router_std, generator=_generator(recipe.seed, recipe.name))
     return weight.repeat_interleave(recipe.group_size, dim=0)

@@ -18,7 +18,7 @@ from upcycle.units import parse_size
 from upcycle.validation import Integer, Number, Text, flag, rule, validated
 
 RouterKind = Literal["renorm", "softmax-topk"]
-RouterInit = Literal["random", "zero", "tied"]
+RouterInit = Literal["random", "zero", "tied", "cluster"]
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -61,17 +61,22 @@ class UpcycleOptions:
     seed: Integer = 0
     extra: dict = Field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
     shared_width: Integer = Field(0, ge=0)  # dense MLP neurons kept always on, as the target's shared expert
+    calibration: Text = ""  # --router-init cluster: a UTF-8 text file ("": Shakespeare's training split)
+    calibration_tokens: Integer = Field(4096, ge=16)  # tokens of it the dense model runs
 
     @property
     def num_experts(self) -> int:
         return self.experts * self.granularity
 
     def to_json(self) -> dict:
-        """The options as upcycle.json records them; a shared width of 0 (none) is left out, so every conversion
-        made before the option existed keeps its record and its cache key."""
+        """The options as upcycle.json records them; a shared width of 0 (none) and the calibration of a router not
+        made from data are left out, so every conversion made before those options existed keeps its record and its
+        cache key."""
         data = asdict(self)
         if not data["shared_width"]:
             del data["shared_width"]
+        if self.router_init != "cluster":  # recorded only where they shape the routers
+            del data["calibration"], data["calibration_tokens"]
         return data
 
     def validate(self) -> None:
@@ -98,6 +103,10 @@ class UpcycleOptions:
                 "--router softmax-topk with --granularity > 1 has no native transformers class: the "
                 "group-limited routers (Glm4-MoE, Dots1) score with a sigmoid, not a softmax.",
                 "use --router renorm with virtual groups (exact), or --granularity 1.",
+            )
+        if self.calibration and self.router_init != "cluster":
+            raise OptionError(
+                "--calibration is read only by --router-init cluster.", "add --router-init cluster, or drop it."
             )
         if self.router_init == "tied" and self.granularity == 1:
             raise OptionError(

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upcycle import __version__
 from upcycle.convert import budget
+from upcycle.convert.calibration import Calibration, CalibrationRun, plan_calibration
 from upcycle.convert.exactness import (
     CODE_NAMES,
     DTYPE_NAMES,
@@ -28,14 +27,13 @@ from upcycle.convert.source import DTYPE_CODES, DenseSource
 from upcycle.convert.targets import TARGETS, Layout, Target, candidate_targets, check_options
 from upcycle.convert.targets.base import expert_width
 from upcycle.convert.tensor_recipe import DtypeOf, TensorRecipe
-from upcycle.errors import SourceError, UnsupportedModelError
+from upcycle.convert.written_plan import WrittenPlan, recorded_fields, split_into_shards
+from upcycle.errors import UnsupportedModelError
 from upcycle.memory import available_memory
-
-PLAN_FORMAT = 1
 
 
 @dataclass
-class UpcyclePlan:
+class UpcyclePlan(WrittenPlan):
     options: UpcycleOptions
     family: str
     target: str
@@ -48,68 +46,20 @@ class UpcyclePlan:
     config_check: dict = field(default_factory=dict)  # the config-equivalence check convert ran (summary)
     source: dict = field(default_factory=dict)  # path and file hashes, filled in by the writer
     copied_files: dict | None = None  # tokenizer/generation files copied, with sha256 (the writer; None: unrecorded)
-
-    @property
-    def recipes(self) -> list[TensorRecipe]:
-        return [recipe for shard in self.shards for recipe in shard]
-
-    def shard_names(self) -> list[str]:
-        total = len(self.shards)
-        return [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(_nbytes(recipe) for recipe in self.recipes)
+    calibration: CalibrationRun | None = None  # --router-init cluster: run before writing (not in upcycle.json)
 
     def to_json(self) -> dict:
-        return {
-            "format": PLAN_FORMAT,
-            "tool": {"name": "upcycle", "version": __version__},
-            "source": self.source,
-            "family": self.family,
-            "target": self.target,
-            "architecture": self.architecture,
-            "dtype": self.dtype,
-            "options": self.options.to_json(),
-            "moe_layers": list(self.moe_layers),
-            "config": self.config,
-            "config_check": self.config_check,
-            "copied_files": self.copied_files,
-            "exactness": self.exactness.to_json(),
-            "shards": {
-                name: [r.to_json() for r in shard] for name, shard in zip(self.shard_names(), self.shards, strict=True)
-            },
-        }
+        return self.record_head(family=self.family, options=self.options.to_json()) | self.record_tail()
 
     @classmethod
     def from_json(cls, data: dict, config: dict) -> UpcyclePlan:
-        if data.get("format") != PLAN_FORMAT:
-            raise SourceError(
-                f"upcycle.json has plan format {data.get('format')!r}; this upcycle reads format {PLAN_FORMAT}.",
-                "convert again with this version of upcycle.",
-            )
-        return cls(
-            options=UpcycleOptions(**data["options"]),
-            family=data["family"],
-            target=data["target"],
-            architecture=data["architecture"],
-            dtype=data["dtype"],
-            moe_layers=tuple(data["moe_layers"]),
-            config=config,
-            shards=[[TensorRecipe.from_json(r) for r in shard] for shard in data["shards"].values()],
-            exactness=Exactness.from_json(data["exactness"]),
-            config_check=data.get("config_check", {}),
-            source=data.get("source", {}),
-            copied_files=data.get("copied_files"),
-        )
-
-
-def _nbytes(recipe: TensorRecipe) -> int:
-    return math.prod(recipe.shape) * budget.CODE_BYTES[recipe.dtype]
+        fields = recorded_fields(data, config)
+        return cls(options=UpcycleOptions(**data["options"]), family=data["family"], **fields)
 
 
 def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path] | None = None) -> UpcyclePlan:
-    """Decide every output tensor; reads headers and config only, never weights.
+    """Decide every output tensor; reads headers and config only, never weights (a `--router-init cluster` router
+    also hashes the dense files and the calibration text, to name the centroids it will be made of).
 
     Before any recipe is made, the plan's size is estimated and refused when it exceeds the memory available or
     `disk` (free bytes, and where), so an absurd request fails in a moment rather than after minutes.
@@ -138,7 +88,14 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     if opts.noise:
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
-    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype))
+    run = None
+    if opts.router_init == "cluster":
+        gates = {layer: dense.mlp_sources(layer)["gate"].name for layer in layout.moe_layers}
+        files = [*source.weight_files, source.folder / "config.json"]
+        run = plan_calibration(files, gates, opts.calibration, opts.calibration_tokens, opts.experts, opts.seed)
+        exactness.notes.append(run.calibration.describe())
+    calibration = run.calibration if run is not None else None
+    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), calibration)
     mark_rounding(exactness, rounded_sources(source, recipes))
     return UpcyclePlan(
         options=opts,
@@ -148,9 +105,10 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
         dtype=dtype,
         moe_layers=layout.moe_layers,
         config=config,
-        shards=_shard(recipes, opts.shard_size),
+        shards=split_into_shards(recipes, opts.shard_size),
         exactness=exactness,
         config_check=config_check,
+        calibration=run,
     )
 
 
@@ -218,7 +176,13 @@ def _output_dtype(source: DenseSource, dense: DenseModel, opts: UpcycleOptions) 
 
 
 def _recipes(
-    source: DenseSource, dense: DenseModel, opts: UpcycleOptions, layout: Layout, target: Target, dtype_of: DtypeOf
+    source: DenseSource,
+    dense: DenseModel,
+    opts: UpcycleOptions,
+    layout: Layout,
+    target: Target,
+    dtype_of: DtypeOf,
+    calibration: Calibration | None,
 ) -> list[TensorRecipe]:
     """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest.
 
@@ -239,7 +203,7 @@ def _recipes(
             (outer if layer is None else per_layer[layer]).append(recipe)
     for layer in range(dense.num_layers):
         if layer in moe:
-            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of)
+            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of, calibration)
             continue
         for projection, ref in dense.mlp_sources(layer).items():
             per_layer[layer].append(_copy(target.dense_mlp_key(layer, projection), source, ref, dtype_of, layer))
@@ -261,7 +225,12 @@ def _shape(source: DenseSource, ref: SourceRef) -> tuple[int, ...]:
 
 
 def _moe_block(
-    layer: int, dense: DenseModel, opts: UpcycleOptions, target: Target, dtype_of: DtypeOf
+    layer: int,
+    dense: DenseModel,
+    opts: UpcycleOptions,
+    target: Target,
+    dtype_of: DtypeOf,
+    calibration: Calibration | None,
 ) -> list[TensorRecipe]:
     scales, _ = expert_scales(opts)
     hidden, groups, shared = dense.hidden_size, opts.granularity, opts.shared_width
@@ -275,8 +244,9 @@ def _moe_block(
             (opts.num_experts, hidden),
             "F32" if target.router_fp32 else dtype,
             "router",
-            router_init="zero" if opts.router_init == "zero" else "random",
+            router_init=opts.router_init if opts.router_init in ("zero", "cluster") else "random",
             router_std=std,
+            calibration=calibration.key if calibration is not None else "",
             group_size=groups,
             seed=opts.seed,
             layer=layer,
@@ -339,19 +309,6 @@ def _stack(name: str, shape: tuple[int, ...], parts: tuple[TensorRecipe, ...], l
     return TensorRecipe(
         name, shape, code, "stack", parts=tuple(dataclasses.replace(p, dtype=code) for p in parts), layer=layer
     )
-
-
-def _shard(recipes: list[TensorRecipe], shard_size: int) -> list[list[TensorRecipe]]:
-    shards: list[list[TensorRecipe]] = [[]]
-    size = 0
-    for recipe in recipes:
-        nbytes = _nbytes(recipe)
-        if shards[-1] and size + nbytes > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(recipe)
-        size += nbytes
-    return shards
 
 
 __all__ = ["TARGETS", "UpcyclePlan", "build_plan"]

@@ -30,15 +30,17 @@ class TensorRecipe:
     drop_axis: int = 0  # axis of the intermediate neurons: 0 for gate/up, 1 for down
     drop_key: str = ""  # names the expert: its gate, up and down re-draw the same neurons
     noise: float = 0.0  # Gaussian noise std relative to the source tensor's std
-    router_init: str = ""  # random | zero | tied
+    router_init: str = ""  # random | zero | cluster
     router_std: float = 0.0
+    calibration: str = ""  # router_init cluster: the cache key of the centroids (upcycle.convert.calibration)
     group_size: int = 1  # router rows tied in groups of this size (virtual groups)
     seed: int = 0
     layer: int = -1
     expert: int = -1
     projection: str = ""  # gate | up | down for expert tensors
     # op "stack": every expert's tensors in one [E, ...] tensor (classes that store experts stacked); each expert's
-    # block is its `parts` (per-expert recipes, len(parts) / E of them) concatenated along dim 0.
+    # block is its `parts` (per-expert recipes, len(parts) / E of them) concatenated along dim 0. Parts may also be
+    # single rows of a source (growing repeats a router's rows): the stack is reshaped to `shape`.
     parts: tuple[TensorRecipe, ...] = ()
 
     @property

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from upcycle.convert.finite import check_finite
 from upcycle.convert.materialize import CachedReader, materialize
-from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.safetensors_stream import StreamingShardWriter
 from upcycle.convert.source import DenseSource, hash_files
+from upcycle.convert.written_plan import WrittenPlan
 from upcycle.errors import OutputError
 from upcycle.hub import ModelSource
 from upcycle.model_card import write_conversion_card
@@ -40,7 +40,7 @@ from upcycle.units import format_bytes
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 DISK_HEADROOM = 64 * 1024**2  # config, tokenizer, upcycle.json and the file system's own blocks
-Inspect = Callable[[UpcyclePlan, DenseSource, Path], None]  # checks the written folder before it is published
+Inspect = Callable[[WrittenPlan, DenseSource, Path], None]  # checks the written folder before it is published
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,7 +59,7 @@ def check_output(out: Path, force: bool, source: Path | None = None) -> None:
 
 
 def write_plan(
-    plan: UpcyclePlan,
+    plan: WrittenPlan,
     source: DenseSource,
     out: Path,
     force: bool = False,
@@ -124,7 +124,7 @@ def write_plan(
     return written
 
 
-def _write_tensors(plan: UpcyclePlan, source: DenseSource, folder: Path, progress: Progress | None) -> int:
+def _write_tensors(plan: WrittenPlan, source: DenseSource, folder: Path, progress: Progress | None) -> int:
     read = CachedReader(source.read)
     every_recipe = plan.recipes  # once: naming a non-finite tensor's cause looks at all of them
     total, done = plan.total_bytes, 0
@@ -144,7 +144,7 @@ def _write_tensors(plan: UpcyclePlan, source: DenseSource, folder: Path, progres
     return done
 
 
-def _write_metadata(plan: UpcyclePlan, source: DenseSource, folder: Path) -> None:
+def _write_metadata(plan: WrittenPlan, source: DenseSource, folder: Path) -> None:
     _write_json(folder / "config.json", plan.config)
     weight_map = {r.name: name for name, shard in zip(plan.shard_names(), plan.shards, strict=True) for r in shard}
     _write_json(

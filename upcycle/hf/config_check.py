@@ -94,8 +94,11 @@ class ConfigReport:
         }
 
 
-def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigReport:
-    """Probe both configs at the same positions and compare everything but the MLP weights."""
+def check_config_equivalence(dense_config: dict, moe_config: dict, source_is_moe: bool = False) -> ConfigReport:
+    """Probe both configs at the same positions and compare everything but the MLP weights.
+
+    The source is a dense model (an upcycling), or with `source_is_moe` a MoE whose sparse layers must stay the
+    same (a growth: its MoE blocks are compared by `moe_block_probe`)."""
     try:
         dense_cfg, moe_cfg = load_config(dense_config), load_config(moe_config)
         windows = window_fields(dense_cfg) | window_fields(moe_cfg)
@@ -109,7 +112,7 @@ def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigRepo
         moe = compute_spec(moe_config, windows, horizon, lengths, far)
     except ProbeError as error:
         return ConfigReport(False, error=f"the configs cannot be checked: {error}")
-    differences = compare_specs(dense, moe)
+    differences = compare_specs(dense, moe, source_is_moe)
     points: list[int] = []
     if not differences:  # the forward passes agree: does generation, with its cache, agree too?
         try:
@@ -134,7 +137,7 @@ def check_config_equivalence(dense_config: dict, moe_config: dict) -> ConfigRepo
     )
 
 
-def compare_specs(dense: ComputeSpec, moe: ComputeSpec) -> list[ConfigDifference]:
+def compare_specs(dense: ComputeSpec, moe: ComputeSpec, source_is_moe: bool = False) -> list[ConfigDifference]:
     """Every difference, model-level first, then layer by layer, then the probe's outputs."""
     found: list[ConfigDifference] = []
 
@@ -154,7 +157,9 @@ def compare_specs(dense: ComputeSpec, moe: ComputeSpec) -> list[ConfigDifference
     for token, value in dense.special_tokens.items():
         differ("model", token, value, moe.special_tokens.get(token))
     dense_moe = [layer.index for layer in dense.layers if layer.mlp == "moe"]
-    if dense_moe:
+    if source_is_moe:
+        differ("model", "the MoE layers", dense_moe, [layer.index for layer in moe.layers if layer.mlp == "moe"])
+    elif dense_moe:
         found.append(ConfigDifference("model", "the MoE layers", dense_moe, "a dense model was expected"))
     found += _compare_rotary(dense, moe)
     found += _compare_norms("final norm", dense.final_norms, moe.final_norms)

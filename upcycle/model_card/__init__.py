@@ -14,6 +14,7 @@ from typing import Any
 
 from upcycle.errors import SourceError
 from upcycle.hub import HUB_ID
+from upcycle.model_card.growth import GROWN, growth_card
 from upcycle.model_card.sections import (
     conversion_exactness_after_training,
     downstream_section,
@@ -44,9 +45,18 @@ RANDOM_INIT_METHOD = "trained from a random initialisation"  # upcycle.json exac
 def conversion_card(
     record: dict[str, Any], *, model_id: str, tokenizer: bool = True, verify: dict[str, Any] | None = None
 ) -> str:
-    """The card of a converted folder, from its upcycle.json record and optionally a verify report's to_json()."""
+    """The card of a converted (or grown) folder, from its upcycle.json record and optionally a verify report's
+    to_json()."""
     source = record.get("source") or {}
     name = source.get("name")
+    if record.get("kind") == GROWN:
+        return growth_card(
+            record,
+            title=model_id,
+            front=front_matter(source, moe=True),
+            loading=_loading_section(model_id, tokenizer),
+            verify=verify,
+        )
     origin = f"the dense model {name}" if name else f"a dense {record['family']} model"
     parts = [
         front_matter(source, moe=True),

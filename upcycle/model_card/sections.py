@@ -46,11 +46,11 @@ def conversion_exactness_after_training(exactness: dict[str, Any]) -> str:
     )
 
 
-def not_verified_section() -> str:
+def not_verified_section(source: str = "DENSE", against: str = "the dense model") -> str:
     return (
         "## Verification\n\n"
-        "Not verified when this card was written: `upcycle verify DENSE THIS_FOLDER` checks the config, every "
-        "tensor and the model's output against the dense model.\n"
+        f"Not verified when this card was written: `upcycle verify {source} THIS_FOLDER` checks the config, every "
+        f"tensor and the model's output against {against}.\n"
     )
 
 

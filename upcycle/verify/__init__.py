@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from upcycle.convert.exactness import Exactness, mark_rounding, rounded_sources
+from upcycle.convert.grow.plan import GrowPlan
 from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource, hash_files, open_source
 from upcycle.convert.targets import TARGETS
@@ -26,6 +27,7 @@ from upcycle.hf.config_check import ConfigReport, check_config_equivalence
 from upcycle.hf.loading import TORCH_DTYPES
 from upcycle.hf.skeleton import SkeletonError
 from upcycle.hub import resolve_model
+from upcycle.model_card.growth import GROWN
 from upcycle.model_files import check_converted_folder
 from upcycle.verify.files import FilesReport, check_files
 from upcycle.verify.function import (
@@ -35,6 +37,7 @@ from upcycle.verify.function import (
     probe_for,
     tolerance_for,
 )
+from upcycle.verify.grown import check_grown_block, whole_or_none
 from upcycle.verify.modes import MODES, choose_mode
 from upcycle.verify.streaming import StreamingError, StreamingReport, check_streaming
 from upcycle.verify.weights import WeightChecker, WeightReport
@@ -86,11 +89,13 @@ class VerifyReport:
         return data
 
 
-def read_plan(moe_folder: Path) -> UpcyclePlan:
+def read_plan(moe_folder: Path) -> UpcyclePlan | GrowPlan:
     check_converted_folder(moe_folder)
     plan_path, config_path = moe_folder / "upcycle.json", moe_folder / "config.json"
     try:
         data = json.loads(plan_path.read_text())
+        if data.get("kind") == GROWN:
+            return GrowPlan.from_json(data, json.loads(config_path.read_text()))
         if data.get("kind") == "trained":
             raise SourceError(
                 f"{moe_folder} was trained after conversion, so it no longer equals its dense source; verify proves "
@@ -137,7 +142,11 @@ def verify(
     with _dense_source(dense_path, moe_folder, trust_remote_code) as (dense, hashes):
         exactness = _exactness(plan, dense)
         stage("config check: what transformers computes from both configs")
-        config_report = check_config_equivalence(dense.config, moe.config)
+        grown = isinstance(plan, GrowPlan)
+        config_report = check_config_equivalence(dense.config, moe.config, source_is_moe=grown)
+        if grown:
+            stage("block check: the grown MoE block against the original's, in transformers")
+            check_grown_block(config_report, dense.config, moe.config, plan.growth)
         recorded = json.loads((moe_folder / "upcycle.json").read_text()).get("config")
         config_matches_plan = None if recorded is None else recorded == moe.config
         files_report = check_files(
@@ -145,6 +154,8 @@ def verify(
         )
         function_report = streaming_report = streaming_problem = None
         chosen, reason = choose_mode(mode, dense, moe, dtype) if function else ("none", "--weights-only")
+        if grown and chosen == "streaming":
+            chosen, reason = whole_or_none(mode, reason)
         checker = WeightChecker(dense, moe, plan) if weights else None
         probe = probe_for(config_report.smallest_window, min_tokens, dtype, text)
         if chosen != "none":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from upcycle.convert.text_tokens import tokenize_text
 from upcycle.hf.loading import TORCH_DTYPES
 
 # Relative logits tolerance an exact method must meet in each compute dtype; fp32 (the default, whatever the
@@ -104,22 +105,8 @@ def load_text_tokens(moe_folder: Path, text: str | None, tokens: int, vocab_size
             text, origin = assets.sample_text(max(2000, 8 * tokens)), "held-out Shakespeare"
         except Exception:  # offline or not cached: the built-in prompts still exercise the model
             text, origin = "\n".join(assets.SAMPLE_PROMPTS), "built-in prompts"
-    tokenizer = None
-    if (moe_folder / "tokenizer.json").is_file() or (moe_folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(moe_folder)
-    if tokenizer is not None:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    else:
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long) % vocab_size
-        origin += " (UTF-8 bytes; no tokenizer)"
-    if len(ids) == 0:
-        raise ValueError("the text has no tokens")
-    if len(ids) < tokens:
-        origin += f" (repeated {math.ceil(tokens / len(ids))}x)"
-        ids = ids.repeat(math.ceil(tokens / len(ids)))
-    return ids[:tokens], origin
+    ids, note = tokenize_text(moe_folder, text, tokens, vocab_size)
+    return ids, origin + note
 
 
 def check_function(

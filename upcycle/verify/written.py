@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.convert.plan import UpcyclePlan
 from upcycle.convert.source import DenseSource
+from upcycle.convert.written_plan import WrittenPlan
 from upcycle.errors import UnsupportedModelError
 from upcycle.verify.files import check_files
 from upcycle.verify.function import check_function, probe_for
@@ -22,7 +22,7 @@ from upcycle.verify.streaming import check_streaming
 MEASURE_TOKENS = 128  # enough text to see the rounding's effect; verify measures again on as much as asked
 
 
-def inspect_written(plan: UpcyclePlan, dense: DenseSource, folder: Path) -> None:
+def inspect_written(plan: WrittenPlan, dense: DenseSource, folder: Path) -> None:
     """Refuse a written folder whose tokenizer or generation settings load differently; measure a rounding."""
     files = check_files(dense.folder, folder, None, byte_equal=False)
     if not files.ok:
@@ -42,7 +42,7 @@ def inspect_written(plan: UpcyclePlan, dense: DenseSource, folder: Path) -> None
         plan.exactness.rounding_deviation = measure_rounding(plan, dense, folder)
 
 
-def measure_rounding(plan: UpcyclePlan, dense: DenseSource, moe_folder: Path) -> dict:
+def measure_rounding(plan: WrittenPlan, dense: DenseSource, moe_folder: Path) -> dict:
     """The relative deviation of the written MoE from the dense model as stored, and how it was measured."""
     moe = DenseSource.open(moe_folder)
     probe = probe_for(plan.config_check.get("smallest_window"), MEASURE_TOKENS)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from upcycle.convert.families import FAMILIES, REFUSED
 from upcycle.convert.families.base import DenseModel, Family
+from upcycle.convert.grow.rules import grow_markdown
 from upcycle.convert.options import UpcycleOptions
 
 METHODS: dict[str, list[dict]] = {
@@ -106,4 +107,5 @@ def markdown() -> str:
     refused = [row for row in family_rows() if not row.targets]
     lines += ["", "Refused, with the reason:", ""]
     lines += [f"- `{row.family}`: {row.reason}." for row in refused]
-    return "\n".join(lines) + "\n"
+    lines += ["", "MoE classes `upcycle grow` grows:", ""]
+    return "\n".join(lines) + "\n" + grow_markdown()

@@ -1,0 +1,194 @@
+"""Calibration: the dense model run once on real text, so each router can start from what its layer's MLP sees.
+
+`--router-init cluster` sets router row e of a layer to the e-th centroid of a spherical k-means of that layer's
+MLP inputs (the router's own input), scaled to the norm a random row would have. With copies of the dense MLP and
+a renormalised top-k, the router does not change the output, so this costs no exactness; it only decides which
+copy each kind of token starts with. The centroids are cached under the content hash of everything they are made
+from (dense weights, text, token count, layers, cluster count, seed), so a conversion and its `verify` re-make the
+same rows, and a second conversion with the same inputs does not run the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import SourceError
+
+CALIBRATION_FORMAT = 1
+DEFAULT_TOKENS = 4096
+SEQUENCE = 256  # tokens per calibration sequence
+BATCH = 8  # sequences per forward pass
+KMEANS_ITERATIONS = 30
+
+
+class CalibrationMissing(LookupError):
+    """The centroids a recipe names are not in this machine's cache."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the centroids are made from: its hash names them in the cache."""
+
+    dense_sha256: tuple[tuple[str, str], ...]  # (file, sha256) of the dense weights and config
+    text_sha256: str
+    text_origin: str  # where the text came from, for people: a file name or the built-in corpus
+    tokens: int
+    layers: tuple[int, ...]
+    clusters: int  # router rows that differ: the copies E (each repeated over its G shards)
+    seed: int
+
+    @property
+    def key(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k != "text_origin"}
+        fields["format"] = CALIBRATION_FORMAT
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    def describe(self) -> str:
+        return (
+            f"router rows are spherical k-means centroids ({self.clusters} per layer) of each MoE layer's MLP input "
+            f"on {self.tokens:,} tokens of {self.text_origin} (calibration {self.key})"
+        )
+
+
+def calibration_text(path: str) -> tuple[str, str]:
+    """The text to calibrate on, and its origin: the given file, or Shakespeare's training split (never the
+    held-out split the verification and evaluation read)."""
+    if path:
+        file = Path(path).expanduser()
+        try:
+            return file.read_text(encoding="utf-8"), file.name
+        except (OSError, UnicodeDecodeError) as error:
+            raise SourceError(f"cannot read --calibration {path}: {error}.", "pass a UTF-8 text file.") from None
+    from upcycle import assets
+
+    training, _ = assets.shakespeare_split()
+    text = "\n".join(file.read_text(encoding="utf-8", errors="replace") for file in training[:4])
+    return text, "Shakespeare (training split)"
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """A planned calibration and what running it needs: the text and each MoE layer's MLP module."""
+
+    calibration: Calibration
+    text: str
+    mlp_modules: dict[int, str]  # layer -> the dense model's MLP module (its input is the router's)
+
+    def ensure(self, folder: Path) -> Path:
+        return ensure_centroids(self.calibration, folder, self.mlp_modules, self.text)
+
+
+def plan_calibration(
+    dense_files: list[Path], mlp_weights: dict[int, str], path: str, tokens: int, clusters: int, seed: int
+) -> CalibrationRun:
+    """The calibration a conversion asks for; hashes the dense files and the text, runs nothing.
+
+    `mlp_weights` names one weight of each MoE layer's dense MLP (its gate projection): its module is the MLP."""
+    from upcycle.hashing import file_sha256
+
+    text, origin = calibration_text(path)
+    digests = tuple(sorted((file.name, file_sha256(file)) for file in dense_files))
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    layers = tuple(sorted(mlp_weights))
+    calibration = Calibration(digests, text_sha, origin, tokens, layers, clusters, seed)
+    modules = {layer: name.rsplit(".", 2)[0] for layer, name in mlp_weights.items()}
+    return CalibrationRun(calibration, text, modules)
+
+
+def cache_path(key: str) -> Path:
+    from upcycle.assets import cache_dir
+
+    return cache_dir() / "calibration" / f"{key}.safetensors"
+
+
+def centroids(key: str, layer: int) -> torch.Tensor:
+    """The unit-norm centroids [clusters, H] of one layer; CalibrationMissing when this machine lacks them."""
+    from safetensors import safe_open
+
+    path = cache_path(key)
+    if not path.is_file():
+        raise CalibrationMissing(key)
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(f"layers.{layer}")
+
+
+def ensure_centroids(calibration: Calibration, folder: Path, mlp_modules: dict[int, str], text: str) -> Path:
+    """Run the dense model on the text (once per key) and cache each layer's centroids; returns the cache file."""
+    from safetensors.torch import save_file
+
+    from upcycle.assets import cache_lock, mark_used
+    from upcycle.output_safety import temporary_sibling
+
+    path = cache_path(calibration.key)
+    with cache_lock("calibration"):
+        if path.is_file():
+            mark_used(path)
+            return path
+        inputs = mlp_inputs(folder, mlp_modules, text, calibration.tokens)
+        found = {
+            f"layers.{layer}": spherical_kmeans(x, calibration.clusters, calibration.seed + layer).contiguous()
+            for layer, x in inputs.items()
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        save_file(found, str(tmp), metadata={"calibration": json.dumps(asdict(calibration))})
+        tmp.replace(path)
+    return path
+
+
+def mlp_inputs(folder: Path, mlp_modules: dict[int, str], text: str, tokens: int) -> dict[int, torch.Tensor]:
+    """Each layer's MLP input on `tokens` tokens of the text, in batches of sequences of SEQUENCE, unit-normalised,
+    [N, H]. The whole dense model is loaded (fp32): calibration is for models that fit in memory."""
+    from upcycle.convert.text_tokens import tokenize_text
+    from upcycle.hf.loading import load_causal_lm_strict
+
+    model = load_causal_lm_strict(folder, torch.float32).eval()
+    ids, _ = tokenize_text(folder, text, tokens, model.config.get_text_config().vocab_size)
+    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in mlp_modules}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, layer=layer: seen[layer].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        )
+        for layer, name in mlp_modules.items()
+    ]
+    length = min(SEQUENCE, len(ids))
+    sequences = ids[: len(ids) // length * length].view(-1, length)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), BATCH):
+                model(sequences[start : start + BATCH])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.nn.functional.normalize(torch.cat(rows), dim=-1) for layer, rows in seen.items()}
+
+
+def spherical_kmeans(x_NH: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """k unit-norm centroids of unit-norm rows (cosine k-means, k-means++ seeding); deterministic for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    n = x_NH.shape[0]
+    if n < k:
+        raise SourceError(f"calibration gave {n} tokens for {k} clusters.", f"pass --calibration-tokens {16 * k}.")
+    first = int(torch.randint(n, (1,), generator=generator))
+    chosen = [first]
+    best = x_NH @ x_NH[first]
+    for _ in range(1, k):
+        distance = (1 - best).clamp_min(0) ** 2
+        pick = int(torch.multinomial(distance + 1e-12, 1, generator=generator))
+        chosen.append(pick)
+        best = torch.maximum(best, x_NH @ x_NH[pick])
+    c_KH = x_NH[chosen].clone()
+    for _ in range(iterations):
+        assign = (x_NH @ c_KH.T).argmax(dim=1)
+        sums = torch.zeros_like(c_KH).index_add_(0, assign, x_NH)
+        counts = torch.bincount(assign, minlength=k)
+        for empty in (counts == 0).nonzero().flatten().tolist():  # reseed at the worst-fitting row
+            worst = int((x_NH @ c_KH.T).max(dim=1).values.argmin())
+            sums[empty] = x_NH[worst]
+        c_KH = torch.nn.functional.normalize(sums, dim=-1)
+    return c_KH
