@@ -112,3 +112,47 @@ def test_the_cache_lists_and_checks_calibrations(dense_dir, tmp_path, monkeypatc
     cache_path(key).write_bytes(b"not a safetensors file")
     verify_entries(entries)
     assert entries[0].problem is not None
+
+
+PROMPTS = """experts:
+  - positive_prompts: ["def fibonacci(n):", "import numpy as np"]
+    negative_prompts: ["Once upon a time"]
+  - positive_prompts: ["Once upon a time, there was a little girl who"]
+  - positive_prompts: ["The capital of France is", "Water boils at"]
+  - positive_prompts: ["ROMEO. But soft, what light through yonder window breaks?"]
+"""
+
+
+def test_a_hidden_router_is_made_from_prompts_per_expert_and_keeps_the_model_exact(tiny_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from upcycle.hf.loading import load_causal_lm_strict
+
+    dense, _ = tiny_pair
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    options = UpcycleOptions(experts=4, top_k=2, router_init="hidden", router_prompts=str(prompts))
+    plan = convert(dense, tmp_path / "moe", options).plan
+    report = verify(dense, tmp_path / "moe", min_tokens=64, mode="full")
+    assert report.equivalent, report.verdict
+    assert report.weights.ok and not report.weights.not_remade
+    # row 1 is, independently recomputed here, the normalised hidden state entering the layer at the last token
+    model, tokenizer = load_causal_lm_strict(dense), AutoTokenizer.from_pretrained(dense)
+    ids = tokenizer((tokenizer.bos_token or "") + "Once upon a time, there was a little girl who", return_tensors="pt",
+                    add_special_tokens=False)  # fmt: skip
+    with torch.no_grad():
+        hidden = model(**ids, output_hidden_states=True).hidden_states
+    for layer in plan.moe_layers:
+        expected = torch.nn.functional.normalize(hidden[layer][0, -1], dim=-1) * 0.02 * math.sqrt(64)
+        assert torch.allclose(router_rows(tmp_path / "moe", plan, layer)[1], expected, atol=1e-6)
+
+
+def test_router_prompts_that_do_not_fit_the_experts_are_refused(tiny_pair, tmp_path):
+    dense, _ = tiny_pair
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    with pytest.raises(OptionError, match="has 4 experts entries for 8 experts"):
+        convert(dense, tmp_path / "moe", UpcycleOptions(router_init="hidden", router_prompts=str(prompts)))
+    with pytest.raises(OptionError, match="go together"):
+        convert(dense, tmp_path / "moe", UpcycleOptions(experts=4, router_init="hidden"))
+    assert not (tmp_path / "moe").exists()

@@ -44,7 +44,8 @@ def convert_cmd(
         str,
         typer.Option(
             metavar=one_of(RouterInit),
-            help="The router's initial weights; cluster: k-means centroids of each layer's MLP input on real text.",
+            help="The router's initial weights; cluster: k-means centroids of each layer's MLP input on real text; "
+            "hidden: the hidden states of prompts per expert.",
         ),
     ] = "random",
     calibration: Annotated[
@@ -53,6 +54,9 @@ def convert_cmd(
     calibration_tokens: Annotated[
         int, typer.Option(help="With --router-init cluster: tokens the dense model runs.")
     ] = 4096,
+    router_prompts: Annotated[
+        str, typer.Option(help="With --router-init hidden: YAML prompts per expert (mergekit-moe's positive_prompts).")
+    ] = "",
     weight_scale: Annotated[str, typer.Option(help="auto (the paper's factor), none, or a number.")] = "auto",
     drop_upcycling: Annotated[float, typer.Option(help="Drop-Upcycling ratio r (0 = off).")] = 0.0,
     noise: Annotated[float, typer.Option(help="Gaussian noise std relative to each tensor's std.")] = 0.0,
@@ -90,6 +94,7 @@ def convert_cmd(
             router_init=router_init,
             calibration=calibration,
             calibration_tokens=calibration_tokens,
+            router_prompts=router_prompts,
             weight_scale=weight_scale,
             drop_upcycling=drop_upcycling,
             noise=noise,

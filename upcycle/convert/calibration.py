@@ -1,11 +1,14 @@
-"""Calibration: the dense model run once on real text, so each router can start from what its layer's MLP sees.
+"""Calibration: the dense model run once on real text or prompts, so each router can start from data.
 
 `--router-init cluster` sets router row e of a layer to the e-th centroid of a spherical k-means of that layer's
-MLP inputs (the router's own input), scaled to the norm a random row would have. With copies of the dense MLP and
-a renormalised top-k, the router does not change the output, so this costs no exactness; it only decides which
-copy each kind of token starts with. The centroids are cached under the content hash of everything they are made
-from (dense weights, text, token count, layers, cluster count, seed), so a conversion and its `verify` re-make the
-same rows, and a second conversion with the same inputs does not run the model again.
+MLP inputs (the router's own input) on real text. `--router-init hidden` sets it from prompts chosen for expert e,
+as mergekit-moe's `gate_mode: hidden` does: the last token's hidden state entering the layer, averaged over the
+expert's positive prompts, minus the same over its negative ones. Either way the unit rows are scaled to the norm
+a random row would have. With copies of the dense MLP and a renormalised top-k, the router does not change the
+output, so this costs no exactness; it only decides which copy each kind of token starts with. The rows are cached
+under the content hash of everything they are made from (dense weights, text or prompts, token count, layers,
+seed), so a conversion and its `verify` re-make the same rows, and a second conversion with the same inputs does
+not run the model again.
 """
 
 from __future__ import annotations
@@ -32,26 +35,32 @@ class CalibrationMissing(LookupError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the centroids are made from: its hash names them in the cache."""
+    """What the router rows are made from: its hash names them in the cache."""
 
+    kind: str  # "cluster" (k-means of the MLP inputs on text) or "hidden" (prompts per expert)
     dense_sha256: tuple[tuple[str, str], ...]  # (file, sha256) of the dense weights and config
-    text_sha256: str
-    text_origin: str  # where the text came from, for people: a file name or the built-in corpus
-    tokens: int
+    data_sha256: str  # of the text, or of the prompts as JSON
+    origin: str  # where the text or prompts came from, for people: a file name or the built-in corpus
+    tokens: int  # cluster: tokens of text run; hidden: 0
     layers: tuple[int, ...]
     clusters: int  # router rows that differ: the copies E (each repeated over its G shards)
     seed: int
 
     @property
     def key(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if k != "text_origin"}
+        fields = {k: v for k, v in asdict(self).items() if k != "origin"}
         fields["format"] = CALIBRATION_FORMAT
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
     def describe(self) -> str:
+        if self.kind == "hidden":
+            return (
+                f"router row e of each MoE layer is the last prompt token's hidden state entering the layer, averaged "
+                f"over expert e's positive prompts minus its negative ones, from {self.origin} (calibration {self.key})"
+            )
         return (
             f"router rows are spherical k-means centroids ({self.clusters} per layer) of each MoE layer's MLP input "
-            f"on {self.tokens:,} tokens of {self.text_origin} (calibration {self.key})"
+            f"on {self.tokens:,} tokens of {self.origin} (calibration {self.key})"
         )
 
 
@@ -73,31 +82,36 @@ def calibration_text(path: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class CalibrationRun:
-    """A planned calibration and what running it needs: the text and each MoE layer's MLP module."""
+    """A planned calibration and what running it needs: the text or prompts, and each MoE layer's MLP module."""
 
     calibration: Calibration
-    text: str
+    data: str | list  # cluster: the text; hidden: [(positive prompts, negative prompts)] per expert
     mlp_modules: dict[int, str]  # layer -> the dense model's MLP module (its input is the router's)
 
     def ensure(self, folder: Path) -> Path:
-        return ensure_centroids(self.calibration, folder, self.mlp_modules, self.text)
+        return ensure_rows(self, folder)
 
 
 def plan_calibration(
-    dense_files: list[Path], mlp_weights: dict[int, str], path: str, tokens: int, clusters: int, seed: int
+    kind: str, dense_files: list[Path], mlp_weights: dict[int, str], path: str, tokens: int, clusters: int, seed: int
 ) -> CalibrationRun:
-    """The calibration a conversion asks for; hashes the dense files and the text, runs nothing.
+    """The calibration a conversion asks for; hashes the dense files and the text or prompts, runs nothing.
 
     `mlp_weights` names one weight of each MoE layer's dense MLP (its gate projection): its module is the MLP."""
     from upcycle.hashing import file_sha256
 
-    text, origin = calibration_text(path)
+    if kind == "hidden":
+        from upcycle.convert.router_prompts import read_router_prompts
+
+        data, origin = read_router_prompts(path, clusters)
+        tokens = 0
+    else:
+        data, origin = calibration_text(path)
     digests = tuple(sorted((file.name, file_sha256(file)) for file in dense_files))
-    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    layers = tuple(sorted(mlp_weights))
-    calibration = Calibration(digests, text_sha, origin, tokens, layers, clusters, seed)
+    data_sha = hashlib.sha256(json.dumps(data).encode("utf-8")).hexdigest()
+    calibration = Calibration(kind, digests, data_sha, origin, tokens, tuple(sorted(mlp_weights)), clusters, seed)
     modules = {layer: name.rsplit(".", 2)[0] for layer, name in mlp_weights.items()}
-    return CalibrationRun(calibration, text, modules)
+    return CalibrationRun(calibration, data, modules)
 
 
 def cache_path(key: str) -> Path:
@@ -107,7 +121,7 @@ def cache_path(key: str) -> Path:
 
 
 def centroids(key: str, layer: int) -> torch.Tensor:
-    """The unit-norm centroids [clusters, H] of one layer; CalibrationMissing when this machine lacks them."""
+    """The unit router rows [clusters, H] of one layer; CalibrationMissing when this machine lacks them."""
     from safetensors import safe_open
 
     path = cache_path(key)
@@ -117,26 +131,33 @@ def centroids(key: str, layer: int) -> torch.Tensor:
         return handle.get_tensor(f"layers.{layer}")
 
 
-def ensure_centroids(calibration: Calibration, folder: Path, mlp_modules: dict[int, str], text: str) -> Path:
-    """Run the dense model on the text (once per key) and cache each layer's centroids; returns the cache file."""
+def ensure_rows(run: CalibrationRun, folder: Path) -> Path:
+    """Run the dense model (once per key) and cache each layer's unit router rows; returns the cache file."""
     from safetensors.torch import save_file
 
     from upcycle.assets import cache_lock, mark_used
     from upcycle.output_safety import temporary_sibling
 
+    calibration = run.calibration
     path = cache_path(calibration.key)
     with cache_lock("calibration"):
         if path.is_file():
             mark_used(path)
             return path
-        inputs = mlp_inputs(folder, mlp_modules, text, calibration.tokens)
-        found = {
-            f"layers.{layer}": spherical_kmeans(x, calibration.clusters, calibration.seed + layer).contiguous()
-            for layer, x in inputs.items()
-        }
+        if calibration.kind == "hidden":
+            from upcycle.convert.router_prompts import prompt_rows
+
+            found = prompt_rows(folder, run.data, calibration.layers)
+        else:
+            inputs = mlp_inputs(folder, run.mlp_modules, run.data, calibration.tokens)
+            found = {
+                layer: spherical_kmeans(x, calibration.clusters, calibration.seed + layer)
+                for layer, x in inputs.items()
+            }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(path)
-        save_file(found, str(tmp), metadata={"calibration": json.dumps(asdict(calibration))})
+        tensors = {f"layers.{layer}": rows.contiguous() for layer, rows in found.items()}
+        save_file(tensors, str(tmp), metadata={"calibration": json.dumps(asdict(calibration))})
         tmp.replace(path)
     return path
 

@@ -101,7 +101,7 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
     if recipe.router_init == "zero":
         return torch.zeros(recipe.shape)
     rows = num_experts // recipe.group_size
-    if recipe.router_init == "cluster":  # unit centroids at the norm a random row has: std * sqrt(H)
+    if recipe.router_init in ("cluster", "hidden"):  # unit rows from data at the norm a random row has: std*sqrt(H)
         from upcycle.convert.calibration import centroids
 
         weight = centroids(recipe.calibration, recipe.layer) * (recipe.router_std * hidden**0.5)

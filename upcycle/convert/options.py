@@ -18,7 +18,7 @@ from upcycle.units import parse_size
 from upcycle.validation import Integer, Number, Text, flag, rule, validated
 
 RouterKind = Literal["renorm", "softmax-topk"]
-RouterInit = Literal["random", "zero", "tied", "cluster"]
+RouterInit = Literal["random", "zero", "tied", "cluster", "hidden"]
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -63,6 +63,7 @@ class UpcycleOptions:
     shared_width: Integer = Field(0, ge=0)  # dense MLP neurons kept always on, as the target's shared expert
     calibration: Text = ""  # --router-init cluster: a UTF-8 text file ("": Shakespeare's training split)
     calibration_tokens: Integer = Field(4096, ge=16)  # tokens of it the dense model runs
+    router_prompts: Text = ""  # --router-init hidden: a YAML file of prompts per expert (mergekit-moe's semantics)
 
     @property
     def num_experts(self) -> int:
@@ -77,6 +78,8 @@ class UpcycleOptions:
             del data["shared_width"]
         if self.router_init != "cluster":  # recorded only where they shape the routers
             del data["calibration"], data["calibration_tokens"]
+        if self.router_init != "hidden":
+            del data["router_prompts"]
         return data
 
     def validate(self) -> None:
@@ -107,6 +110,11 @@ class UpcycleOptions:
         if self.calibration and self.router_init != "cluster":
             raise OptionError(
                 "--calibration is read only by --router-init cluster.", "add --router-init cluster, or drop it."
+            )
+        if bool(self.router_prompts) != (self.router_init == "hidden"):
+            raise OptionError(
+                "--router-init hidden and --router-prompts go together: the prompts say what each expert is for.",
+                "pass both (a YAML file with one entry of positive_prompts per expert copy), or neither.",
             )
         if self.router_init == "tied" and self.granularity == 1:
             raise OptionError(

@@ -89,10 +89,12 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
     run = None
-    if opts.router_init == "cluster":
+    if opts.router_init in ("cluster", "hidden"):
         gates = {layer: dense.mlp_sources(layer)["gate"].name for layer in layout.moe_layers}
         files = [*source.weight_files, source.folder / "config.json"]
-        run = plan_calibration(files, gates, opts.calibration, opts.calibration_tokens, opts.experts, opts.seed)
+        data = opts.calibration if opts.router_init == "cluster" else opts.router_prompts
+        tokens, seed = opts.calibration_tokens, opts.seed
+        run = plan_calibration(opts.router_init, files, gates, data, tokens, opts.experts, seed)
         exactness.notes.append(run.calibration.describe())
     calibration = run.calibration if run is not None else None
     recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), calibration)
@@ -244,7 +246,7 @@ def _moe_block(
             (opts.num_experts, hidden),
             "F32" if target.router_fp32 else dtype,
             "router",
-            router_init=opts.router_init if opts.router_init in ("zero", "cluster") else "random",
+            router_init=opts.router_init if opts.router_init in ("zero", "cluster", "hidden") else "random",
             router_std=std,
             calibration=calibration.key if calibration is not None else "",
             group_size=groups,
