@@ -388,7 +388,9 @@ def upcycle_options(draw: st.DrawFn, num_layers: int, intermediate: int) -> dict
     options["router"] = draw(st.sampled_from(routers))
     inits = ["random", "zero", "zero"] if options["router"] != "renorm" else ["random", "random", "zero"]
     options["router_init"] = draw(st.sampled_from([*inits, "cluster"]))
-    if options["router_init"] == "cluster":  # centroids of real text through the dense model: a short calibration
+    if granularity > 1 and draw(st.integers(0, 3)) == 0:  # shards of neurons that fire together
+        options["split"] = "activation"
+    if options["router_init"] == "cluster" or "split" in options:  # real text through the dense model, briefly
         options["calibration_tokens"] = 64
     if num_layers > 1 and draw(st.booleans()):
         first = draw(st.integers(0, num_layers - 1))

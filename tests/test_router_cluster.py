@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from upcycle.convert import UpcycleOptions
-from upcycle.convert.calibration import cache_path, centroids, spherical_kmeans
+from upcycle.convert.calibration import cache_path, calibrated, spherical_kmeans
 from upcycle.errors import OptionError
 from upcycle.upcycling import convert
 from upcycle.verify import verify
@@ -48,7 +48,7 @@ def test_a_cluster_router_keeps_the_model_exact(family, options, dense_dir, tmp_
     hidden, groups = 64, options.get("granularity", 1)
     for layer in plan.moe_layers:
         rows = router_rows(tmp_path / "moe", plan, layer)
-        expected = centroids(key, layer).repeat_interleave(groups, dim=0) * (0.02 * math.sqrt(hidden))
+        expected = calibrated(key, layer).repeat_interleave(groups, dim=0) * (0.02 * math.sqrt(hidden))
         assert torch.allclose(rows, expected, rtol=1e-6, atol=0)
         assert torch.allclose(rows.norm(dim=1), torch.full((rows.shape[0],), 0.02 * math.sqrt(hidden)), rtol=1e-5)
 

@@ -67,8 +67,8 @@ def convert(
         plan = build_plan(source, options, disk=None if dry_run else free_space(out))
         if dry_run:
             return ConvertResult(plan, None, 0, time.perf_counter() - start)
-        if plan.calibration is not None:
-            plan.calibration.ensure(source.folder)  # the dense model on the calibration text, once per cache key
+        for calibration in plan.calibrations:  # the dense model on the calibration text, once per cache key
+            calibration.ensure(source.folder)
         origin = src if src.suffix.lower() == ".gguf" else None
         written = write_plan(
             plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written, hub=named

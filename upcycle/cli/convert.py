@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from upcycle.cli.app import app, console, err_console, fail, one_of, quiet_transformers
-from upcycle.convert.options import OutputDtype, RouterInit, RouterKind
+from upcycle.convert.options import OutputDtype, RouterInit, RouterKind, Split
 from upcycle.errors import UpcycleError
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
@@ -48,8 +48,15 @@ def convert_cmd(
             "hidden: the hidden states of prompts per expert.",
         ),
     ] = "random",
+    split: Annotated[
+        str,
+        typer.Option(
+            metavar=one_of(Split), help="With -g > 1: contiguous shards, or neurons that fire together (exact both)."
+        ),
+    ] = "contiguous",
     calibration: Annotated[
-        str, typer.Option(help="With --router-init cluster: a text file (default: Shakespeare's training split).")
+        str,
+        typer.Option(help="For cluster routers and --split activation: a text file (default: Shakespeare's training)."),
     ] = "",
     calibration_tokens: Annotated[
         int, typer.Option(help="With --router-init cluster: tokens the dense model runs.")
@@ -92,6 +99,7 @@ def convert_cmd(
             shared_width=shared_width,
             router=router,
             router_init=router_init,
+            split=split,
             calibration=calibration,
             calibration_tokens=calibration_tokens,
             router_prompts=router_prompts,

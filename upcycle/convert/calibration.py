@@ -30,14 +30,14 @@ KMEANS_ITERATIONS = 30
 
 
 class CalibrationMissing(LookupError):
-    """The centroids a recipe names are not in this machine's cache."""
+    """The calibrated rows or neuron order a recipe names are not in this machine's cache."""
 
 
 @dataclass(frozen=True)
 class Calibration:
     """What the router rows are made from: its hash names them in the cache."""
 
-    kind: str  # "cluster" (k-means of the MLP inputs on text) or "hidden" (prompts per expert)
+    kind: str  # "cluster" (k-means of the MLP inputs on text), "hidden" (prompts per expert) or "split" (neurons)
     dense_sha256: tuple[tuple[str, str], ...]  # (file, sha256) of the dense weights and config
     data_sha256: str  # of the text, or of the prompts as JSON
     origin: str  # where the text or prompts came from, for people: a file name or the built-in corpus
@@ -53,6 +53,11 @@ class Calibration:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
     def describe(self) -> str:
+        if self.kind == "split":
+            return (
+                f"each copy's {self.clusters} shards group neurons that fire together: balanced k-means of each MoE "
+                f"layer's neuron activations on {self.tokens:,} tokens of {self.origin} (calibration {self.key})"
+            )
         if self.kind == "hidden":
             return (
                 f"router row e of each MoE layer is the last prompt token's hidden state entering the layer, averaged "
@@ -85,19 +90,20 @@ class CalibrationRun:
     """A planned calibration and what running it needs: the text or prompts, and each MoE layer's MLP module."""
 
     calibration: Calibration
-    data: str | list  # cluster: the text; hidden: [(positive prompts, negative prompts)] per expert
-    mlp_modules: dict[int, str]  # layer -> the dense model's MLP module (its input is the router's)
+    data: str | list  # cluster, split: the text; hidden: [(positive prompts, negative prompts)] per expert
+    modules: dict[int, str]  # layer -> the dense module whose input is recorded (the MLP; split: its down projection)
 
     def ensure(self, folder: Path) -> Path:
         return ensure_rows(self, folder)
 
 
 def plan_calibration(
-    kind: str, dense_files: list[Path], mlp_weights: dict[int, str], path: str, tokens: int, clusters: int, seed: int
+    kind: str, dense_files: list[Path], modules: dict[int, str], path: str, tokens: int, clusters: int, seed: int
 ) -> CalibrationRun:
     """The calibration a conversion asks for; hashes the dense files and the text or prompts, runs nothing.
 
-    `mlp_weights` names one weight of each MoE layer's dense MLP (its gate projection): its module is the MLP."""
+    `modules` names, per MoE layer, the dense module whose input is recorded; `clusters` is the router rows that
+    differ (copies) or, for a split, the shards per copy."""
     from upcycle.hashing import file_sha256
 
     if kind == "hidden":
@@ -109,9 +115,26 @@ def plan_calibration(
         data, origin = calibration_text(path)
     digests = tuple(sorted((file.name, file_sha256(file)) for file in dense_files))
     data_sha = hashlib.sha256(json.dumps(data).encode("utf-8")).hexdigest()
-    calibration = Calibration(kind, digests, data_sha, origin, tokens, tuple(sorted(mlp_weights)), clusters, seed)
-    modules = {layer: name.rsplit(".", 2)[0] for layer, name in mlp_weights.items()}
+    calibration = Calibration(kind, digests, data_sha, origin, tokens, tuple(sorted(modules)), clusters, seed)
     return CalibrationRun(calibration, data, modules)
+
+
+def plan_calibrations(source, dense, opts, moe_layers: tuple[int, ...]) -> dict[str, CalibrationRun]:
+    """The calibrations a conversion's options ask for, by purpose: "router" (cluster, hidden) and "split"."""
+    files = [*source.weight_files, source.folder / "config.json"]
+    runs = {}
+    if opts.router_init in ("cluster", "hidden"):
+        mlps = {layer: dense.mlp_sources(layer)["gate"].name.rsplit(".", 2)[0] for layer in moe_layers}
+        data = opts.calibration if opts.router_init == "cluster" else opts.router_prompts
+        runs["router"] = plan_calibration(
+            opts.router_init, files, mlps, data, opts.calibration_tokens, opts.experts, opts.seed
+        )
+    if opts.split == "activation":
+        downs = {layer: dense.mlp_sources(layer)["down"].name.rsplit(".", 1)[0] for layer in moe_layers}
+        runs["split"] = plan_calibration(
+            "split", files, downs, opts.calibration, opts.calibration_tokens, opts.granularity, opts.seed
+        )
+    return runs
 
 
 def cache_path(key: str) -> Path:
@@ -120,8 +143,9 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "calibration" / f"{key}.safetensors"
 
 
-def centroids(key: str, layer: int) -> torch.Tensor:
-    """The unit router rows [clusters, H] of one layer; CalibrationMissing when this machine lacks them."""
+def calibrated(key: str, layer: int) -> torch.Tensor:
+    """One layer's cached result: unit router rows [clusters, H], or a split's neuron order [F]; CalibrationMissing
+    when this machine lacks them."""
     from safetensors import safe_open
 
     path = cache_path(key)
@@ -132,7 +156,7 @@ def centroids(key: str, layer: int) -> torch.Tensor:
 
 
 def ensure_rows(run: CalibrationRun, folder: Path) -> Path:
-    """Run the dense model (once per key) and cache each layer's unit router rows; returns the cache file."""
+    """Run the dense model (once per key) and cache each layer's result; returns the cache file."""
     from safetensors.torch import save_file
 
     from upcycle.assets import cache_lock, mark_used
@@ -144,16 +168,7 @@ def ensure_rows(run: CalibrationRun, folder: Path) -> Path:
         if path.is_file():
             mark_used(path)
             return path
-        if calibration.kind == "hidden":
-            from upcycle.convert.router_prompts import prompt_rows
-
-            found = prompt_rows(folder, run.data, calibration.layers)
-        else:
-            inputs = mlp_inputs(folder, run.mlp_modules, run.data, calibration.tokens)
-            found = {
-                layer: spherical_kmeans(x, calibration.clusters, calibration.seed + layer)
-                for layer, x in inputs.items()
-            }
+        found = _calibrate(run, folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(path)
         tensors = {f"layers.{layer}": rows.contiguous() for layer, rows in found.items()}
@@ -162,20 +177,36 @@ def ensure_rows(run: CalibrationRun, folder: Path) -> Path:
     return path
 
 
-def mlp_inputs(folder: Path, mlp_modules: dict[int, str], text: str, tokens: int) -> dict[int, torch.Tensor]:
-    """Each layer's MLP input on `tokens` tokens of the text, in batches of sequences of SEQUENCE, unit-normalised,
-    [N, H]. The whole dense model is loaded (fp32): calibration is for models that fit in memory."""
+def _calibrate(run: CalibrationRun, folder: Path) -> dict[int, torch.Tensor]:
+    calibration = run.calibration
+    seed, k = calibration.seed, calibration.clusters
+    if calibration.kind == "hidden":
+        from upcycle.convert.router_prompts import prompt_rows
+
+        return prompt_rows(folder, run.data, calibration.layers)
+    inputs = module_inputs(folder, run.modules, run.data, calibration.tokens)
+    if calibration.kind == "split":  # each neuron by its activation magnitudes over the tokens: [F, N]
+        from upcycle.convert.neuron_split import balanced_order
+
+        return {layer: balanced_order(x.abs().T, k, seed + layer) for layer, x in inputs.items()}
+    unit = {layer: torch.nn.functional.normalize(x, dim=-1) for layer, x in inputs.items()}
+    return {layer: spherical_kmeans(x, k, seed + layer) for layer, x in unit.items()}
+
+
+def module_inputs(folder: Path, modules: dict[int, str], text: str, tokens: int) -> dict[int, torch.Tensor]:
+    """Each layer's module input on `tokens` tokens of the text, in batches of sequences of SEQUENCE, [N, D].
+    The whole dense model is loaded (fp32): calibration is for models that fit in memory."""
     from upcycle.convert.text_tokens import tokenize_text
     from upcycle.hf.loading import load_causal_lm_strict
 
     model = load_causal_lm_strict(folder, torch.float32).eval()
     ids, _ = tokenize_text(folder, text, tokens, model.config.get_text_config().vocab_size)
-    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in mlp_modules}
+    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
             lambda module, args, layer=layer: seen[layer].append(args[0].reshape(-1, args[0].shape[-1]).float())
         )
-        for layer, name in mlp_modules.items()
+        for layer, name in modules.items()
     ]
     length = min(SEQUENCE, len(ids))
     sequences = ids[: len(ids) // length * length].view(-1, length)
@@ -186,7 +217,7 @@ def mlp_inputs(folder: Path, mlp_modules: dict[int, str], text: str, tokens: int
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: torch.nn.functional.normalize(torch.cat(rows), dim=-1) for layer, rows in seen.items()}
+    return {layer: torch.cat(rows) for layer, rows in seen.items()}
 
 
 def spherical_kmeans(x_NH: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:

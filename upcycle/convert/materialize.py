@@ -60,8 +60,8 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
         return stacked.reshape(recipe.shape)  # parts that are rows of a source ([1, ...]) lose their unit axis
     assert recipe.source is not None
     if recipe.is_verbatim:
-        return _slice(_unfused(read(recipe.source, out_dtype), recipe), recipe)
-    source = _unfused(read(recipe.source, torch.float32), recipe)
+        return _slice(_reordered(_unfused(read(recipe.source, out_dtype), recipe), recipe), recipe)
+    source = _reordered(_unfused(read(recipe.source, torch.float32), recipe), recipe)
     weight = _slice(source, recipe).clone()
     if recipe.drop_ratio:
         axis = recipe.drop_axis
@@ -87,6 +87,15 @@ def _unfused(tensor: torch.Tensor, recipe: TensorRecipe) -> torch.Tensor:
     return tensor[recipe.source_rows[0] : recipe.source_rows[1]]
 
 
+def _reordered(tensor: torch.Tensor, recipe: TensorRecipe) -> torch.Tensor:
+    """The dense tensor with its neurons in a split's order (rows of gate and up, columns of down)."""
+    if not recipe.neuron_order:
+        return tensor
+    from upcycle.convert.calibration import calibrated
+
+    return tensor.index_select(recipe.drop_axis, calibrated(recipe.neuron_order, recipe.layer))
+
+
 def _slice(tensor: torch.Tensor, recipe: TensorRecipe) -> torch.Tensor:
     if recipe.rows is not None:
         tensor = tensor[recipe.rows[0] : recipe.rows[1]]
@@ -102,9 +111,9 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
         return torch.zeros(recipe.shape)
     rows = num_experts // recipe.group_size
     if recipe.router_init in ("cluster", "hidden"):  # unit rows from data at the norm a random row has: std*sqrt(H)
-        from upcycle.convert.calibration import centroids
+        from upcycle.convert.calibration import calibrated
 
-        weight = centroids(recipe.calibration, recipe.layer) * (recipe.router_std * hidden**0.5)
+        weight = calibrated(recipe.calibration, recipe.layer) * (recipe.router_std * hidden**0.5)
         return weight.repeat_interleave(recipe.group_size, dim=0)
     weight = torch.empty(rows, hidden).normal_(std=recipe.router_std, generator=_generator(recipe.seed, recipe.name))
     return weight.repeat_interleave(recipe.group_size, dim=0)

@@ -19,6 +19,7 @@ from upcycle.validation import Integer, Number, Text, flag, rule, validated
 
 RouterKind = Literal["renorm", "softmax-topk"]
 RouterInit = Literal["random", "zero", "tied", "cluster", "hidden"]
+Split = Literal["contiguous", "activation"]
 OutputDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -61,7 +62,8 @@ class UpcycleOptions:
     seed: Integer = 0
     extra: dict = Field(default_factory=dict)  # reserved for forward compatibility of upcycle.json
     shared_width: Integer = Field(0, ge=0)  # dense MLP neurons kept always on, as the target's shared expert
-    calibration: Text = ""  # --router-init cluster: a UTF-8 text file ("": Shakespeare's training split)
+    split: Split = "contiguous"  # G > 1: which neurons make each shard (activation: those that fire together)
+    calibration: Text = ""  # cluster router, activation split: a UTF-8 text file ("": Shakespeare's training split)
     calibration_tokens: Integer = Field(4096, ge=16)  # tokens of it the dense model runs
     router_prompts: Text = ""  # --router-init hidden: a YAML file of prompts per expert (mergekit-moe's semantics)
 
@@ -76,7 +78,9 @@ class UpcycleOptions:
         data = asdict(self)
         if not data["shared_width"]:
             del data["shared_width"]
-        if self.router_init != "cluster":  # recorded only where they shape the routers
+        if self.split == "contiguous":
+            del data["split"]
+        if self.router_init != "cluster" and self.split != "activation":  # recorded only where they shape tensors
             del data["calibration"], data["calibration_tokens"]
         if self.router_init != "hidden":
             del data["router_prompts"]
@@ -107,9 +111,16 @@ class UpcycleOptions:
                 "group-limited routers (Glm4-MoE, Dots1) score with a sigmoid, not a softmax.",
                 "use --router renorm with virtual groups (exact), or --granularity 1.",
             )
-        if self.calibration and self.router_init != "cluster":
+        if self.calibration and self.router_init != "cluster" and self.split != "activation":
             raise OptionError(
-                "--calibration is read only by --router-init cluster.", "add --router-init cluster, or drop it."
+                "--calibration is read only by --router-init cluster and --split activation.",
+                "add one of them, or drop --calibration.",
+            )
+        if self.split == "activation" and (self.granularity == 1 or self.shared_width):
+            raise OptionError(
+                "--split activation groups each copy's neurons into its G shards: it needs --granularity > 1, and "
+                "is not combined with --shared-width yet (the shared expert takes the first neurons by index).",
+                "add -g 2 (or more) and drop --shared-width, or drop --split.",
             )
         if bool(self.router_prompts) != (self.router_init == "hidden"):
             raise OptionError(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upcycle.convert import budget
-from upcycle.convert.calibration import Calibration, CalibrationRun, plan_calibration
+from upcycle.convert.calibration import CalibrationRun, plan_calibrations
 from upcycle.convert.exactness import (
     CODE_NAMES,
     DTYPE_NAMES,
@@ -46,7 +46,7 @@ class UpcyclePlan(WrittenPlan):
     config_check: dict = field(default_factory=dict)  # the config-equivalence check convert ran (summary)
     source: dict = field(default_factory=dict)  # path and file hashes, filled in by the writer
     copied_files: dict | None = None  # tokenizer/generation files copied, with sha256 (the writer; None: unrecorded)
-    calibration: CalibrationRun | None = None  # --router-init cluster: run before writing (not in upcycle.json)
+    calibrations: list[CalibrationRun] = field(default_factory=list)  # run before writing; not in upcycle.json
 
     def to_json(self) -> dict:
         return self.record_head(family=self.family, options=self.options.to_json()) | self.record_tail()
@@ -88,16 +88,10 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     if opts.noise:
         exactness.exact = False
         exactness.notes.append(f"Gaussian noise of {opts.noise:g} x each tensor's std added to every expert")
-    run = None
-    if opts.router_init in ("cluster", "hidden"):
-        gates = {layer: dense.mlp_sources(layer)["gate"].name for layer in layout.moe_layers}
-        files = [*source.weight_files, source.folder / "config.json"]
-        data = opts.calibration if opts.router_init == "cluster" else opts.router_prompts
-        tokens, seed = opts.calibration_tokens, opts.seed
-        run = plan_calibration(opts.router_init, files, gates, data, tokens, opts.experts, seed)
-        exactness.notes.append(run.calibration.describe())
-    calibration = run.calibration if run is not None else None
-    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), calibration)
+    runs = plan_calibrations(source, dense, opts, layout.moe_layers)
+    exactness.notes += [run.calibration.describe() for run in runs.values()]
+    keys = {purpose: run.calibration.key for purpose, run in runs.items()}
+    recipes = _recipes(source, dense, opts, layout, target, _tensor_dtypes(source, opts, dtype), keys)
     mark_rounding(exactness, rounded_sources(source, recipes))
     return UpcyclePlan(
         options=opts,
@@ -110,7 +104,7 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
         shards=split_into_shards(recipes, opts.shard_size),
         exactness=exactness,
         config_check=config_check,
-        calibration=run,
+        calibrations=list(runs.values()),
     )
 
 
@@ -184,7 +178,7 @@ def _recipes(
     layout: Layout,
     target: Target,
     dtype_of: DtypeOf,
-    calibration: Calibration | None,
+    calibrated: dict[str, str],
 ) -> list[TensorRecipe]:
     """Every output tensor in the order a reader wants: embeddings, then layer by layer (MLP last), then the rest.
 
@@ -205,7 +199,7 @@ def _recipes(
             (outer if layer is None else per_layer[layer]).append(recipe)
     for layer in range(dense.num_layers):
         if layer in moe:
-            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of, calibration)
+            per_layer[layer] += _moe_block(layer, dense, opts, target, dtype_of, calibrated)
             continue
         for projection, ref in dense.mlp_sources(layer).items():
             per_layer[layer].append(_copy(target.dense_mlp_key(layer, projection), source, ref, dtype_of, layer))
@@ -232,8 +226,10 @@ def _moe_block(
     opts: UpcycleOptions,
     target: Target,
     dtype_of: DtypeOf,
-    calibration: Calibration | None,
+    calibrated: dict[str, str],
 ) -> list[TensorRecipe]:
+    """A layer's router, experts and extra tensors; `calibrated` holds the cache keys of data-made parts ("router",
+    "split")."""
     scales, _ = expert_scales(opts)
     hidden, groups, shared = dense.hidden_size, opts.granularity, opts.shared_width
     sources = dense.mlp_sources(layer)
@@ -248,7 +244,7 @@ def _moe_block(
             "router",
             router_init=opts.router_init if opts.router_init in ("zero", "cluster", "hidden") else "random",
             router_std=std,
-            calibration=calibration.key if calibration is not None else "",
+            calibration=calibrated.get("router", ""),
             group_size=groups,
             seed=opts.seed,
             layer=layer,
@@ -262,6 +258,7 @@ def _moe_block(
             op="expert",
             drop_ratio=opts.drop_upcycling,
             drop_key=f"{layer}.{expert}",
+            neuron_order=calibrated.get("split", ""),
             noise=opts.noise,
             seed=opts.seed,
             layer=layer,

@@ -32,7 +32,8 @@ class TensorRecipe:
     noise: float = 0.0  # Gaussian noise std relative to the source tensor's std
     router_init: str = ""  # random | zero | cluster
     router_std: float = 0.0
-    calibration: str = ""  # router_init cluster: the cache key of the centroids (upcycle.convert.calibration)
+    calibration: str = ""  # router_init cluster or hidden: the cache key of its rows (upcycle.convert.calibration)
+    neuron_order: str = ""  # --split activation: the cache key of the neuron permutation applied before slicing
     group_size: int = 1  # router rows tied in groups of this size (virtual groups)
     seed: int = 0
     layer: int = -1

@@ -18,6 +18,8 @@ METHODS: dict[str, list[dict]] = {
     "G>1": [dict(experts=4, granularity=2, top_k=2)],
     "softmax-topk": [dict(experts=8, top_k=2, router="softmax-topk", router_init="zero")],
     "--layers": [dict(experts=8, top_k=2, layers="2-3")],
+    "router from data": [dict(experts=8, top_k=2, router_init="cluster")],
+    "--split activation": [dict(experts=4, granularity=2, top_k=2, split="activation")],
     # a third of the 96 neurons: any width for a gated shared expert, one routed expert's width (G = 2) otherwise
     "--shared-width": [
         dict(experts=8, top_k=2, shared_width=32),
@@ -50,8 +52,8 @@ def family_rows() -> list[FamilyRow]:
             held = []
             for target in family.targets:
                 tries = [(v, "") for v in variants] + [
-                    ({**v, "router_init": "zero"}, " (zero router)") for v in variants
-                ]
+                    ({**v, "router_init": "zero"}, " (zero router)") for v in variants if "router_init" not in v
+                ]  # a method that names its router is held with that router or not at all
                 for variant, note in tries:
                     opts = UpcycleOptions(**variant)
                     layout = Layout(parse_layers(opts.layers, dense.num_layers), dense.num_layers)
