@@ -38,7 +38,8 @@ def test_force_means_replace_wherever_it_appears(cli, wide):
 
 def test_help_lists_the_choices_and_the_exit_codes(cli, wide):
     convert = help_of(cli, "convert")
-    for choices in ("[renorm|softmax-topk]", "[random|zero|tied]", "[auto|float32|bfloat16|float16]"):
+    choices_of = ("[renorm|softmax-topk]", "[random|zero|tied|cluster|hidden]", "[contiguous|activation]")
+    for choices in (*choices_of, "[auto|float32|bfloat16|float16]"):
         assert choices in convert, choices
     assert "Hub id" in convert and "--revision" in convert
     top = help_of(cli)

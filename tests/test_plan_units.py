@@ -396,12 +396,21 @@ PLANS = {  # one plan per kind of recipe, each kind's fields away from their def
     # Stacked experts (op "stack" with nested parts).
     "granite-stacked": ("granite", dict(experts=4, top_k=2)),
 }
-TARGET_OF_PLAN = {"phi3-drop-noise": "mixtral", "llama-groups-layers": "glm4_moe", "granite-stacked": "granitemoe"}
+TARGET_OF_PLAN = {
+    "phi3-drop-noise": "mixtral",
+    "llama-groups-layers": "glm4_moe",
+    "granite-stacked": "granitemoe",
+    "qwen3-calibrated": "dots1",
+}
 
 
 @pytest.fixture(scope="module")
-def plans() -> dict[str, UpcyclePlan]:
-    return {name: build_plan(meta_source(family), UpcycleOptions(**opts)) for name, (family, opts) in PLANS.items()}
+def plans(dense_dir) -> dict[str, UpcyclePlan]:
+    built = {name: build_plan(meta_source(family), UpcycleOptions(**opts)) for name, (family, opts) in PLANS.items()}
+    # Routers and shards made from data (calibration keys): the dense files are hashed, so a real folder.
+    data_made = UpcycleOptions(experts=2, granularity=2, top_k=2, router_init="cluster", split="activation")
+    built["qwen3-calibrated"] = build_plan(DenseSource.open(dense_dir("qwen3")), data_made)
+    return built
 
 
 def all_recipes(plans: dict[str, UpcyclePlan]) -> list[TensorRecipe]:
@@ -432,7 +441,7 @@ def test_the_plans_hold_every_op_and_set_every_recipe_field(plans: dict[str, Upc
     defaults = {f.name: f.default for f in dataclasses.fields(TensorRecipe)}
     unset = {name for name, default in defaults.items() if all(getattr(r, name) == default for r in recipes)}
     assert not unset, f"no recipe sets {sorted(unset)}"
-    assert {r.router_init for r in recipes if r.op == "router"} == {"zero", "random"}
+    assert {r.router_init for r in recipes if r.op == "router"} == {"zero", "random", "cluster"}
     assert any(r.drop_ratio == 0.5 and r.noise == 0.01 and r.source_rows for r in recipes)
 
 
@@ -449,7 +458,8 @@ def test_a_recipe_with_every_field_set_survives_json_text() -> None:
     recipe = TensorRecipe(
         name="model.layers.1.mlp.x", shape=(4, 2, 3), dtype="BF16", op="stack", source="model.layers.1.mlp.w",
         source_rows=(8, 16), rows=(2, 4), cols=(1, 3), scale=1.5, drop_ratio=0.25, drop_axis=1, drop_key="1.3",
-        noise=0.125, router_init="tied", router_std=0.02, group_size=4, seed=11, layer=1, expert=3,
+        noise=0.125, router_init="tied", router_std=0.02, calibration="c0ffee", neuron_order="beef", group_size=4,
+        seed=11, layer=1, expert=3,
         projection="down", parts=(part, dataclasses.replace(part, expert=2, rows=None, cols=(0, 1))),
     )  # fmt: skip
     defaults = {f.name: f.default for f in dataclasses.fields(TensorRecipe)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, get_args
 
 import typer
@@ -88,6 +90,15 @@ def quiet_transformers() -> None:
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_error()
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+@contextmanager
+def failing(interrupted: str = NOTHING_WRITTEN) -> Iterator[None]:
+    """A command's work: an UpcycleError or a Ctrl-C inside becomes the command's one-line failure (`fail`)."""
+    try:
+        yield
+    except (UpcycleError, KeyboardInterrupt) as error:
+        raise fail(error, interrupted) from None
 
 
 def fail(error: BaseException, interrupted: str = NOTHING_WRITTEN) -> typer.Exit:

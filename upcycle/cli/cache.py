@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, fail
-from upcycle.errors import UpcycleError
+from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, failing
 
 cache_app = typer.Typer(help="What upcycle keeps in its cache folder: list it, verify it, prune it.")
 app.add_typer(cache_app, name="cache")
@@ -121,11 +120,9 @@ def cache_prune_cmd(
     be rebuilt: the next command that needs it fetches or converts it again."""
     from upcycle.units import format_bytes, parse_age, parse_size
 
-    try:
+    with failing():
         age = parse_age(older_than, "--older-than") if older_than is not None else None
         limit = parse_size(max_size, "--max-size") if max_size is not None else None
-    except UpcycleError as error:
-        raise fail(error) from None
     from upcycle.cache import list_entries, plan_prune, remove_entry, verify_entries
 
     entries = list_entries()

@@ -13,9 +13,8 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from upcycle.cli.app import app, console, err_console, fail, one_of, quiet_transformers
+from upcycle.cli.app import app, console, err_console, failing, one_of, quiet_transformers
 from upcycle.convert.options import OutputDtype, RouterInit, RouterKind, Split
-from upcycle.errors import UpcycleError
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
 
@@ -91,7 +90,7 @@ def convert_cmd(
     from upcycle.convert import UpcycleOptions
     from upcycle.upcycling import convert
 
-    try:
+    with failing():
         options = UpcycleOptions(
             experts=experts,
             top_k=top_k,
@@ -117,8 +116,6 @@ def convert_cmd(
                 src, out, options, force=force, dry_run=dry_run, trust_remote_code=trust_remote_code,
                 progress=progress, revision=revision,
             )  # fmt: skip
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
     if json_out:
         print(json.dumps(_json_report(result, show_plan), indent=2))
         return

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, fail
+from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, failing
 from upcycle.cli.verify import print_verify_report
-from upcycle.errors import UpcycleError
 
 
 def show_demo_step(step: str, value: Any) -> None:
@@ -70,11 +69,8 @@ def demo_cmd(
         status.update(f"[bold]{message}…")
         console.print(f"[bold cyan]›[/] {message}")
 
-    try:
-        with status:
-            ok = run_demo(DemoSteps(started, show_demo_step), out, train_steps=train_steps)
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
+    with failing(), status:
+        ok = run_demo(DemoSteps(started, show_demo_step), out, train_steps=train_steps)
     console.print(
         f"demo finished in {time.perf_counter() - start:.0f} s: "
         + ("[green]the MoE model is the dense model, now with experts.[/]" if ok else "[red]mismatch[/]")

@@ -10,9 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from upcycle.cli.app import app, console, fail
+from upcycle.cli.app import app, console, failing
 from upcycle.downstream.tasks import DEFAULT_TASKS, TASKS
-from upcycle.errors import UpcycleError
 
 if TYPE_CHECKING:
     from upcycle.downstream.run import EvalReport
@@ -45,7 +44,7 @@ def eval_cmd(
     from upcycle.hub import is_hub_id
     from upcycle.model_files import check_model_folder
 
-    try:
+    with failing():
         names = parse_request(tasks, shots)
         if not is_hub_id(model):
             check_model_folder(Path(model))  # before torch loads: a wrong path is said at once
@@ -63,8 +62,6 @@ def eval_cmd(
                 device=device,
                 progress=progress,
             )
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
     if json_out:
         print(json.dumps(report.to_json(per_item=per_item), indent=2))
     else:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from upcycle.cli.app import app, console, fail
-from upcycle.errors import OptionError, UpcycleError
+from upcycle.cli.app import app, console, failing
+from upcycle.errors import OptionError
 from upcycle.experiments.variants import VARIANTS
 
 Parallel = Annotated[
@@ -55,7 +55,7 @@ def compare_cmd(
     """
     from upcycle.experiments.compare import compare_main
 
-    try:
+    with failing():
         compare_main(
             list(recipes or []),
             size=size,
@@ -68,8 +68,6 @@ def compare_cmd(
             task_limit=task_limit,
             echo=lambda text: console.print(text, markup=False, highlight=False),
         )
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
 
 
 @app.command("sweep")
@@ -153,7 +151,7 @@ def sweep_cmd(
             console.print(line, markup=False, highlight=False)
         return
     echo = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    try:
+    with failing():
         if preset == COMPARE:
             from upcycle.experiments.compare import compare_main
 
@@ -182,8 +180,6 @@ def sweep_cmd(
             parallel=parallel,
             echo=echo,
         )
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
 
 
 def refuse_for_compare(
@@ -232,13 +228,11 @@ def plot_cmd(
     from upcycle.experiments.compare import plot_main
     from upcycle.routing_plot import plot_expert_load
 
-    try:
+    with failing():
         written = [plot_main(run_dirs, out, title, force=force)]
         if experts:
             for run_dir in run_dirs:
                 beside = out.with_name(f"{out.stem}-{run_dir.resolve().name}-expert-load.png")
                 written.append(plot_expert_load(run_dir, beside, force=force))
-    except UpcycleError as error:
-        raise fail(error) from None
     for path in written:
         console.print(f"wrote {path}", markup=False, highlight=False)

@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import app, console, fail, quiet_transformers
+from upcycle.cli.app import app, console, failing, quiet_transformers
 from upcycle.cli.convert import writing_progress
-from upcycle.errors import UpcycleError
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
 
@@ -33,14 +32,12 @@ def grow_cmd(
     from upcycle.growing import grow
 
     quiet_transformers()
-    try:
+    with failing():
         size = parse_size(shard_size, "--shard-size")
         with writing_progress(disable=dry_run) as progress:
             result = grow(
                 src, out, factor, shard_size=size, force=force, dry_run=dry_run, progress=progress, revision=revision
             )
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
     plan = result.plan
     if json_out:
         written = None if result.out is None else {"out": str(result.out), "bytes": result.bytes_written}

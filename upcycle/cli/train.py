@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from upcycle.cli.app import NOTHING_WRITTEN, app, console, err_console, fail
+from upcycle.cli.app import NOTHING_WRITTEN, app, console, err_console, fail, failing
 from upcycle.errors import OptionError, SourceError, UpcycleError
 from upcycle.units import parse_size
 
@@ -184,10 +184,8 @@ def recipes_cmd(
         return
     from upcycle.train.shipped_recipes import shipped_recipes, summary
 
-    try:
+    with failing():
         recipes = shipped_recipes()
-    except UpcycleError as error:
-        raise fail(error) from None
     if json_out:
         listed = [{"name": name, "file": str(path), "summary": summary(path)} for name, path in recipes.items()]
         print(json.dumps(listed, indent=2))
@@ -206,10 +204,8 @@ def recipes_show_cmd(name: Annotated[str, typer.Argument(help="A recipe name fro
     """Print a shipped recipe."""
     from upcycle.train.shipped_recipes import shipped_recipe
 
-    try:
+    with failing():
         path = shipped_recipe(name)
-    except UpcycleError as error:
-        raise fail(error) from None
     print(path.read_text(encoding="utf-8"), end="")
 
 
@@ -222,10 +218,8 @@ def recipes_copy_cmd(
     """Write an editable copy of a shipped recipe."""
     from upcycle.train.shipped_recipes import copy_recipe
 
-    try:
+    with failing():
         path = copy_recipe(name, dest, force=force)
-    except UpcycleError as error:
-        raise fail(error) from None
     console.print(f"wrote {path}; run it with: upcycle train {path}", markup=False, highlight=False)
 
 
@@ -255,9 +249,7 @@ def export_cmd(
     """Export a training checkpoint (the latest in RUN_DIR, or the one given) as an HF-native MoE folder."""
     from upcycle.train.export import export_checkpoint, find_checkpoint
 
-    try:
+    with failing():
         checkpoint = find_checkpoint(run_dir)
         path = export_checkpoint(checkpoint, out, force=force)
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
     console.print(f"[green]exported[/] {checkpoint.name} → {path}")

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, err_console, fail
+from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, err_console, failing
 from upcycle.errors import UpcycleError
 
 
@@ -48,7 +48,7 @@ def verify_cmd(
     The function check runs both whole models when they fit in memory, else streams them layer by layer
     (--full / --streaming choose).
     """
-    try:
+    with failing():
         if text is not None and not text.is_file():
             raise UpcycleError(f"--text {text} does not exist.", "pass an existing UTF-8 text file.")
         if full and streaming:
@@ -70,8 +70,6 @@ def verify_cmd(
                 mode="full" if full else "streaming" if streaming else "auto",
                 stage=lambda what: status.update(f"verify: {what}"),
             )
-    except (UpcycleError, KeyboardInterrupt) as error:
-        raise fail(error) from None
     if json_out:
         print(json.dumps(report.to_json(), indent=2))
     else:
