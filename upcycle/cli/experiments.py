@@ -55,19 +55,12 @@ def compare_cmd(
     """
     from upcycle.experiments.compare import compare_main
 
+    benchmarks = tasks.split(",") if tasks else ()
     with failing():
         compare_main(
-            list(recipes or []),
-            size=size,
-            out=out,
-            seeds=seeds,
-            variants=variant,
-            parallel=parallel,
-            beside_others=beside_others,
-            tasks=tasks.split(",") if tasks else (),
-            task_limit=task_limit,
-            echo=lambda text: console.print(text, markup=False, highlight=False),
-        )
+            list(recipes or []), size=size, out=out, seeds=seeds, variants=variant, parallel=parallel,
+            beside_others=beside_others, tasks=benchmarks, task_limit=task_limit, echo=_echo,
+        )  # fmt: skip
 
 
 @app.command("sweep")
@@ -150,7 +143,6 @@ def sweep_cmd(
         for line in describe_presets():
             console.print(line, markup=False, highlight=False)
         return
-    echo = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     with failing():
         if preset == COMPARE:
             from upcycle.experiments.compare import compare_main
@@ -162,7 +154,7 @@ def sweep_cmd(
                 seeds=seeds or 2,
                 parallel=parallel,
                 beside_others=beside_others,
-                echo=echo,
+                echo=_echo,
             )
             return
         sweep_main(
@@ -178,8 +170,13 @@ def sweep_cmd(
             out=out,
             beside_others=beside_others,
             parallel=parallel,
-            echo=echo,
+            echo=_echo,
         )
+
+
+def _echo(text: str) -> None:
+    """A line of an experiment's progress, as the library wrote it (no markup, no wrapping of long paths)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def refuse_for_compare(
