@@ -85,6 +85,20 @@ def test_calibration_without_a_cluster_router_is_refused(dense_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_smollm2_with_a_hidden_router_passes_verify(tmp_path):
+    from upcycle import assets
+
+    smollm2 = assets.smollm2_folder()
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    options = UpcycleOptions(experts=4, layers="26-29", router_init="hidden", router_prompts=str(prompts))
+    convert(smollm2, tmp_path / "moe", options)
+    report = verify(smollm2, tmp_path / "moe", min_tokens=128, mode="full")
+    assert report.equivalent, report.verdict
+    assert report.function.top1_agreement == 1.0 and not report.weights.not_remade
+
+
+@pytest.mark.slow
 def test_smollm2_with_a_cluster_router_passes_verify(tmp_path):
     from upcycle import assets
 
@@ -123,12 +137,31 @@ PROMPTS = """experts:
 """
 
 
-def test_a_hidden_router_is_made_from_prompts_per_expert_and_keeps_the_model_exact(tiny_pair, tmp_path):
+def with_smollm2_tokenizer(family: str, folder):
+    """A tiny random model of `family` over SmolLM2's vocabulary, with its tokenizer: prompts are real tokens."""
+    import shutil
+
+    from tiny_models import make_dense
+    from train_helpers import VOCAB
+
+    from upcycle import assets
+    from upcycle.model_files import COPIED_FILES
+
+    make_dense(family, folder, vocab_size=VOCAB, num_hidden_layers=2)
+    for path in assets.smollm2_folder().iterdir():
+        if any(path.match(pattern) for pattern in COPIED_FILES):
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+# (A Qwen2 folder holding SmolLM2's tokenizer is refused by convert: Qwen2-MoE would load it as another class.)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_a_hidden_router_is_made_from_prompts_per_expert_and_keeps_the_model_exact(family, tmp_path):
     from transformers import AutoTokenizer
 
     from upcycle.hf.loading import load_causal_lm_strict
 
-    dense, _ = tiny_pair
+    dense = with_smollm2_tokenizer(family, tmp_path / "dense")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(PROMPTS, encoding="utf-8")
     options = UpcycleOptions(experts=4, top_k=2, router_init="hidden", router_prompts=str(prompts))
