@@ -51,7 +51,8 @@ class GrowPlan(WrittenPlan):
 
 
 def build_grow_plan(source: DenseSource, factor: int, shard_size: int = 2 * 1000**3) -> GrowPlan:
-    """Every tensor of the grown model; reads the config and the headers, never the weights."""
+    """Every tensor of the grown model; reads the config and the headers (and a group-limited class's router
+    tensors, to see whether each group's rows are identical), never the experts."""
     growth = read_growth(source.config, factor, tied_groups=_groups_tied(source))
     experts, m = growth.experts, factor
     by_layer: dict[int, set[int]] = {}
