@@ -412,7 +412,7 @@ def test_a_distinct_stored_lm_head_is_kept(cli, tmp_path, mode):
 
 def test_a_hundred_million_experts_are_refused_before_planning(tmp_path, monkeypatch):
     dense = hub_llama(tmp_path / "dense")
-    monkeypatch.setattr(plan_module, "_recipes", lambda *args: pytest.fail("the plan was built"))
+    monkeypatch.setattr(plan_module.RecipeMaker, "all", lambda *args: pytest.fail("the plan was built"))
     with pytest.raises(OptionError, match=r"900,000,024 tensors.*beyond the .* of memory available"):
         convert(dense, tmp_path / "moe", UpcycleOptions(experts=100_000_000), dry_run=True)
 
