@@ -60,8 +60,6 @@ def grow(
 
 def prove_growth(config: dict, grown: dict, factor: int, tied_groups: int = 0) -> dict:
     """The config probe and the block probe on both configs; refuse (nothing written) unless both agree."""
-    import transformers
-
     from upcycle.hf.config_check import check_config_equivalence
     from upcycle.hf.moe_block_probe import TOLERANCE, probe_grown_block
 
@@ -78,14 +76,8 @@ def prove_growth(config: dict, grown: dict, factor: int, tied_groups: int = 0) -
             f"transformers' {block.block or 'MoE block'} does not compute the same with {factor}x the experts ({why}).",
             "nothing was written; this class cannot grow exactly.",
         )
-    return {
-        "equivalent": True,
-        "transformers": transformers.__version__,
-        "smallest_window": report.smallest_window,
-        "moe_layers": report.moe_layers,
-        "generation_points": report.generation_points,
-        "block": {"class": block.block, "relative_difference": block.relative_difference, "tolerance": TOLERANCE},
-    }
+    block_record = {"class": block.block, "relative_difference": block.relative_difference, "tolerance": TOLERANCE}
+    return report.record() | {"block": block_record}
 
 
 __all__ = ["grow", "prove_growth"]

@@ -17,10 +17,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from upcycle.errors import SourceError
+
+if TYPE_CHECKING:
+    from upcycle.convert.families import DenseModel
+    from upcycle.convert.options import UpcycleOptions
+    from upcycle.convert.source import DenseSource
 
 CALIBRATION_FORMAT = 1
 DEFAULT_TOKENS = 4096
@@ -119,10 +125,12 @@ def plan_calibration(
     return CalibrationRun(calibration, data, modules)
 
 
-def plan_calibrations(source, dense, opts, moe_layers: tuple[int, ...]) -> dict[str, CalibrationRun]:
+def plan_calibrations(
+    source: DenseSource, dense: DenseModel, opts: UpcycleOptions, moe_layers: tuple[int, ...]
+) -> dict[str, CalibrationRun]:
     """The calibrations a conversion's options ask for, by purpose: "router" (cluster, hidden) and "split"."""
     files = [*source.weight_files, source.folder / "config.json"]
-    runs = {}
+    runs: dict[str, CalibrationRun] = {}
     if opts.router_init in ("cluster", "hidden"):
         mlps = {layer: dense.mlp_sources(layer)["gate"].name.rsplit(".", 2)[0] for layer in moe_layers}
         data = opts.calibration if opts.router_init == "cluster" else opts.router_prompts

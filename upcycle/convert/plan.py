@@ -124,7 +124,7 @@ def _proven_target(
         config = target.config(dense, opts, layout, dtype)
         report = check_config_equivalence(source_config, config)
         if report.equivalent:
-            return target, config, _config_check_record(report)
+            return target, config, report.record()
         failures.append((target, report.first_problem))
     target, problem = failures[0]
     raise UnsupportedModelError(
@@ -133,18 +133,6 @@ def _proven_target(
         "nothing was written; choose another --target or other options. upcycle refuses rather than write an "
         "inexact model.",
     )
-
-
-def _config_check_record(report) -> dict:
-    import transformers
-
-    return {
-        "equivalent": report.equivalent,
-        "transformers": transformers.__version__,
-        "smallest_window": report.smallest_window,
-        "moe_layers": report.moe_layers,
-        "generation_points": report.generation_points,
-    }
 
 
 def _tensor_dtypes(source: DenseSource, opts: UpcycleOptions, dtype: str) -> DtypeOf:

@@ -79,6 +79,18 @@ class ConfigReport:
             return self.error
         return self.differences[0].line() if self.differences else None
 
+    def record(self) -> dict:
+        """The summary a written folder's upcycle.json keeps of the check that admitted it."""
+        import transformers
+
+        return {
+            "equivalent": self.equivalent,
+            "transformers": transformers.__version__,
+            "smallest_window": self.smallest_window,
+            "moe_layers": self.moe_layers,
+            "generation_points": self.generation_points,
+        }
+
     def to_json(self) -> dict:
         return {
             "equivalent": self.equivalent,

@@ -62,7 +62,7 @@ def build_grow_plan(source: DenseSource, factor: int, shard_size: int = 2 * 1000
         layer = _layer(name)
         dtype = DTYPE_CODES[info.dtype]
         expert = _EXPERT.match(name)
-        if expert and not _is_shared(expert["head"]):
+        if expert and "shared" not in expert["head"]:  # a shared expert is not routed: copied as it is
             index = int(expert["index"])
             by_layer.setdefault(layer, set()).add(index)
             for j in range(index * m, (index + 1) * m):
@@ -129,10 +129,6 @@ def _order(name: str) -> tuple[int, str]:
 def _layer(name: str) -> int:
     found = _LAYER.search(name)
     return int(found.group(1)) if found else -1
-
-
-def _is_shared(head: str) -> bool:
-    return "shared" in head
 
 
 def _indexed_by_expert(name: str, info: TensorInfo, experts: int) -> bool:
