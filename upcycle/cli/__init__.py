@@ -5,7 +5,7 @@ One module per command group registers its commands on the one Typer app (`upcyc
 """
 
 # ruff: noqa: I001, F401  (imported for their registrations, in the order of the help)
-from upcycle.cli import convert, grow, verify, evaluate, train, experiments, demo, cache
+from upcycle.cli import convert, grow, merge, verify, evaluate, train, experiments, demo, cache
 from upcycle.cli.app import app
 
 __all__ = ["app"]

@@ -33,6 +33,12 @@ EXIT_BAD_INPUT = 2
 EXIT_SIGNAL_BASE = 128  # a command a signal stopped exits 128 + its number, as shells report it (Ctrl-C: 130)
 NOTHING_WRITTEN = "nothing was left behind. Fix: run the command again."
 
+# Options several commands take, worded once.
+ReplaceOutput = Annotated[bool, typer.Option("--force", help="Replace the output if it exists (atomically).")]
+ShardSize = Annotated[
+    str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
+]
+
 
 @app.callback()
 def main(

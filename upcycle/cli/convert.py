@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from upcycle.cli.app import app, console, err_console, failing, one_of, quiet_transformers
+from upcycle.cli.app import ReplaceOutput, ShardSize, app, console, err_console, failing, one_of, quiet_transformers
 from upcycle.convert.options import OutputDtype, RouterInit, RouterKind, Split
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
@@ -71,12 +71,10 @@ def convert_cmd(
     dtype: Annotated[
         str, typer.Option(metavar=one_of(OutputDtype), help="auto: the dtype the source is stored in.")
     ] = "auto",
-    shard_size: Annotated[
-        str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
-    ] = "2GB",
+    shard_size: ShardSize = "2GB",
     seed: Annotated[int, typer.Option(help="Seed for routers, Drop-Upcycling and noise.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: ReplaceOutput = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Accept a source that declares custom code.")] = False,
     show_plan: Annotated[bool, typer.Option("--show-plan", help="With --dry-run: list every tensor.")] = False,
     json_out: Annotated[

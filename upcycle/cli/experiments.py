@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from upcycle.cli.app import app, console, failing
+from upcycle.cli.app import ReplaceOutput, app, console, failing
 from upcycle.errors import OptionError
 from upcycle.experiments.variants import VARIANTS
 
@@ -219,7 +219,7 @@ def plot_cmd(
             "--experts", help="Also draw each run's expert-load heatmap (per layer, over steps) beside the loss plot."
         ),
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (atomically).")] = False,
+    force: ReplaceOutput = False,
 ) -> None:
     """Plot held-out loss against training tokens and training FLOPs for any set of runs."""
     from upcycle.experiments.compare import plot_main

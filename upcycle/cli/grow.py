@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import app, console, failing, quiet_transformers
+from upcycle.cli.app import ReplaceOutput, ShardSize, app, console, failing, quiet_transformers
 from upcycle.cli.convert import writing_progress
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
@@ -20,11 +20,9 @@ def grow_cmd(
     src: Annotated[str, typer.Argument(help="An MoE folder or Hub id (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4-MoE ...).")],
     out: Annotated[Path, typer.Argument(help="Where the grown checkpoint goes (must not exist unless --force).")],
     factor: Annotated[int, typer.Option(min=2, help="m: every expert becomes m copies; top-k m times as many.")] = 2,
-    shard_size: Annotated[
-        str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
-    ] = "2GB",
+    shard_size: ShardSize = "2GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and prove, and write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (atomically).")] = False,
+    force: ReplaceOutput = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print what grew as JSON.")] = False,
     revision: Annotated[str | None, typer.Option(help="For a Hub id: the branch, tag or commit.")] = None,
 ) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from upcycle.cli.app import NOTHING_WRITTEN, app, console, err_console, fail, failing
+from upcycle.cli.app import NOTHING_WRITTEN, ReplaceOutput, app, console, err_console, fail, failing
 from upcycle.errors import OptionError, SourceError, UpcycleError
 from upcycle.units import parse_size
 
@@ -213,7 +213,7 @@ def recipes_show_cmd(name: Annotated[str, typer.Argument(help="A recipe name fro
 def recipes_copy_cmd(
     name: Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")],
     dest: Annotated[Path, typer.Argument(help="A .yaml file, or a folder to write NAME.yaml into.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace DEST if it exists (atomically).")] = False,
+    force: ReplaceOutput = False,
 ) -> None:
     """Write an editable copy of a shipped recipe."""
     from upcycle.train.shipped_recipes import copy_recipe
@@ -244,7 +244,7 @@ def interrupted_training(run_dir: str, recipe: str, overrides: list[str]) -> str
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder of `upcycle train` (or one checkpoint folder in it).")],
     out: Annotated[Path, typer.Argument(help="Where the HF-native checkpoint goes (must not exist unless --force).")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (atomically).")] = False,
+    force: ReplaceOutput = False,
 ) -> None:
     """Export a training checkpoint (the latest in RUN_DIR, or the one given) as an HF-native MoE folder."""
     from upcycle.train.export import export_checkpoint, find_checkpoint

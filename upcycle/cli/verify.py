@@ -18,7 +18,10 @@ from upcycle.errors import UpcycleError
 @app.command("verify")
 def verify_cmd(
     dense: Annotated[
-        str, typer.Argument(help="The dense source: the folder, .gguf file or Hub id it was converted from.")
+        str,
+        typer.Argument(
+            help="The dense source: the folder, .gguf file or Hub id it was converted from (for a merge: its YAML)."
+        ),
     ],
     moe: Annotated[str, typer.Argument(help="The folder written by `upcycle convert` (or its Hub id).")],
     dtype: Annotated[str, typer.Option(help="Compute dtype for the function check.")] = "float32",
@@ -53,8 +56,12 @@ def verify_cmd(
             raise UpcycleError(f"--text {text} does not exist.", "pass an existing UTF-8 text file.")
         if full and streaming:
             raise UpcycleError("--full and --streaming exclude each other.", "pass one of them, or neither.")
-        check_local_paths(dense, moe)
         content = text.read_text(errors="replace") if text is not None else None
+        if dense.endswith((".yaml", ".yml")):  # a merge: its parts are proven, its distance from each source measured
+            from upcycle.cli.merge import verify_merge_and_report
+
+            verify_merge_and_report(Path(dense), Path(moe), min_tokens, content, json_out)
+        check_local_paths(dense, moe)
         from upcycle.verify import verify
 
         with err_console.status("verify", spinner="dots") as status:

@@ -43,7 +43,8 @@ class CalibrationMissing(LookupError):
 class Calibration:
     """What the router rows are made from: its hash names them in the cache."""
 
-    kind: str  # "cluster" (k-means of the MLP inputs on text), "hidden" (prompts per expert) or "split" (neurons)
+    kind: str  # "cluster" (k-means of the MLP inputs on text), "hidden" (prompts per expert), "split" (neurons) or
+    # "gates:MODE" (a merge's router rows, mergekit's gate_mode MODE)
     dense_sha256: tuple[tuple[str, str], ...]  # (file, sha256) of the dense weights and config
     data_sha256: str  # of the text, or of the prompts as JSON
     origin: str  # where the text or prompts came from, for people: a file name or the built-in corpus
@@ -63,6 +64,11 @@ class Calibration:
             return (
                 f"each copy's {self.clusters} shards group neurons that fire together: balanced k-means of each MoE "
                 f"layer's neuron activations on {self.tokens:,} tokens of {self.origin} (calibration {self.key})"
+            )
+        if self.kind.startswith("gates:"):
+            return (
+                f"router rows from gate_mode {self.kind[6:]} (mergekit-moe's semantics) over the base model's "
+                f"prompts per expert, seed {self.seed} (calibration {self.key})"
             )
         if self.kind == "hidden":
             return (
@@ -188,6 +194,10 @@ def ensure_rows(run: CalibrationRun, folder: Path) -> Path:
 def _calibrate(run: CalibrationRun, folder: Path) -> dict[int, torch.Tensor]:
     calibration = run.calibration
     seed, k = calibration.seed, calibration.clusters
+    if calibration.kind.startswith("gates:"):
+        from upcycle.convert.merge.gates import gate_rows
+
+        return gate_rows(calibration.kind[6:], folder, run.data, calibration.layers, seed)
     if calibration.kind == "hidden":
         from upcycle.convert.router_prompts import prompt_rows
 

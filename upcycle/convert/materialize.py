@@ -109,6 +109,11 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
     num_experts, hidden = recipe.shape
     if recipe.router_init == "zero":
         return torch.zeros(recipe.shape)
+    if recipe.router_init == "given":  # a merge's rows, as gate_mode made them (rows: which of them)
+        from upcycle.convert.calibration import calibrated
+
+        given = calibrated(recipe.calibration, recipe.layer)
+        return given[recipe.rows[0] : recipe.rows[1]] if recipe.rows is not None else given
     rows = num_experts // recipe.group_size
     if recipe.router_init in ("cluster", "hidden"):  # unit rows from data at the norm a random row has: std*sqrt(H)
         from upcycle.convert.calibration import calibrated

@@ -8,8 +8,8 @@ The prompts file is YAML, one entry per expert copy, in mergekit-moe's own spell
       - positive_prompts: ["The capital of France is"]
 
 Row e of layer l is the hidden state entering decoder layer l at each prompt's last token, averaged over expert e's
-positive prompts, minus the same average over its negative prompts, then normalised. Prompts run one at a time
-(mergekit pads a batch and reads its last position, which for a shorter prompt is padding) in fp32.
+positive prompts, minus the same average over its negative prompts, then normalised. Prompts run one at a time in
+fp32 (mergekit left-pads a batch, which shifts a shorter prompt's positions, and runs it in bf16).
 """
 
 from __future__ import annotations

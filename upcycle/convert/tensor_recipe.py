@@ -30,9 +30,11 @@ class TensorRecipe:
     drop_axis: int = 0  # axis of the intermediate neurons: 0 for gate/up, 1 for down
     drop_key: str = ""  # names the expert: its gate, up and down re-draw the same neurons
     noise: float = 0.0  # Gaussian noise std relative to the source tensor's std
-    router_init: str = ""  # random | zero | cluster
+    router_init: str = ""  # random | zero | cluster | hidden | given (a merge's rows; `rows` picks them)
     router_std: float = 0.0
-    calibration: str = ""  # router_init cluster or hidden: the cache key of its rows (upcycle.convert.calibration)
+    calibration: str = (
+        ""  # router_init cluster, hidden or given: the cache key of its rows (upcycle.convert.calibration)
+    )
     neuron_order: str = ""  # --split activation: the cache key of the neuron permutation applied before slicing
     group_size: int = 1  # router rows tied in groups of this size (virtual groups)
     seed: int = 0

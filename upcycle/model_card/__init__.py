@@ -15,6 +15,7 @@ from typing import Any
 from upcycle.errors import SourceError
 from upcycle.hub import HUB_ID
 from upcycle.model_card.growth import GROWN, growth_card
+from upcycle.model_card.merged import MERGED, merge_card
 from upcycle.model_card.sections import (
     conversion_exactness_after_training,
     downstream_section,
@@ -56,6 +57,10 @@ def conversion_card(
             front=front_matter(source, moe=True),
             loading=_loading_section(model_id, tokenizer),
             verify=verify,
+        )
+    if record.get("kind") == MERGED:
+        return merge_card(
+            record, title=model_id, front=front_matter(source, moe=True), loading=_loading_section(model_id, tokenizer)
         )
     origin = f"the dense model {name}" if name else f"a dense {record['family']} model"
     parts = [

@@ -16,20 +16,7 @@ from upcycle.hub import is_hub_id
 from upcycle.train.recipe_keys import dotted_keys, unknown_key
 from upcycle.train.recipe_paths import MODEL_KEYS, PATH_KEYS, command_line_path
 from upcycle.train.recipe_sections import SECTIONS
-from upcycle.validation import nested_model
-
-
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (plain PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+from upcycle.validation import StrictLoader, nested_model
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

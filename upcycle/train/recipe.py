@@ -18,7 +18,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from upcycle.errors import OptionError
 from upcycle.train.batch_size import check_whole_micro_batches
-from upcycle.train.overrides import StrictLoader, apply_overrides
+from upcycle.train.overrides import apply_overrides
 from upcycle.train.recipe_keys import unknown_key
 from upcycle.train.recipe_paths import absolute_path, data_files, model_path
 from upcycle.train.recipe_sections import (
@@ -31,7 +31,7 @@ from upcycle.train.recipe_sections import (
     ParallelSection,
     RunSection,
 )
-from upcycle.validation import Text, describe, dotted, one_line, validated
+from upcycle.validation import StrictLoader, Text, describe, dotted, one_line, validated
 
 _EMPTY = BeforeValidator(lambda value: {} if value is None else value)  # "moe:" with nothing under it
 

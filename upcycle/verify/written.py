@@ -24,6 +24,13 @@ MEASURE_TOKENS = 128  # enough text to see the rounding's effect; verify measure
 
 def inspect_written(plan: WrittenPlan, dense: DenseSource, folder: Path) -> None:
     """Refuse a written folder whose tokenizer or generation settings load differently; measure a rounding."""
+    refuse_other_files(plan, dense, folder)
+    if plan.exactness.rounded_to:
+        plan.exactness.rounding_deviation = measure_rounding(plan, dense, folder)
+
+
+def refuse_other_files(plan: WrittenPlan, dense: DenseSource, folder: Path) -> None:
+    """Refuse a written folder whose tokenizer or generation settings load differently from the source's."""
     files = check_files(dense.folder, folder, None, byte_equal=False)
     if not files.ok:
         first = files.differences[0]
@@ -38,8 +45,6 @@ def inspect_written(plan: WrittenPlan, dense: DenseSource, folder: Path) -> None
             f"settings: {first}; nothing was written.",
             fix,
         )
-    if plan.exactness.rounded_to:
-        plan.exactness.rounding_deviation = measure_rounding(plan, dense, folder)
 
 
 def measure_rounding(plan: WrittenPlan, dense: DenseSource, moe_folder: Path) -> dict:

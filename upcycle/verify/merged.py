@@ -1,0 +1,203 @@
+"""`verify CONFIG.yaml MERGED`: prove a merge's parts and measure the whole.
+
+A merge computes no single source model, so there is no equivalence to prove; its parts are proven instead:
+- every tensor the merged folder shares a name with the base is the base's (in the merged dtype), and every base
+  tensor it lacks is an MLP tensor the experts replace;
+- in every MoE layer, routing forced to expert i (weight 1, through the class's own experts module in
+  transformers) gives source model i's MLP output, and the shared expert gives the shared model's;
+- the router rows are the rows gate_mode makes (re-made from the record; skipped when this machine lacks them);
+- the config computes what the base's computes outside the MLPs (the config probe), and the tokenizer and
+  generation files load as the base's do;
+then the whole model's logits on real text are compared with the base's and each source's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from upcycle.errors import SourceError
+
+if TYPE_CHECKING:
+    from upcycle.convert.merge.spec import MergeSpec
+
+FORCED_TOLERANCE = 1e-5  # relative: the same weights through the experts module and the dense MLP, in fp32
+# a residual_scale multiplies a down projection in fp32 before it is stored: its rounding, at most half a unit
+SCALED_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+@dataclass
+class ForcedRouting:
+    expert: str  # "experts[i]" or "shared_experts[i]"
+    source: str
+    worst_relative: float  # over the MoE layers
+    layers: int
+    tolerance: float = FORCED_TOLERANCE
+
+
+@dataclass
+class SourceDistance:
+    model: str  # "base_model", "experts[i]", ...
+    source: str
+    logits_relative: float
+    top1_agreement: float
+
+
+@dataclass
+class MergeReport:
+    tensors_from_base: int = 0
+    base_tensors_replaced: int = 0
+    weight_problems: list[str] = field(default_factory=list)
+    routers_checked: int = 0
+    router_note: str = ""
+    config_equivalent: bool = False
+    config_problem: str = ""
+    file_problems: list[str] = field(default_factory=list)
+    forced: list[ForcedRouting] = field(default_factory=list)
+    distances: list[SourceDistance] = field(default_factory=list)
+    tokens: int = 0
+    text_source: str = ""
+    dtype: str = ""
+
+    @property
+    def parts_proven(self) -> bool:
+        return (
+            not self.weight_problems
+            and self.config_equivalent
+            and not self.file_problems
+            and all(f.worst_relative <= f.tolerance for f in self.forced)
+        )
+
+    def to_json(self) -> dict:
+        return {"parts_proven": self.parts_proven, **asdict(self)}
+
+
+def verify_merge(config: Path, merged: Path, tokens: int = 256, text: str | None = None) -> MergeReport:
+    from upcycle.convert.merge.sources import open_merge_sources
+    from upcycle.convert.merge.spec import read_merge_spec
+    from upcycle.convert.source import DenseSource
+    from upcycle.hf.config_check import check_config_equivalence
+    from upcycle.verify.files import check_files
+
+    spec = read_merge_spec(config)
+    base, experts, shared, names = open_merge_sources(spec)
+    moe = DenseSource.open(merged)
+    record = _record(merged)
+    report = MergeReport(dtype=record.get("dtype", ""))
+    _check_tensors(report, base, moe)
+    _check_routers(report, record, moe)
+    check = check_config_equivalence(base.config, moe.config)
+    report.config_equivalent, report.config_problem = check.equivalent, check.first_problem or ""
+    report.file_problems = check_files(base.folder, merged, record.get("copied_files"), byte_equal=True).differences
+    _check_forced_routing(report, merged, spec, experts + shared, names)
+    _measure_distances(report, merged, base, experts, shared, names, tokens, text)
+    return report
+
+
+def _record(merged: Path) -> dict:
+    try:
+        record = json.loads((merged / "upcycle.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("kind") != "merge":
+        raise SourceError(f"{merged} holds no merge record (upcycle.json).", "pass the OUT folder of `upcycle merge`.")
+    return record
+
+
+def _check_tensors(report: MergeReport, base, moe) -> None:
+    for name in sorted(base.tensors):
+        if name not in moe.tensors:
+            if name.rsplit(".", 2)[-2] in MLP_NAMES and ".mlp." in name:
+                report.base_tensors_replaced += 1
+            elif not (name == "lm_head.weight" and base.config.get("tie_word_embeddings")):  # tied: saved once
+                report.weight_problems.append(f"the base's {name} is missing")
+            continue
+        kept = moe.read(name)
+        if not torch.equal(base.read(name).to(kept.dtype), kept):
+            report.weight_problems.append(f"{name} differs from the base's")
+        report.tensors_from_base += 1
+
+
+def _check_routers(report: MergeReport, record: dict, moe) -> None:
+    from upcycle.convert.calibration import CalibrationMissing
+    from upcycle.convert.materialize import materialize
+    from upcycle.convert.tensor_recipe import TensorRecipe
+
+    routers = [
+        TensorRecipe.from_json(r)
+        for shard in record.get("shards", {}).values()
+        for r in shard
+        if r.get("router_init") == "given"
+    ]
+    for recipe in routers:
+        try:
+            made = materialize(recipe, lambda name, dtype=None: None)  # a router reads no source tensor
+        except CalibrationMissing:
+            report.router_note = "the gate rows are not in this machine's cache: router rows not re-made"
+            return
+        if not torch.equal(made, moe.read(recipe.name)):
+            report.weight_problems.append(f"{recipe.name} is not the gate rows gate_mode made")
+        report.routers_checked += 1
+
+
+def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, models: list, names: dict) -> None:
+    from upcycle.hf.loading import load_causal_lm_strict
+    from upcycle.hf.moe_modules import decoder_layers, is_moe_block
+
+    moe = load_causal_lm_strict(merged, _dtype(report.dtype)).float().eval()
+    blocks = [(i, layer.mlp) for i, layer in enumerate(decoder_layers(moe)) if is_moe_block(layer.mlp)]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, moe.config.hidden_size, generator=generator)
+    routed = len(spec.experts)
+    for position, (expert, source) in enumerate(zip(spec.gated, models, strict=True)):
+        kind, index = ("experts", position) if position < routed else ("shared_experts", position - routed)
+        dense = load_causal_lm_strict(source.folder, _dtype(report.dtype)).float().eval()
+        dense_layers = decoder_layers(dense)
+        scale = expert.residual_scale if expert.residual_scale is not None else 1.0
+        worst = 0.0
+        with torch.no_grad():
+            for layer, block in blocks:
+                want = dense_layers[layer].mlp(x) * scale
+                if kind == "experts":
+                    ids = torch.full((len(x), 1), index, dtype=torch.long)
+                    got = block.experts(x, ids, torch.ones(len(x), 1))
+                else:
+                    got = block.shared_expert(x)
+                worst = max(worst, ((got - want).norm() / want.norm()).item())
+        key = f"{kind}[{index}]"
+        tolerance = FORCED_TOLERANCE if scale == 1.0 else SCALED_TOLERANCE.get(report.dtype, FORCED_TOLERANCE)
+        report.forced.append(ForcedRouting(key, names[key], worst, len(blocks), tolerance))
+
+
+def _measure_distances(
+    report: MergeReport, merged: Path, base, experts: list, shared: list, names: dict, tokens: int, text: str | None
+) -> None:
+    from upcycle.hf.loading import load_causal_lm_strict
+    from upcycle.verify.function import load_text_tokens
+
+    moe = load_causal_lm_strict(merged, torch.float32).eval()
+    ids, report.text_source = load_text_tokens(merged, text, tokens, moe.config.vocab_size)
+    report.tokens = len(ids)
+    with torch.no_grad():
+        merged_logits = moe(ids[None]).logits[0].double()
+    models = [("base_model", base)] + [(f"experts[{i}]", m) for i, m in enumerate(experts)]
+    models += [(f"shared_experts[{i}]", m) for i, m in enumerate(shared)]
+    for key, source in models:
+        dense = load_causal_lm_strict(source.folder, torch.float32).eval()
+        with torch.no_grad():
+            logits = dense(ids[None]).logits[0].double()
+        relative = ((merged_logits - logits).norm() / logits.norm()).item()
+        agreement = (merged_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+        report.distances.append(SourceDistance(key, names[key], relative, agreement))
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+__all__ = ["MergeReport", "verify_merge"]
