@@ -8,6 +8,7 @@ saves for that config (built on the meta device, so the expected set is transfor
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from typing import TypeVar
 
@@ -203,7 +204,19 @@ def _intermediate_size(family: Family, expected: dict[str, tuple[int, ...]], res
 
 
 def _expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor the family's transformers class saves for this config, with its shape (tied copies left out)."""
+    """Every tensor the family's transformers class saves for this config, with its shape (tied copies left out).
+
+    Remembered per config for the process: a merge describes the base and every expert model, often one config."""
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _EXPECTED:
+        _EXPECTED[key] = _build_expected_tensors(config)
+    return dict(_EXPECTED[key])
+
+
+_EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def _build_expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     from upcycle.hf.skeleton import SkeletonError, meta_model
 
     try:
