@@ -92,6 +92,21 @@ def test_a_merge_loads_and_verify_proves_its_parts(family, gate_mode, tokenizer,
     assert all(d.logits_relative > 0 for d in report.distances)  # a merge is none of its sources
 
 
+@pytest.mark.parametrize(("family", "target"), [("olmo2", "flex_olmo"), ("granite", "granitemoe"), ("phi3", "mixtral")])
+def test_other_families_merge_into_their_conversion_class(family, target, tmp_path):
+    """Phi-3's fused qkv and gate_up, Granite's multipliers and its `block_sparse_moe`, OLMo 2's norms."""
+    from family_configs import family_config
+    from hub_models import save_hub_style
+
+    base = save_hub_style(family_config(family), tmp_path / "base")
+    experts = [fine_tune_of(base, tmp_path / f"ft{i}", seed=i + 1) for i in range(2)]
+    config = write_yaml(tmp_path / "merge.yaml", base, experts, "random")
+    assert merge(config, tmp_path / "moe").plan.target == target
+    report = verify_merge(config, tmp_path / "moe", tokens=32)
+    assert report.parts_proven, report.to_json()
+    assert all(f.worst_relative <= 1e-6 for f in report.forced)
+
+
 def test_a_qwen2_moe_merge_has_the_shared_models_mlp_behind_its_gate(tmp_path):
     base, experts = models(tmp_path, "qwen2", 3)
     config = write_yaml(tmp_path / "merge.yaml", base, experts[:2], "random", shared=experts[2])

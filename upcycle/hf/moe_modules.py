@@ -18,6 +18,11 @@ def is_moe_block(module: nn.Module) -> bool:
     return isinstance(experts, nn.Module) and isinstance(router, nn.Module)
 
 
+def moe_block_of(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's sparse block, whatever the class calls it (`mlp`, `block_sparse_moe`, `feed_forward`)."""
+    return next((child for _, child in layer.named_children() if is_moe_block(child)), None)
+
+
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if is_moe_block(module)]
 

@@ -89,7 +89,7 @@ def verify_merge(config: Path, merged: Path, tokens: int = 256, text: str | None
     moe = DenseSource.open(merged)
     record = _record(merged)
     report = MergeReport(dtype=record.get("dtype", ""))
-    _check_tensors(report, base, moe)
+    _check_tensors(report, base, moe, record)
     _check_routers(report, record, moe)
     check = check_config_equivalence(base.config, moe.config)
     report.config_equivalent, report.config_problem = check.equivalent, check.first_problem or ""
@@ -109,18 +109,31 @@ def _record(merged: Path) -> dict:
     return record
 
 
-def _check_tensors(report: MergeReport, base, moe) -> None:
-    for name in sorted(base.tensors):
-        if name not in moe.tensors:
-            if name.rsplit(".", 2)[-2] in MLP_NAMES and ".mlp." in name:
-                report.base_tensors_replaced += 1
-            elif not (name == "lm_head.weight" and base.config.get("tie_word_embeddings")):  # tied: saved once
-                report.weight_problems.append(f"the base's {name} is missing")
+def _check_tensors(report: MergeReport, base, moe, record: dict) -> None:
+    """Each tensor copied from the base (by name, or by its rows of a fused base tensor) equals it; every other base
+    tensor is an MLP tensor the experts replace (or a head tied to the embeddings)."""
+    recipes = {r["name"]: r for shard in record.get("shards", {}).values() for r in shard}
+    carried = set()
+    for name in sorted(moe.tensors):
+        recipe = recipes.get(name)
+        if recipe is None or recipe["op"] != "copy":
+            continue  # experts and routers: checked by function and by re-making the rows
+        source, rows = recipe.get("source") or name, recipe.get("source_rows")
+        carried.add(source)
+        if source not in base.tensors:
+            report.weight_problems.append(f"{name} is made from {source}, which the base lacks")
             continue
-        kept = moe.read(name)
-        if not torch.equal(base.read(name).to(kept.dtype), kept):
+        want, kept = base.read(source), moe.read(name)
+        want = want[rows[0] : rows[1]] if rows else want
+        if not torch.equal(want.to(kept.dtype), kept):
             report.weight_problems.append(f"{name} differs from the base's")
         report.tensors_from_base += 1
+    tied = bool(base.config.get("tie_word_embeddings"))
+    for name in sorted(set(base.tensors) - carried):
+        if ".mlp." in name and name.rsplit(".", 2)[-2] in MLP_NAMES:
+            report.base_tensors_replaced += 1
+        elif not (name == "lm_head.weight" and tied) and not name.endswith("rotary_emb.inv_freq"):
+            report.weight_problems.append(f"the base's {name} is not in the merge")
 
 
 def _check_routers(report: MergeReport, record: dict, moe) -> None:
@@ -147,10 +160,11 @@ def _check_routers(report: MergeReport, record: dict, moe) -> None:
 
 def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, models: list, names: dict) -> None:
     from upcycle.hf.loading import load_causal_lm_strict
-    from upcycle.hf.moe_modules import decoder_layers, is_moe_block
+    from upcycle.hf.moe_modules import decoder_layers, moe_block_of
 
     moe = load_causal_lm_strict(merged, _dtype(report.dtype)).float().eval()
-    blocks = [(i, layer.mlp) for i, layer in enumerate(decoder_layers(moe)) if is_moe_block(layer.mlp)]
+    found = [(i, moe_block_of(layer)) for i, layer in enumerate(decoder_layers(moe))]
+    blocks = [(i, block) for i, block in found if block is not None]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, moe.config.hidden_size, generator=generator)
     routed = len(spec.experts)
@@ -162,7 +176,7 @@ def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, mo
         worst = 0.0
         with torch.no_grad():
             for layer, block in blocks:
-                want = dense_layers[layer].mlp(x) * scale
+                want = _dense_mlp(dense_layers[layer])(x) * scale
                 if kind == "experts":
                     ids = torch.full((len(x), 1), index, dtype=torch.long)
                     got = block.experts(x, ids, torch.ones(len(x), 1))
@@ -194,6 +208,11 @@ def _measure_distances(
         relative = ((merged_logits - logits).norm() / logits.norm()).item()
         agreement = (merged_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
         report.distances.append(SourceDistance(key, names[key], relative, agreement))
+
+
+def _dense_mlp(layer: torch.nn.Module) -> torch.nn.Module:
+    """A dense decoder layer's MLP, under the name its class gives it."""
+    return getattr(layer, "mlp", None) or layer.feed_forward
 
 
 def _dtype(name: str) -> torch.dtype:
