@@ -13,7 +13,6 @@ normalised over the experts (DeepSeek-V3's sequence-wise balance loss uses the s
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from upcycle.hf.moe_modules import moe_blocks, router_of
+from upcycle.train.token_dropping import SentinelSupport, within_capacity
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -62,12 +62,16 @@ class RouterTaps:
     model: nn.Module
     capacity_factor: float | None = None
     count: bool = False  # accumulate assignments per expert over a step (for score-bias balancing)
+    skip_dropped: bool = True  # False: dropped assignments are computed with weight zero (the same gradients)
+    say: Callable[[str], None] | None = None  # told once per experts class whether dropping saves its compute
     records: list[RouterRecord] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.routers = find_routers(self.model)
         self.counts_LE: torch.Tensor | None = None
+        self._experts = {id(router_of(block)): block.experts for _, block in moe_blocks(self.model)}
+        self._sentinels = SentinelSupport(self.say)
         for _, router in self.routers:
             self._handles.append(router.register_forward_hook(self._hook))
 
@@ -77,8 +81,15 @@ class RouterTaps:
         self.records.append(record)
         if self.capacity_factor is None or not module.training:
             return None
-        record.kept_TK = within_capacity(index_TK, logits_TE.shape[-1], self.capacity_factor)
-        return (logits_TE, weights_TK * record.kept_TK.to(weights_TK.dtype), index_TK, *output[3:])
+        num_experts = logits_TE.shape[-1]
+        kept_TK = record.kept_TK = within_capacity(index_TK, num_experts, self.capacity_factor)
+        routed_TK = index_TK
+        experts = self._experts.get(id(module))
+        if self.skip_dropped and experts is not None:
+            hidden_TH = args[0].reshape(-1, args[0].shape[-1])
+            if self._sentinels.skips(experts, hidden_TH, num_experts, index_TK.shape[-1]):
+                routed_TK = index_TK.masked_fill(~kept_TK, num_experts)  # the sentinel: not computed at all
+        return (logits_TE, weights_TK * kept_TK.to(weights_TK.dtype), routed_TK, *output[3:])
 
     def clear(self) -> None:
         self.records.clear()
@@ -97,16 +108,6 @@ class RouterTaps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-def within_capacity(index_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
-    """True for assignments kept: each expert takes at most ceil(cf*T*k/E), first choices first, then by token."""
-    tokens, k = index_TK.shape
-    capacity = math.ceil(capacity_factor * tokens * k / num_experts)
-    order_S = index_TK.t().reshape(-1)  # priority: all first choices (in token order), then all second choices
-    one_hot_SE = torch.nn.functional.one_hot(order_S, num_experts)
-    position_S = (one_hot_SE.cumsum(0) * one_hot_SE).sum(-1) - 1
-    return (position_S < capacity).view(k, tokens).t()
 
 
 def _counts(index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

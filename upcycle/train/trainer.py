@@ -211,7 +211,9 @@ class Trainer:
         announce(self.report, "loading the model")
         self.model = load_model(recipe, info, self.layout, self.compute_dtype)
         self.placement = checked_placement(self.model, self.layout, self.shape.num_experts, info)
-        self.taps = moe_losses.RouterTaps(self.model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0)
+        self.taps = moe_losses.RouterTaps(
+            self.model, recipe.moe.capacity_factor, count=recipe.moe.bias_update_rate > 0, say=self.report.message
+        )
         if self.compute_dtype != torch.float32 and self.taps.routers:
             fp32 = routers_in_fp32(recipe.moe.router_dtype, self.taps.routers)
             if fp32:
