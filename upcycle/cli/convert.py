@@ -146,6 +146,23 @@ def writing_progress(disable: bool) -> Iterator[Callable[[int, int, str], None]]
         yield lambda done, total, name: progress.update(task, completed=done, total=total)
 
 
+def print_written_json(result: Any) -> None:
+    """A growth's or merge's `--json`: what was written, and the plan's record without its tensor recipes."""
+    written = None if result.out is None else {"out": str(result.out), "bytes": result.bytes_written}
+    record = {key: value for key, value in result.plan.to_json().items() if key != "shards"}
+    print(json.dumps({"dry_run": result.out is None, "written": written, "plan": record}, indent=2))
+
+
+def print_written(result: Any, table: Table, next_step: str) -> None:
+    """The summary table, then what was written (or that nothing was) and the command that checks it."""
+    console.print(table)
+    if result.out is None:
+        console.print("[yellow]dry run:[/] nothing was written.")
+        return
+    console.print(f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s)")
+    console.print(next_step, markup=False, highlight=False)
+
+
 def _print_plan(plan: Any, show_tensors: bool) -> None:
     opts = plan.options
     table = Table(title="Upcycle plan", show_header=False, title_justify="left")

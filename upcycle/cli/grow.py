@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import ReplaceOutput, ShardSize, app, console, failing, quiet_transformers
-from upcycle.cli.convert import writing_progress
+from upcycle.cli.app import ReplaceOutput, ShardSize, app, failing, quiet_transformers
+from upcycle.cli.convert import print_written, print_written_json, writing_progress
 from upcycle.spans import layer_spans
 from upcycle.units import parse_size
 
@@ -38,9 +37,7 @@ def grow_cmd(
             )
     plan = result.plan
     if json_out:
-        written = None if result.out is None else {"out": str(result.out), "bytes": result.bytes_written}
-        record = {key: value for key, value in plan.to_json().items() if key != "shards"}
-        print(json.dumps({"dry_run": result.out is None, "written": written, "plan": record}, indent=2))
+        print_written_json(result)
         return
     growth = plan.growth
     table = Table(title="upcycle grow", show_header=False)
@@ -51,9 +48,4 @@ def grow_cmd(
     block = plan.config_check["block"]
     table.add_row("proof", f"config probe equal; {block['class']} equal ({block['relative_difference']:.1e} relative)")
     table.add_row("exactness", plan.exactness.label)
-    console.print(table)
-    if result.out is None:
-        console.print("[yellow]dry run:[/] nothing was written.")
-        return
-    console.print(f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s)")
-    console.print(f"prove it with: upcycle verify {src} {result.out}", markup=False, highlight=False)
+    print_written(result, table, f"prove it with: upcycle verify {src} {result.out}")

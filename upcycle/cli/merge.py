@@ -20,7 +20,7 @@ from upcycle.cli.app import (
     failing,
     quiet_transformers,
 )
-from upcycle.cli.convert import writing_progress
+from upcycle.cli.convert import print_written, print_written_json, writing_progress
 from upcycle.units import parse_size
 
 
@@ -44,9 +44,7 @@ def merge_cmd(
             result = merge(config, out, seed=seed, shard_size=size, force=force, dry_run=dry_run, progress=progress)
     plan = result.plan
     if json_out:
-        written = None if result.out is None else {"out": str(result.out), "bytes": result.bytes_written}
-        record = {key: value for key, value in plan.to_json().items() if key != "shards"}
-        print(json.dumps({"dry_run": result.out is None, "written": written, "plan": record}, indent=2))
+        print_written_json(result)
         return
     spec = plan.merge["config"]
     table = Table(title="upcycle merge", show_header=False)
@@ -59,12 +57,7 @@ def merge_cmd(
     table.add_row("top-k", str(spec["experts_per_token"]))
     table.add_row("routers", f"gate_mode {spec['gate_mode']}")
     table.add_row("dtype", plan.dtype)
-    console.print(table)
-    if result.out is None:
-        console.print("[yellow]dry run:[/] nothing was written.")
-        return
-    console.print(f"[green]wrote[/] {result.out} ({result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s)")
-    console.print(f"prove its parts with: upcycle verify {config} {result.out}", markup=False, highlight=False)
+    print_written(result, table, f"prove its parts with: upcycle verify {config} {result.out}")
 
 
 def verify_merge_and_report(config: Path, merged: Path, tokens: int, text: str | None, json_out: bool) -> None:
