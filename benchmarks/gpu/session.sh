@@ -40,8 +40,12 @@ if [ "$stage" = kernels ]; then
     UPCYCLE_KERNELS_GROUP_M=1 timeout 50 python3 benchmarks/bench_moe_layer.py --impls upcycle --iters 10 \
         --shapes E8-k2-H4096-F14336-T8k E64-k8-H2048-F1024-T16k --json "$OUT/moe-layer-group1.json" \
         >>"$OUT/moe-layer.txt" 2>&1
+    # Token dropping: one layer at capacity 0.5 / 1.0 / 1.25 / 2.0 / none, which experts implementation ran each.
+    timeout 40 python3 benchmarks/bench_capacity.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 \
+        --ffn 1024 --routes upcycle,grouped_mm --steps 5 --json "$OUT/capacity.json" >"$OUT/capacity.txt" 2>&1
+    echo "exit $?" >>"$OUT/capacity.txt"
     # The slow peers last, upcycle again alongside as the anchor (Liger autotunes for a long time on first use).
-    timeout 110 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
+    timeout 70 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
         --json "$OUT/moe-layer-peers.json" >>"$OUT/moe-layer.txt" 2>&1
     echo "peers exit $?" >>"$OUT/moe-layer.txt"
     wait
