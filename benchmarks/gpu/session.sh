@@ -28,8 +28,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 if [ "$stage" = kernels ]; then
     cp "$bundle/smollm2.gguf.part1" "$XFER/" &
     # Time limits (seconds) sum to 420 at most, so both stages fit in 15 minutes of GPU time.
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py >"$OUT/kernel-tests.txt" 2>&1
+    timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py >"$OUT/kernel-tests.txt" 2>&1
     echo "exit $?" >>"$OUT/kernel-tests.txt"
+    # The first-contact check a training run makes, on the four reference shapes in bf16: verdicts and cost.
+    timeout 30 python3 benchmarks/kernel_self_check.py --json "$OUT/self-check.json" >"$OUT/self-check.txt" 2>&1
+    echo "exit $?" >>"$OUT/self-check.txt"
     timeout 140 python3 benchmarks/bench_moe_layer.py --check --impls upcycle,grouped_mm,dense --iters 10 \
         --warmup 2 --json "$OUT/moe-layer.json" >"$OUT/moe-layer.txt" 2>&1
     echo "exit $?" >>"$OUT/moe-layer.txt"
@@ -41,11 +44,11 @@ if [ "$stage" = kernels ]; then
         --shapes E8-k2-H4096-F14336-T8k E64-k8-H2048-F1024-T16k --json "$OUT/moe-layer-group1.json" \
         >>"$OUT/moe-layer.txt" 2>&1
     # Token dropping: one layer at capacity 0.5 / 1.0 / 1.25 / 2.0 / none, which experts implementation ran each.
-    timeout 40 python3 benchmarks/bench_capacity.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 \
+    timeout 30 python3 benchmarks/bench_capacity.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 \
         --ffn 1024 --routes upcycle,grouped_mm --steps 5 --json "$OUT/capacity.json" >"$OUT/capacity.txt" 2>&1
     echo "exit $?" >>"$OUT/capacity.txt"
     # The slow peers last, upcycle again alongside as the anchor (Liger autotunes for a long time on first use).
-    timeout 70 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
+    timeout 60 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
         --json "$OUT/moe-layer-peers.json" >>"$OUT/moe-layer.txt" 2>&1
     echo "peers exit $?" >>"$OUT/moe-layer.txt"
     wait

@@ -19,17 +19,19 @@ from torch import nn
 from ..errors import UpcycleError
 from .backend import select_backend
 from .op import moe_swiglu
+from .self_check import trusted
 
 try:  # transformers >= 5 has the experts seam; without it `register()` reports False
     from transformers.activations import SiLUActivation
-    from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+    from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 except ImportError:  # pragma: no cover - depends on the installed transformers
-    SiLUActivation = ExpertsInterface = _default_apply_gate = None
+    SiLUActivation = ExpertsInterface = _default_apply_gate = grouped_mm_experts_forward = None
 
 IMPLEMENTATION_NAME = "upcycle"
 
 # (backend, experts the call saw) -> calls in this process: what really ran, e.g. 2 local experts of 8 under
-# expert parallelism, on "triton" or the "reference" fallback
+# expert parallelism, on "triton", the "reference" fallback, or transformers' "grouped_mm" when the kernels failed
+# their first-contact check (upcycle.kernels.self_check)
 calls: Counter[tuple[str, int]] = Counter()
 
 
@@ -93,7 +95,11 @@ def experts_forward(
         x_TH = hidden_states.to(dtype)
     else:
         x_TH = hidden_states.to(w_gate_up_E2FH.dtype)  # as grouped_mm does
-    calls[(select_backend(x_TH.device), int(w_gate_up_E2FH.shape[0]))] += 1
+    backend = select_backend(x_TH.device)
+    if backend == "triton" and not trusted(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index, top_k_weights):
+        calls[("grouped_mm", int(w_gate_up_E2FH.shape[0]))] += 1  # the kernels failed their check: transformers'
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    calls[(backend, int(w_gate_up_E2FH.shape[0]))] += 1
     out_TH = moe_swiglu(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index, top_k_weights)
     return out_TH if torch.is_autocast_enabled(device_type) else out_TH.to(hidden_states.dtype)
 

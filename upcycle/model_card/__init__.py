@@ -20,6 +20,7 @@ from upcycle.model_card.sections import (
     conversion_exactness_after_training,
     downstream_section,
     exactness_section,
+    experts_ran,
     held_out_section,
     not_verified_section,
     table,
@@ -87,6 +88,7 @@ def training_card(
     config: dict[str, Any],
     tokenizer: bool = True,
     base: dict[str, str] | None = None,
+    experts: str | None = None,
 ) -> str:
     """The card of an exported training run: what was trained, the held-out loss by step, and the conversion it
     started from when upcycle converted it. `base` names the source when the record does not (no conversion)."""
@@ -110,7 +112,7 @@ def training_card(
         f"# {model_id}\n",
         what,
         "## Training\n",
-        table(_training_rows(record, architecture, config)),
+        table(_training_rows(record, architecture, config) + ([("Experts ran on", experts)] if experts else [])),
         held_out_section(held_out),
         downstream_section(record["training"].get("downstream")),
     ]
@@ -283,6 +285,7 @@ def write_training_card(
         config=config,
         tokenizer=_has_tokenizer(folder),
         base=base,
+        experts=experts_ran(metrics),
     )
     return write_card(folder, text)
 

@@ -133,3 +133,18 @@ def downstream_section(downstream: dict[str, Any] | None) -> str:
         + rows
         + f"\nMacro average: {100 * downstream['macro_average']:.1f} over {len(tasks)} tasks.\n"
     )
+
+
+def experts_ran(metrics: list[dict[str, Any]]) -> str | None:
+    """Which experts implementation trained the model, from the run's layout record (None when it has none)."""
+    layout = next((r for r in metrics if r.get("kind") == "layout"), None)
+    if layout is None:
+        return None
+    checks = layout.get("kernel_checks") or []
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        reason = failed[0]["reason"]
+        return f"transformers' grouped_mm: upcycle's Triton experts failed their first-contact check ({reason})"
+    if checks:
+        return "upcycle's Triton experts (they passed their first-contact check against the reference)"
+    return str(layout.get("experts_implementation") or "?")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from upcycle.errors import OptionError
+from upcycle.errors import OptionError, UpcycleError
 from upcycle.hf.loading import load_causal_lm_strict, random_causal_lm
 from upcycle.train import moe_losses
 from upcycle.train.distributed import Dist, shard_model
@@ -23,6 +25,31 @@ def choose_experts_implementation(requested: str, device: torch.device) -> str:
         if select_backend(device) == "triton":
             return "upcycle"
     return "grouped_mm"
+
+
+def check_kernels_first(model: nn.Module, requested: str, dtype: torch.dtype, say: Callable[[str], None]) -> None:
+    """Before step 0 (and before compiling), upcycle's Triton experts are checked against the reference on this
+    model's first experts layer (upcycle.kernels.self_check); the result is said, and recorded in the run's layout
+    record and the export's card. Asked for by name (`upcycle`), kernels that fail stop the run; chosen by `auto`,
+    the run goes on with transformers' grouped_mm."""
+    if getattr(model.config, "_experts_implementation", None) != "upcycle":
+        return
+    from upcycle.hf.moe_modules import moe_blocks
+    from upcycle.kernels import select_backend, self_check
+
+    blocks = moe_blocks(model)
+    device = next(model.parameters()).device
+    if not blocks or select_backend(device) != "triton":
+        return
+    self_check.policy["on_failure"] = "raise" if requested == "upcycle" else "fall_back"
+    top_k = int(getattr(model.config, "num_experts_per_tok", 2))
+    try:
+        verdict = self_check.check_experts(blocks[0][1].experts, dtype, top_k)
+    except self_check.KernelCheckFailed as error:
+        raise UpcycleError(
+            f"{error}.", "use model.experts_implementation: auto (falls back to grouped_mm) or grouped_mm."
+        ) from None
+    say(verdict.describe() + ("" if verdict.ok else "; the run uses transformers' grouped_mm experts instead"))
 
 
 def check_random_init_layout(init: str, layout: Layout) -> None:

@@ -56,9 +56,20 @@ def parallel_record(model: nn.Module, layout: Layout, placement: list[dict], inf
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "placement": placement,
         "experts_calls": all_gather_objects(calls, info),
+        "kernel_checks": kernel_checks(),
         # the decoder layer of each per-layer entry in the train records (aux loss, dropped tokens)
         "moe_layers": moe_losses.router_layers(moe_losses.find_routers(model)),
     }
+
+
+def kernel_checks() -> list[dict[str, Any]]:
+    """This rank's first-contact checks of upcycle's Triton experts (none when they never ran)."""
+    check = sys.modules.get("upcycle.kernels.self_check")
+    if check is None:
+        return []
+    return [
+        {"ok": v.ok, "reason": v.reason, "seconds": round(v.seconds, 3), "shape": list(v.key)} for v in check.verdicts()
+    ]
 
 
 def describe_experts_calls(record: dict[str, Any]) -> str:
@@ -68,4 +79,10 @@ def describe_experts_calls(record: dict[str, Any]) -> str:
     if not seen:
         return f"experts implementation: {implementation}"
     ran = ", ".join(f"{key.split(':')[0]} kernels on {key.split(':')[1]} local experts" for key in seen)
+    checks = record.get("kernel_checks") or []
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        ran += f"; the Triton kernels failed their first-contact check ({failed[0]['reason']})"
+    elif checks:
+        ran += f"; first-contact check passed in {sum(c['seconds'] for c in checks):.2f} s"
     return f"experts implementation: {implementation} ({ran})"

@@ -28,7 +28,7 @@ from upcycle.train.evaluation import evaluate
 from upcycle.train.export import check_replaceable_export, export_model, export_settings
 from upcycle.train.metrics import MetricsLog
 from upcycle.train.micro_batch import run_micro_batch
-from upcycle.train.model_setup import check_random_init_layout, load_model, make_optimizer
+from upcycle.train.model_setup import check_kernels_first, check_random_init_layout, load_model, make_optimizer
 from upcycle.train.model_shape import meta_model, model_shape
 from upcycle.train.packing import PackedDataset, make_batch, packed_dataset
 from upcycle.train.parallel import resolve_layout
@@ -221,6 +221,7 @@ class Trainer:
             dtype = "float32" if fp32 else self.precision
             self.report.message(f"routers compute in {dtype} (moe.router_dtype {recipe.moe.router_dtype})")
         self.optimizer = make_optimizer(self.model, recipe)
+        check_kernels_first(self.model, recipe.model.experts_implementation, self.compute_dtype, self.report.message)
         if recipe.run.compile:
             self.model.compile()  # compiles forward in place; parameters, hooks and state-dict names are unchanged
 
