@@ -267,3 +267,34 @@ def test_two_smollm2_fine_tunes_merge_and_verify(tmp_path):
     report = verify_merge(config, tmp_path / "moe", tokens=64)
     assert report.parts_proven, report.to_json()
     assert report.routers_checked == 30 and len(report.forced) == 2
+
+
+@pytest.mark.parametrize(
+    ("architecture", "target"),
+    [("qwen3_moe", "qwen3_moe"), ("Qwen3-MoE", "qwen3_moe"), ("qwen3", "qwen3_moe"), ("Qwen MoE", "qwen2_moe"),
+     ("qwen2_moe", "qwen2_moe"), ("Mixtral", "mixtral")],
+)  # fmt: skip
+def test_architecture_names_the_class_in_any_spelling(architecture, target):
+    from upcycle.convert.merge.spec import MergeSpec
+
+    spec = MergeSpec(base_model="b", gate_mode="random", experts_per_token=1, experts=[{"source_model": "a"}],
+                     architecture=architecture)  # fmt: skip
+    assert spec.target == target
+
+
+def test_verify_remakes_missing_gate_rows_and_refuses_routers_of_another_config(tmp_path, monkeypatch):
+    import json
+
+    base, experts = models(tmp_path, "llama", 2, tokenizer=True)
+    config = write_yaml(tmp_path / "merge.yaml", base, experts, "cheap_embed")
+    merge(config, tmp_path / "moe")
+    record = json.loads((tmp_path / "moe" / "upcycle.json").read_text())
+    assert set(record["merge"]["sources_sha256"]) == {"experts[0]", "experts[1]"}
+    assert all("model.safetensors" in files for files in record["merge"]["sources_sha256"].values())
+    monkeypatch.setenv("UPCYCLE_CACHE", str(tmp_path / "empty-cache"))  # a machine that never made these rows
+    report = verify_merge(config, tmp_path / "moe", tokens=32)
+    assert report.parts_proven and report.routers_checked == 2, report.to_json()
+    other = write_yaml(tmp_path / "other.yaml", base, experts, "random")
+    report = verify_merge(other, tmp_path / "moe", tokens=32)
+    assert not report.parts_proven
+    assert any("routers were not made by this config" in problem for problem in report.weight_problems)

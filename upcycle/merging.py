@@ -7,6 +7,7 @@ the tokenizer and generation files are the conversion's own.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,8 +50,25 @@ def merge(
         return Written(plan, None, 0, time.perf_counter() - start)
     for calibration in plan.calibrations:  # the gate rows: the base model on the prompts, once per cache key
         calibration.ensure(base.folder)
-    written = write_plan(plan, source, out, force=force, progress=progress, inspect=refuse_other_files)
+    hashes: dict[str, dict[str, str]] = {}
+    models = [(key, model) for key, model in _named(base, experts, shared) if key != "base_model"]
+    hasher = threading.Thread(target=lambda: hashes.update(source_hashes(models)), daemon=True)
+    hasher.start()  # beside the writing, which hashes the base
+
+    def inspect(plan: MergePlan, dense: DenseSource, folder: Path) -> None:
+        refuse_other_files(plan, dense, folder)
+        hasher.join()
+        plan.merge["sources_sha256"] = hashes
+
+    written = write_plan(plan, source, out, force=force, progress=progress, inspect=inspect)
     return Written(plan, out, written, time.perf_counter() - start)
+
+
+def source_hashes(models: list[tuple[str, DenseSource]]) -> dict[str, dict[str, str]]:
+    """Each expert model's weight files and config, by sha256, under the merge config's name for it."""
+    from upcycle.convert.source import hash_files
+
+    return {key: hash_files([*model.weight_files, model.folder / "config.json"]) for key, model in models}
 
 
 def _named(base: DenseSource, experts: list[DenseSource], shared: list[DenseSource]) -> list[tuple[str, DenseSource]]:

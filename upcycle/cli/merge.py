@@ -95,7 +95,9 @@ def _print_merge_report(report) -> None:
     table.add_row("base MLP tensors the experts replace", str(report.base_tensors_replaced), "")
     for problem in report.weight_problems[:8]:
         table.add_row("", "", f"[red]{escape(problem)}[/]")
-    table.add_row("router rows re-made from gate_mode", str(report.routers_checked), report.router_note or ok)
+    table.add_row(
+        "router rows re-made from gate_mode", str(report.routers_checked), ok if report.routers_checked else bad
+    )
     for forced in report.forced:
         status = ok if forced.worst_relative <= forced.tolerance else bad
         table.add_row(

@@ -49,6 +49,8 @@ def check_kernels_first(model: nn.Module, requested: str, dtype: torch.dtype, sa
         raise UpcycleError(
             f"{error}.", "use model.experts_implementation: auto (falls back to grouped_mm) or grouped_mm."
         ) from None
+    if verdict is None:  # this rank holds none of the layer's experts: its first forward checks them
+        return
     say(verdict.describe() + ("" if verdict.ok else "; the run uses transformers' grouped_mm experts instead"))
 
 

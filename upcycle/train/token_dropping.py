@@ -39,10 +39,13 @@ class SentinelSupport:
     def skips(self, experts: nn.Module, hidden_TH: torch.Tensor, num_experts: int, k: int) -> bool:
         key = id(experts)
         if key not in self._known:
-            if getattr(experts, "_is_expert_parallel", False):  # the all-to-all sends by global expert id
+            expert_parallel = getattr(experts, "_is_expert_parallel", False) and not getattr(
+                experts, "_upcycle_sentinels", False
+            )
+            if expert_parallel:  # the all-to-all sends by global expert id: a sentinel has nowhere to go
                 self._known[key], why = False, "with expert parallelism every assignment crosses the all-to-all"
             else:
-                self._known[key], why = _probe(experts, hidden_TH, num_experts, k), "this transformers cannot skip it"
+                self._known[key], why = _probe(experts, hidden_TH, num_experts, k), "its probe failed"
             self._tell(experts, self._known[key], why)
         return self._known[key]
 
@@ -62,7 +65,9 @@ class SentinelSupport:
 
 
 def _probe(experts: nn.Module, hidden_TH: torch.Tensor, num_experts: int, k: int) -> bool:
-    """Two tokens through the module with one assignment dropped both ways: by sentinel, and by zero weight."""
+    """Two tokens through the module with one assignment dropped both ways: by zero weight, and by the sentinel with
+    its weight left in place. A module that skips the sentinel ignores that weight; one that clamps the index and
+    computes the assignment (then weighs it) does not, and is not trusted to skip."""
     told = getattr(experts, "_is_expert_parallel", None)
     if told is False:
         experts._is_expert_parallel = True  # transformers masks sentinels in grouped_mm/batched_mm only when told
@@ -74,13 +79,12 @@ def _probe(experts: nn.Module, hidden_TH: torch.Tensor, num_experts: int, k: int
     try:
         with torch.no_grad():
             zeroed = experts(x_TH, index_TK, weights_TK.masked_fill(dropped_TK, 0))
-            skipped = experts(
-                x_TH, index_TK.masked_fill(dropped_TK, num_experts), weights_TK.masked_fill(dropped_TK, 0)
-            )
+            skipped = experts(x_TH, index_TK.masked_fill(dropped_TK, num_experts), weights_TK)
         scale = zeroed.abs().max().clamp_min(1e-30)
         skips = bool(torch.isfinite(skipped).all() and ((skipped - zeroed).abs().max() / scale) < 1e-3)
     except (IndexError, RuntimeError, ValueError):
         skips = False
-    if not skips and told is False:
-        experts._is_expert_parallel = False
+    if told is False:
+        experts._is_expert_parallel = skips
+        experts._upcycle_sentinels = skips  # set here, not by expert parallelism
     return skips

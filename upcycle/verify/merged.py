@@ -5,7 +5,7 @@ A merge computes no single source model, so there is no equivalence to prove; it
   tensor it lacks is an MLP tensor the experts replace;
 - in every MoE layer, routing forced to expert i (weight 1, through the class's own experts module in
   transformers) gives source model i's MLP output, and the shared expert gives the shared model's;
-- the router rows are the rows gate_mode makes (re-made from the record; skipped when this machine lacks them);
+- the router rows are the rows this config's gate_mode makes from this base (re-made when not cached);
 - the config computes what the base's computes outside the MLPs (the config probe), and the tokenizer and
   generation files load as the base's do;
 then the whole model's logits on real text are compared with the base's and each source's.
@@ -54,7 +54,6 @@ class MergeReport:
     base_tensors_replaced: int = 0
     weight_problems: list[str] = field(default_factory=list)
     routers_checked: int = 0
-    router_note: str = ""
     config_equivalent: bool = False
     config_problem: str = ""
     file_problems: list[str] = field(default_factory=list)
@@ -70,6 +69,8 @@ class MergeReport:
             not self.weight_problems
             and self.config_equivalent
             and not self.file_problems
+            and self.routers_checked > 0
+            and bool(self.forced)
             and all(f.worst_relative <= f.tolerance for f in self.forced)
         )
 
@@ -90,7 +91,7 @@ def verify_merge(config: Path, merged: Path, tokens: int = 256, text: str | None
     record = _record(merged)
     report = MergeReport(dtype=record.get("dtype", ""))
     _check_tensors(report, base, moe, record)
-    _check_routers(report, record, moe)
+    _check_routers(report, record, moe, spec, base)
     check = check_config_equivalence(base.config, moe.config)
     report.config_equivalent, report.config_problem = check.equivalent, check.first_problem or ""
     report.file_problems = check_files(base.folder, merged, record.get("copied_files"), byte_equal=True).differences
@@ -136,9 +137,10 @@ def _check_tensors(report: MergeReport, base, moe, record: dict) -> None:
             report.weight_problems.append(f"the base's {name} is not in the merge")
 
 
-def _check_routers(report: MergeReport, record: dict, moe) -> None:
-    from upcycle.convert.calibration import CalibrationMissing
+def _check_routers(report: MergeReport, record: dict, moe, spec: MergeSpec, base) -> None:
+    """The router rows are the rows this config's gate_mode makes from this base (re-made when not cached)."""
     from upcycle.convert.materialize import materialize
+    from upcycle.convert.merge.plan import gate_run
     from upcycle.convert.tensor_recipe import TensorRecipe
 
     routers = [
@@ -147,12 +149,18 @@ def _check_routers(report: MergeReport, record: dict, moe) -> None:
         for r in shard
         if r.get("router_init") == "given"
     ]
+    layers = tuple(record.get("moe_layers", ()))
+    run = gate_run(spec, base, layers, int(record["merge"].get("seed", 0)))
+    keys = {recipe.calibration for recipe in routers}
+    if keys != {run.calibration.key}:
+        report.weight_problems.append(
+            "the routers were not made by this config's gate_mode and prompts from this base (another config, "
+            "seed or base model)"
+        )
+        return
+    run.ensure(base.folder)  # re-made here when this machine lacks them (gate_mode hidden runs the base)
     for recipe in routers:
-        try:
-            made = materialize(recipe, lambda name, dtype=None: None)  # a router reads no source tensor
-        except CalibrationMissing:
-            report.router_note = "the gate rows are not in this machine's cache: router rows not re-made"
-            return
+        made = materialize(recipe, lambda name, dtype=None: None)  # a router reads no source tensor
         if not torch.equal(made, moe.read(recipe.name)):
             report.weight_problems.append(f"{recipe.name} is not the gate rows gate_mode made")
         report.routers_checked += 1
@@ -182,7 +190,8 @@ def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, mo
                     got = block.experts(x, ids, torch.ones(len(x), 1))
                 else:
                     got = block.shared_expert(x)
-                worst = max(worst, ((got - want).norm() / want.norm()).item())
+                size = want.norm().item()
+                worst = max(worst, (got - want).norm().item() / (size if size else 1.0))
         key = f"{kind}[{index}]"
         tolerance = FORCED_TOLERANCE if scale == 1.0 else SCALED_TOLERANCE.get(report.dtype, FORCED_TOLERANCE)
         report.forced.append(ForcedRouting(key, names[key], worst, len(blocks), tolerance))

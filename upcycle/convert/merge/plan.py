@@ -9,7 +9,10 @@ source must have the base's family and shapes, so expert i's MLP drops into the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from upcycle.convert.calibration import Calibration, CalibrationRun
 from upcycle.convert.families import DenseModel, describe_dense
@@ -35,14 +38,26 @@ class MergePlan(UpcyclePlan):
         return self.record_head(kind="merge", family=self.family, merge=self.merge) | self.record_tail()
 
 
-def merged_source(base: DenseSource, experts: list[DenseSource], shared: list[DenseSource]) -> DenseSource:
-    """One source whose tensors are the base's, and every expert model's under its prefix."""
+class MergedSource(DenseSource):
+    """The base's tensors, and every expert model's under its prefix; its weight files (which the writer hashes
+    into upcycle.json's `source`) are the base's: each expert model's are hashed into the merge record."""
+
+    def __init__(self, base: DenseSource, tensors: dict) -> None:
+        super().__init__(base.folder, base.config, tensors)
+        self._base_files = base.weight_files
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return self._base_files
+
+
+def merged_source(base: DenseSource, experts: list[DenseSource], shared: list[DenseSource]) -> MergedSource:
     tensors = dict(base.tensors)
     for models, is_shared in ((experts, False), (shared, True)):
         for index, model in enumerate(models):
             prefix = expert_prefix(index, is_shared)
             tensors |= {prefix + name: info for name, info in model.tensors.items()}
-    return DenseSource(base.folder, base.config, tensors)
+    return MergedSource(base, tensors)
 
 
 def build_merge_plan(
@@ -78,7 +93,7 @@ def build_merge_plan(
             f"shared_experts: the {plan.architecture} class has no shared expert.",
             "remove shared_experts, or set architecture: qwen (Qwen2-MoE).",
         )
-    run = _gate_run(spec, base, plan.moe_layers, seed)
+    run = gate_run(spec, base, plan.moe_layers, seed)
     recipes = [_from_models(recipe, spec, run.calibration.key) for recipe in plan.recipes]
     if shared:
         recipes = _with_shared_expert(recipes, dense, run.calibration.key, spec)
@@ -94,7 +109,7 @@ def build_merge_plan(
     ]
     fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(UpcyclePlan)}
     fields |= {"shards": split_into_shards(recipes, shard_size), "calibrations": [run]}
-    merge = {"config": spec.to_json(), "config_sha256": spec.sha256, "sources": names}
+    merge = {"config": spec.to_json(), "config_sha256": spec.sha256, "sources": names, "seed": seed}
     return MergePlan(**fields, merge=merge), merged_source(base, experts, shared)
 
 
@@ -119,15 +134,14 @@ def _check_same_shape(dense: DenseModel, model: DenseSource, what: str) -> None:
                 )
 
 
-def _gate_run(spec: MergeSpec, base: DenseSource, layers: tuple[int, ...], seed: int) -> CalibrationRun:
-    import hashlib
-    import json
-
+def gate_run(spec: MergeSpec, base: DenseSource, layers: tuple[int, ...], seed: int) -> CalibrationRun:
+    """The gate rows a merge's routers are made of, named by a key of everything they depend on."""
     from upcycle.hashing import file_sha256
 
     prompts = [[list(e.positive_prompts), list(e.negative_prompts)] for e in spec.gated]
-    if spec.gate_mode in ("random", "uniform_random"):
-        digests: tuple = ()  # drawn from the seed and the shape alone
+    if spec.gate_mode in ("random", "uniform_random"):  # drawn from the seed and the shapes the config gives
+        config_sha = hashlib.sha256(json.dumps(base.config, sort_keys=True).encode()).hexdigest()
+        digests: tuple = (("config.json", config_sha),)
         seed_used = seed
     else:
         digests = tuple(sorted((f.name, file_sha256(f)) for f in [*base.weight_files, base.folder / "config.json"]))
@@ -203,4 +217,4 @@ def _recheck(base_config: dict, config: dict) -> dict:
     return report.record()
 
 
-__all__ = ["MergePlan", "build_merge_plan", "expert_prefix", "merged_source"]
+__all__ = ["MergePlan", "MergedSource", "build_merge_plan", "expert_prefix", "gate_run", "merged_source"]

@@ -95,13 +95,11 @@ class MergeSpec:
 
     @property
     def target(self) -> str | None:
-        """upcycle's target for `architecture:` (mergekit matches a prefix of its architectures' names)."""
+        """upcycle's target for `architecture:` (mergekit's names: Mixtral, Qwen MoE, Qwen3 MoE; any spelling)."""
         if self.architecture is None:
             return None
-        wanted = self.architecture.lower().replace("-", "").replace("_", "")
-        matches = [name for name in ARCHITECTURES if name.startswith(wanted) or wanted.startswith(name)]
-        exact = [name for name in matches if name == wanted]
-        return ARCHITECTURES[(exact or matches)[0]] if matches else None
+        wanted = self.architecture.lower().replace("-", "").replace("_", "").replace(" ", "").removesuffix("moe")
+        return ARCHITECTURES.get({"qwen2": "qwen"}.get(wanted, wanted))
 
     @property
     def gated(self) -> tuple[MergeExpert, ...]:
