@@ -18,4 +18,5 @@ $py -c "import transformers; print('transformers', transformers.__version__)"
 exec $py -m pytest -q tests/test_convert_methods.py tests/test_verify.py tests/test_bad_input.py tests/test_train.py \
   tests/test_exactness_cases.py tests/test_config_check.py tests/test_output_safety.py tests/test_verify_streaming.py \
   tests/test_kernels.py tests/test_families.py tests/test_parallel_layout.py tests/test_proof_integrity.py \
-  tests/test_downstream.py tests/test_random_init.py tests/test_hub.py "$@"
+  tests/test_downstream.py tests/test_random_init.py tests/test_hub.py tests/test_merge.py tests/test_token_dropping.py \
+  tests/test_kernel_self_check.py "$@"

@@ -101,7 +101,12 @@ def test_other_families_merge_into_their_conversion_class(family, target, tmp_pa
     base = save_hub_style(family_config(family), tmp_path / "base")
     experts = [fine_tune_of(base, tmp_path / f"ft{i}", seed=i + 1) for i in range(2)]
     config = write_yaml(tmp_path / "merge.yaml", base, experts, "random")
-    assert merge(config, tmp_path / "moe").plan.target == target
+    try:
+        assert merge(config, tmp_path / "moe").plan.target == target
+    except UnsupportedModelError as refusal:  # as the conversion is refused there (see test_families)
+        assert family == "phi3" and "greedy generate() with the cache" in str(refusal), refusal
+        assert not (tmp_path / "moe").exists()
+        return
     report = verify_merge(config, tmp_path / "moe", tokens=32)
     assert report.parts_proven, report.to_json()
     assert all(f.worst_relative <= 1e-6 for f in report.forced)

@@ -57,11 +57,12 @@ def verdicts() -> list[Verdict]:
 
 def trusted(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK) -> bool:
     """Whether the kernels may run this problem. While torch.compile traces, no check can run inside the graph:
-    the verdict already reached for the shape decides (`check_experts` reaches one before a model is compiled);
-    without one, the compiled graph takes transformers' grouped_mm rather than unchecked kernels."""
+    the verdict already reached for the shape decides. `upcycle train` reaches one before it compiles
+    (`check_experts`); a library user who compiles a model before any eager call should call `check_experts` first,
+    since without a verdict the compiled graph runs the kernels the user asked for, unchecked."""
     if torch.compiler.is_compiling():
         verdict = _verdicts.get(_key(x_TH, w_down_EHF, top_k_index_TK))
-        return verdict is not None and verdict.ok
+        return verdict is None or verdict.ok
     return first_contact(x_TH, w_gate_up_E2FH, w_down_EHF, top_k_index_TK, top_k_weights_TK).ok
 
 
