@@ -167,10 +167,10 @@ def _check_routers(report: MergeReport, record: dict, moe, spec: MergeSpec, base
 
 
 def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, models: list, names: dict) -> None:
-    from upcycle.hf.loading import load_causal_lm_strict
+    from upcycle.hf.loading import dtype_named, load_causal_lm_strict
     from upcycle.hf.moe_modules import decoder_layers, moe_block_of
 
-    moe = load_causal_lm_strict(merged, _dtype(report.dtype)).float().eval()
+    moe = load_causal_lm_strict(merged, dtype_named(report.dtype or "float32")).float().eval()
     found = [(i, moe_block_of(layer)) for i, layer in enumerate(decoder_layers(moe))]
     blocks = [(i, block) for i, block in found if block is not None]
     generator = torch.Generator().manual_seed(0)
@@ -178,7 +178,7 @@ def _check_forced_routing(report: MergeReport, merged: Path, spec: MergeSpec, mo
     routed = len(spec.experts)
     for position, (expert, source) in enumerate(zip(spec.gated, models, strict=True)):
         kind, index = ("experts", position) if position < routed else ("shared_experts", position - routed)
-        dense = load_causal_lm_strict(source.folder, _dtype(report.dtype)).float().eval()
+        dense = load_causal_lm_strict(source.folder, dtype_named(report.dtype or "float32")).float().eval()
         dense_layers = decoder_layers(dense)
         scale = expert.residual_scale if expert.residual_scale is not None else 1.0
         worst = 0.0
@@ -222,10 +222,6 @@ def _measure_distances(
 def _dense_mlp(layer: torch.nn.Module) -> torch.nn.Module:
     """A dense decoder layer's MLP, under the name its class gives it."""
     return getattr(layer, "mlp", None) or layer.feed_forward
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 __all__ = ["MergeReport", "verify_merge"]
