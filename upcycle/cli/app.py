@@ -34,10 +34,9 @@ EXIT_SIGNAL_BASE = 128  # a command a signal stopped exits 128 + its number, as 
 NOTHING_WRITTEN = "nothing was left behind. Fix: run the command again."
 
 # Options several commands take, worded once.
+SIZE_SYNTAX = "2GB: powers of 1000; 2GiB: of 1024"
 ReplaceOutput = Annotated[bool, typer.Option("--force", help="Replace the output if it exists (atomically).")]
-ShardSize = Annotated[
-    str, typer.Option(help="Maximum size of one safetensors file: 2GB (powers of 1000) or 2GiB (of 1024).")
-]
+ShardSize = Annotated[str, typer.Option(help=f"Maximum size of one safetensors file ({SIZE_SYNTAX}).")]
 
 
 @app.callback()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from upcycle.cli.app import EXIT_NOT_EQUIVALENT, app, console, failing
+from upcycle.cli.app import EXIT_NOT_EQUIVALENT, SIZE_SYNTAX, app, console, failing
 
 cache_app = typer.Typer(help="What upcycle keeps in its cache folder: list it, verify it, prune it.")
 app.add_typer(cache_app, name="cache")
@@ -108,8 +108,7 @@ def cache_prune_cmd(
         str | None, typer.Option(help="Also remove entries unused for longer than this: 30d, 12h, 2w.")
     ] = None,
     max_size: Annotated[
-        str | None,
-        typer.Option(help="Then remove the least recently used until the cache fits: 10GB (powers of 1000), 8GiB."),
+        str | None, typer.Option(help=f"Then remove the least recently used until the cache fits ({SIZE_SYNTAX}).")
     ] = None,
     damaged: Annotated[bool, typer.Option("--damaged", help="Verify every entry and remove the damaged ones.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go and remove nothing.")] = False,

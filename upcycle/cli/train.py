@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from upcycle.cli.app import NOTHING_WRITTEN, ReplaceOutput, app, console, err_console, fail, failing
+from upcycle.cli.app import NOTHING_WRITTEN, SIZE_SYNTAX, ReplaceOutput, app, console, err_console, fail, failing
 from upcycle.errors import OptionError, SourceError, UpcycleError
 from upcycle.units import parse_size
 
@@ -53,7 +53,7 @@ def train_cmd(
     ] = None,
     device_memory: Annotated[
         str | None,
-        typer.Option(help="With --dry-run: one rank's device memory, e.g. 80GiB (default: the one seen)."),
+        typer.Option(help=f"With --dry-run: one rank's device memory ({SIZE_SYNTAX}; default: the one seen)."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
 ) -> None:
@@ -170,6 +170,7 @@ class RichTrainReporter:
         self.progress.update(self.waiting, completed=done or 0)
 
 
+RecipeName = Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")]
 recipes_app = typer.Typer(help="The recipes that ship with upcycle: list them, show one, copy one to edit.")
 app.add_typer(recipes_app, name="recipes")
 
@@ -200,7 +201,7 @@ def recipes_cmd(
 
 
 @recipes_app.command("show")
-def recipes_show_cmd(name: Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")]) -> None:
+def recipes_show_cmd(name: RecipeName) -> None:
     """Print a shipped recipe."""
     from upcycle.train.shipped_recipes import shipped_recipe
 
@@ -211,7 +212,7 @@ def recipes_show_cmd(name: Annotated[str, typer.Argument(help="A recipe name fro
 
 @recipes_app.command("copy")
 def recipes_copy_cmd(
-    name: Annotated[str, typer.Argument(help="A recipe name from `upcycle recipes`.")],
+    name: RecipeName,
     dest: Annotated[Path, typer.Argument(help="A .yaml file, or a folder to write NAME.yaml into.")],
     force: ReplaceOutput = False,
 ) -> None:
