@@ -120,13 +120,12 @@ def test_whole_mixtral_bf16_close_to_grouped_mm() -> None:
 def test_first_call_compiles_every_variant_before_launching(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The shape's whole set (every candidate of every tuned site, the combines) is compiled by the first call."""
     import upcycle.kernels as K
-    from upcycle.kernels import triton_bwd, triton_fwd
+    from upcycle.kernels import triton_bwd
     from upcycle.kernels.precompile import plan, warmups
     from upcycle.kernels.routing import build_routing
 
     monkeypatch.setenv("UPCYCLE_KERNELS_CACHE_DIR", str(tmp_path))  # nothing tuned yet for this shape
-    kernels = (triton_fwd._up_swiglu_kernel, triton_fwd._grouped_gemm_kernel, triton_fwd._combine_kernel,
-               triton_bwd._down_bwd_kernel, triton_bwd._grouped_dw_kernel)  # fmt: skip
+    kernels = triton_bwd.LAUNCHED_KERNELS
     device = torch.cuda.current_device()
 
     def compiled() -> int:

@@ -88,7 +88,7 @@ def _rows_times_expert(
 
 @triton.jit
 def _up_swiglu_kernel(
-    x_ptr, w_ptr, h_ptr, gu_ptr, sorted_s_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr, x_ptr, w_ptr, h_ptr, gu_ptr, sorted_s_ptr,
     N, KD, top_k,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_hs, stride_hn, stride_gs, stride_gn,
     STORE_GU: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -129,24 +129,60 @@ def _up_swiglu_kernel(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-    N, KD,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr, a_ptr, b_ptr, c_ptr, sorted_s_ptr, gu_ptr, w_ptr, part_ptr,
+    N, KD, top_k,
     stride_as, stride_ak, stride_be, stride_bk, stride_bn, stride_cs, stride_cn,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    stride_gs, stride_gn, stride_wt, stride_wk, stride_ps,
+    SWIGLU_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """C[rows of e] = A[rows of e] @ B[e] for expert-sorted rows; B[e] is [KD, N] through its strides."""
+    """C[rows of e] = A[rows of e] @ B[e] for expert-sorted rows; B[e] is [KD, N] through its strides.
+
+    SWIGLU_BACKWARD makes it the down-projection's backward: A = dy is gathered by token, and the epilogue takes
+    the place of the store (`_swiglu_backward_epilogue`). The unused pointers and strides are then ignored.
+    """
     tile_expert, expert, rows, row_mask, pid_n, cols, col_mask = _row_tile(
         tile_expert_ptr, tile_start_ptr, offsets_ptr, N, BLOCK_M, BLOCK_N, GROUP_M
     )
     if tile_expert < 0:
         return
+    a_rows = rows
+    if SWIGLU_BACKWARD:
+        a_rows = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0).to(tl.int64) // top_k
     acc = _rows_times_expert(
-        a_ptr, rows, stride_as, stride_ak, b_ptr + expert * stride_be, stride_bk, stride_bn, row_mask, cols,
+        a_ptr, a_rows, stride_as, stride_ak, b_ptr + expert * stride_be, stride_bk, stride_bn, row_mask, cols,
         col_mask, KD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    tl.store(c_ptr + rows[:, None] * stride_cs + cols[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+    if SWIGLU_BACKWARD:
+        _swiglu_backward_epilogue(
+            acc, rows, row_mask, pid_n, cols, col_mask, N, top_k, sorted_s_ptr, gu_ptr, w_ptr, c_ptr, part_ptr,
+            stride_gs, stride_gn, stride_wt, stride_wk, stride_cs, stride_cn, stride_ps,
+        )  # fmt: skip
+    else:
+        tl.store(c_ptr + rows[:, None] * stride_cs + cols[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _swiglu_backward_epilogue(
+    dh_raw, rows, row_mask, pid_n, cols, col_mask, N, top_k, sorted_s_ptr, gu_ptr, w_ptr, dgu_ptr, part_ptr,
+    stride_gs, stride_gn, stride_wt, stride_wk, stride_ds, stride_dn, stride_ps,
+):  # fmt: skip
+    """Given dy W_d (before the routing weight): router-weight partials <dy W_d, h> per column block, and
+    dgu = the SwiGLU backward of w * dy W_d, with h = silu(g) * u recomputed from the saved pre-activations."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    g_ptrs = gu_ptr + rows[:, None] * stride_gs + cols[None, :] * stride_gn
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    sig = _sigmoid(g)
+    silu = g * sig
+    tl.store(part_ptr + rows * stride_ps + pid_n, tl.reduce(dh_raw * silu * u, 1, _add), mask=row_mask)
+    s = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0)
+    wt = tl.load(w_ptr + (s // top_k) * stride_wt + (s % top_k) * stride_wk, mask=row_mask, other=0.0)
+    dh = dh_raw * wt.to(tl.float32)[:, None]
+    d_ptrs = dgu_ptr + rows[:, None] * stride_ds + cols[None, :] * stride_dn
+    tl.store(d_ptrs, (dh * u * (sig * (1.0 + g * (1.0 - sig)))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptrs + N * stride_dn, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,8 +217,18 @@ def group_m() -> int:
     return max(1, int(os.environ.get("UPCYCLE_KERNELS_GROUP_M", "8")))
 
 
-def _grid_rows(routing: Routing, cfg: KernelConfig, n: int) -> tuple[int]:
-    return (max_tiles(routing.num_rows, routing.num_experts, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+def launch_on_row_tiles(
+    kernel: triton.JITFunction, routing: Routing, cfg: KernelConfig, n: int, warmup: bool, *args, **constexprs
+) -> None:
+    """Launch a kernel whose programs each take one `_row_tile` of n output columns: its first arguments are the
+    tile tables for the config's row block, its last the config's tile sizes."""
+    tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
+    grid = (max_tiles(routing.num_rows, routing.num_experts, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    launch_kernel(
+        kernel, grid, tile_expert_M, tile_start_M, routing.offsets_E1, *args, **constexprs,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
+    )  # fmt: skip
 
 
 def up_swiglu(
@@ -196,15 +242,11 @@ def up_swiglu(
     prec = dot_precision(x_TH.dtype)
 
     def launch(cfg: KernelConfig, warmup: bool = False) -> None:
-        tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
-        launch_kernel(
-            _up_swiglu_kernel, _grid_rows(routing, cfg, F),
-            x_TH, w_gate_up_E2FH, h_SF, gu_S2F, routing.sorted_s_S, tile_expert_M, tile_start_M,
-            routing.offsets_E1, F, H, routing.top_k,
+        launch_on_row_tiles(
+            _up_swiglu_kernel, routing, cfg, F, warmup,
+            x_TH, w_gate_up_E2FH, h_SF, gu_S2F, routing.sorted_s_S, F, H, routing.top_k,
             *x_TH.stride(), *w_gate_up_E2FH.stride(), *h_SF.stride(), *gu_S2F.stride(),
             STORE_GU=store_gu, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
         )  # fmt: skip
 
     bucket = tokens_per_expert_bucket(S, E)
@@ -219,13 +261,12 @@ def grouped_gemm(a_SK: torch.Tensor, b_EKN: torch.Tensor, routing: Routing) -> t
     prec = dot_precision(a_SK.dtype)
 
     def launch(cfg: KernelConfig, warmup: bool = False) -> None:
-        tile_expert_M, tile_start_M = routing.tiles(cfg.block_m)
-        launch_kernel(
-            _grouped_gemm_kernel, _grid_rows(routing, cfg, N),
-            a_SK, b_EKN, c_SN, tile_expert_M, tile_start_M, routing.offsets_E1, N, KD,
-            *a_SK.stride(), *b_EKN.stride(), *c_SN.stride(),
-            DOT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=group_m(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, warmup=warmup,
+        unused = routing.offsets_E1  # the pointers only the SWIGLU_BACKWARD epilogue reads
+        launch_on_row_tiles(
+            _grouped_gemm_kernel, routing, cfg, N, warmup,
+            a_SK, b_EKN, c_SN, unused, unused, unused, unused, N, KD, routing.top_k,
+            *a_SK.stride(), *b_EKN.stride(), *c_SN.stride(), 0, 0, 0, 0, 0,
+            SWIGLU_BACKWARD=False, DOT_PRECISION=prec,
         )  # fmt: skip
 
     bucket = tokens_per_expert_bucket(S, E)
