@@ -30,6 +30,7 @@ from tiny_models import COMMON
 from upcycle.convert import UpcycleOptions
 from upcycle.convert import plan as plan_module
 from upcycle.convert.families import phi3
+from upcycle.convert.source import DenseSource
 from upcycle.errors import OptionError, SourceError, UnsupportedModelError
 from upcycle.hf.config_check import check_config_equivalence
 from upcycle.upcycling import convert
@@ -73,6 +74,23 @@ def test_a_nan_in_the_source_is_named_at_convert_time(tmp_path):
     with pytest.raises(SourceError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight \(1 NaN/inf\)"):
         convert(dense, tmp_path / "moe", UpcycleOptions())
     assert not (tmp_path / "moe").exists()
+
+
+def test_values_whose_sum_overflows_are_still_finite(tmp_path):
+    """The quick test of a made tensor is its sum: a sum beyond the dtype's range (finite values) is counted value
+    by value and passes; one infinite value among values whose sum is finite is caught."""
+    from upcycle.convert.finite import check_finite
+    from upcycle.convert.tensor_recipe import TensorRecipe
+
+    dense = hub_llama(tmp_path / "dense")
+    source = DenseSource.open(dense)
+    name = "model.layers.0.mlp.up_proj.weight"
+    recipe = TensorRecipe(name=name, op="copy", shape=(4,), dtype="F16", source=name)
+    huge = torch.full((4,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(huge.sum()) and check_finite(recipe, huge, [recipe], source) is None
+    with pytest.raises(OptionError, match="came out non-finite"):
+        check_finite(recipe, torch.tensor([1.0, float("inf"), -float("inf"), 2.0], dtype=torch.float16), [recipe],
+                     source)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +148,19 @@ def test_a_rounding_conversion_is_labelled_and_measured(rounded, source):
     assert real > 1e-3 and measured > 1e-3  # a real, measured deviation, not rounding noise of an exact copy
     card = (moe / "README.md").read_text()
     assert "Exact up to rounding to bfloat16" in card and "Exact by design" not in card
+
+
+@pytest.mark.parametrize("source", ["fp16", "olmo2"])
+def test_the_rounding_measured_on_the_cast_dense_model_is_the_written_moes(rounded, source):
+    """convert measures a plain cast on the dense model with its weights cast as written (one model, not both):
+    the written MoE, run whole by transformers on the same tokens, deviates by the same amount."""
+    from upcycle.verify.function import Probe, check_function
+
+    dense, moe = rounded[source]
+    measured = json.loads((moe / "upcycle.json").read_text())["exactness"]["rounding_deviation"]
+    assert measured["measured_on"] == "the dense model, its weights cast to bfloat16 as written"
+    written = check_function(dense, moe, Probe(tokens=measured["tokens"])).logits_rel_diff
+    assert written > 1e-3 and measured["relative"] == pytest.approx(written, rel=1e-2)
 
 
 @pytest.mark.parametrize("source", ["fp16", "olmo2"])

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from upcycle.convert.result import Written
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from upcycle.convert.merge.plan import MergePlan
     from upcycle.convert.source import DenseSource
     from upcycle.convert.writer import Progress
@@ -55,7 +57,7 @@ def merge(
     hasher = threading.Thread(target=lambda: hashes.update(source_hashes(models)), daemon=True)
     hasher.start()  # beside the writing, which hashes the base
 
-    def inspect(plan: MergePlan, dense: DenseSource, folder: Path) -> None:
+    def inspect(plan: MergePlan, dense: DenseSource, folder: Path, tensors_written: Callable[[], object]) -> None:
         refuse_other_files(plan, dense, folder)
         hasher.join()
         plan.merge["sources_sha256"] = hashes

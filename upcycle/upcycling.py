@@ -2,14 +2,18 @@
 
 It sits above both `upcycle.convert` (which plans and writes) and `upcycle.verify` (which checks), because two
 facts about a conversion are only known once its files exist: whether its tokenizer and generation settings load
-as the dense model's do, and how far a rounding to a narrower dtype moves the model (see `verify.written`).
+as the dense model's do, and how far a rounding to a narrower dtype moves the model (see `verify.written`). Those
+checks, and the config check that admits the target, run beside the writing of the tensors: the folder is
+published only when all of them pass.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +22,7 @@ from upcycle.convert.result import Written
 
 if TYPE_CHECKING:
     from upcycle.convert.plan import UpcyclePlan
+    from upcycle.convert.source import DenseSource
     from upcycle.convert.writer import Progress
 
 
@@ -56,7 +61,7 @@ def convert(
     check_source_path(src)  # a wrong path is said at once, before torch loads
     refuse_overlap(out, [("the source", src)])
     # Imported here so that importing this module (for UpcycleOptions, ConvertResult) does not bring torch.
-    from upcycle.convert.plan import build_plan
+    from upcycle.convert.plan import NotProven, build_plan, prove_plan
     from upcycle.convert.source import open_source
     from upcycle.convert.writer import check_output, write_plan
     from upcycle.verify.written import inspect_written
@@ -64,15 +69,27 @@ def convert(
     if not dry_run:
         check_output(out, force)
     with open_source(src, trust_remote_code, scratch=out.parent if out.parent.is_dir() else None) as source:
-        plan = build_plan(source, options, disk=None if dry_run else free_space(out))
         if dry_run:
-            return ConvertResult(plan, None, 0, time.perf_counter() - start)
+            return ConvertResult(build_plan(source, options), None, 0, time.perf_counter() - start)
+        disk = free_space(out)
+        plan = build_plan(source, options, disk=disk, prove=False)  # proven beside the writing, before publishing
         for calibration in plan.calibrations:  # the dense model on the calibration text, once per cache key
             calibration.ensure(source.folder)
         origin = src if src.suffix.lower() == ".gguf" else None
-        written = write_plan(
-            plan, source, out, force=force, progress=progress, origin=origin, inspect=inspect_written, hub=named
-        )
+
+        def prove_and_inspect(
+            plan: UpcyclePlan, dense: DenseSource, folder: Path, tensors_written: Callable[[], object]
+        ) -> None:
+            prove_plan(plan, dense.config)
+            inspect_written(plan, dense, folder, tensors_written)
+
+        write = functools.partial(write_plan, source=source, out=out, force=force, progress=progress, origin=origin,
+                                  hub=named)  # fmt: skip
+        try:
+            written = write(plan, inspect=prove_and_inspect)
+        except NotProven:  # nothing was published: each candidate in turn, proven first (refused if none passes)
+            plan = build_plan(source, options, disk=disk)
+            written = write(plan, inspect=inspect_written)
     if plan.source.get("kind") == "folder":
         remember_source(plan.source, src)
     return ConvertResult(plan, out, written, time.perf_counter() - start)

@@ -68,12 +68,14 @@ def materialize(recipe: TensorRecipe, read: CachedReader) -> torch.Tensor:
         index = dropped_neurons(recipe, weight.shape[axis])
         shape = list(weight.shape)
         shape[axis] = len(index)
-        fresh = torch.empty(shape).normal_(
+        fresh = torch.empty(shape, dtype=torch.float32).normal_(
             mean=source.mean().item(), std=source.std().item(), generator=_generator(recipe.seed, recipe.name)
         )
         weight.index_copy_(axis, index, fresh)
     if recipe.noise:
-        noise = torch.empty(weight.shape).normal_(generator=_generator(recipe.seed, "noise/" + recipe.name))
+        noise = torch.empty(weight.shape, dtype=torch.float32).normal_(
+            generator=_generator(recipe.seed, "noise/" + recipe.name)
+        )
         weight += noise * (recipe.noise * source.std().item())
     if recipe.scale != 1.0:
         weight *= recipe.scale
@@ -108,7 +110,7 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
     """Router weights [num_experts, H]; rows of one virtual group are identical so its shards stay together."""
     num_experts, hidden = recipe.shape
     if recipe.router_init == "zero":
-        return torch.zeros(recipe.shape)
+        return torch.zeros(recipe.shape, dtype=torch.float32)
     if recipe.router_init == "given":  # a merge's rows, as gate_mode made them (rows: which of them)
         from upcycle.convert.calibration import calibrated
 
@@ -120,5 +122,7 @@ def _router(recipe: TensorRecipe) -> torch.Tensor:
 
         weight = calibrated(recipe.calibration, recipe.layer) * (recipe.router_std * hidden**0.5)
         return weight.repeat_interleave(recipe.group_size, dim=0)
-    weight = torch.empty(rows, hidden).normal_(std=recipe.router_std, generator=_generator(recipe.seed, recipe.name))
+    weight = torch.empty(rows, hidden, dtype=torch.float32).normal_(
+        std=recipe.router_std, generator=_generator(recipe.seed, recipe.name)
+    )
     return weight.repeat_interleave(recipe.group_size, dim=0)

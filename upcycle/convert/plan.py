@@ -55,12 +55,18 @@ class UpcyclePlan(WrittenPlan):
         return cls(options=UpcycleOptions(**data["options"]), family=data["family"], **fields)
 
 
-def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path] | None = None) -> UpcyclePlan:
+def build_plan(
+    source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path] | None = None, *, prove: bool = True
+) -> UpcyclePlan:
     """Decide every output tensor; reads headers and config only, never weights (a `--router-init cluster` router
     also hashes the dense files and the calibration text, to name the centroids it will be made of).
 
     Before any recipe is made, the plan's size is estimated and refused when it exceeds the memory available or
     `disk` (free bytes, and where), so an absurd request fails in a moment rather than after minutes.
+
+    The target is the first candidate whose config the config check proves. Without `prove`, it is the first
+    candidate, unproven: `prove_plan` must then admit the plan before anything made from it is published (the
+    check and the writing can run side by side), and a refusal means planning again with `prove`.
     """
     check_options(opts)
     dense = describe_dense(source.config, source.tensors)
@@ -72,7 +78,11 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
     needed = budget.estimate(source, dense, opts, len(layout.moe_layers), DTYPE_NAMES[dtype], stacked)
     budget.check_fits(needed, available_memory(), *(disk if disk is not None else (None, None)))
     row_note = check_expert_rows(dense, opts, dtype)
-    target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
+    if prove:
+        target, config, config_check = _proven_target(source.config, dense, opts, layout, candidates, dtype)
+    else:
+        target, config_check = candidates[0], {}
+        config = target.config(dense, opts, layout, dtype)
     _, exactness = expert_scales(opts)
     if row_note:
         exactness.notes.append(row_note)
@@ -105,6 +115,20 @@ def build_plan(source: DenseSource, opts: UpcycleOptions, disk: tuple[int, Path]
         config_check=config_check,
         calibrations=list(runs.values()),
     )
+
+
+class NotProven(Exception):
+    """The config check refused the target of a plan built without `prove` (another candidate may pass)."""
+
+
+def prove_plan(plan: UpcyclePlan, source_config: dict) -> None:
+    """The config check a plan built without `prove` still owes: record it, or raise NotProven."""
+    from upcycle.hf.config_check import check_config_equivalence
+
+    report = check_config_equivalence(source_config, plan.config)
+    if not report.equivalent:
+        raise NotProven(report.first_problem)
+    plan.config_check = report.record()
 
 
 def _proven_target(

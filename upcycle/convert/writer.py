@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from upcycle.convert.finite import check_finite
@@ -40,7 +41,9 @@ from upcycle.units import format_bytes
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 DISK_HEADROOM = 64 * 1024**2  # config, tokenizer, upcycle.json and the file system's own blocks
-Inspect = Callable[[WrittenPlan, DenseSource, Path], None]  # checks the written folder before it is published
+# Checks a folder before it is published, while its tensors are written: config.json and the copied files are
+# there from the start; the last argument waits until every tensor file is complete (and raises what stopped them).
+Inspect = Callable[[WrittenPlan, DenseSource, Path, Callable[[], object]], None]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -70,9 +73,9 @@ def write_plan(
 ) -> int:
     """Write the checkpoint the plan describes into OUT; returns the bytes of tensor data written.
 
-    `inspect` runs on the written folder before it is published: it may refuse it (nothing is left behind) or
-    add to the plan what only the written files can tell (a rounding's measured deviation), which upcycle.json
-    then records."""
+    `inspect` runs on the folder before it is published, beside the tensors being written (on a thread of their
+    own: the checks need no tensor until they ask for them): it may refuse the folder (nothing is left behind) or
+    add to the plan what it measured (a rounding's deviation), which upcycle.json then records."""
     check_output(out, force, origin or source.folder)
     free, where = free_space(out)
     if free < plan.total_bytes * 1.01 + DISK_HEADROOM:
@@ -91,10 +94,8 @@ def write_plan(
         with _signals_raise():
             tmp.mkdir()
             hasher.start()
-            written = _write_tensors(plan, source, tmp, progress)
             _write_metadata(plan, source, tmp)
-            if inspect is not None:
-                inspect(plan, source, tmp)
+            written = _write_beside(plan, source, tmp, progress, inspect)
             hasher.join()
             plan.source = {
                 "path": str((origin or source.folder).resolve()),
@@ -124,7 +125,29 @@ def write_plan(
     return written
 
 
-def _write_tensors(plan: WrittenPlan, source: DenseSource, folder: Path, progress: Progress | None) -> int:
+def _write_beside(
+    plan: WrittenPlan, source: DenseSource, folder: Path, progress: Progress | None, inspect: Inspect | None
+) -> int:
+    """The tensors on a worker thread, `inspect` on this one; whichever fails first stops the other."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="upcycle-writer") as pool:
+        tensors = pool.submit(_write_tensors, plan, source, folder, progress, stop)
+        try:
+            if inspect is not None:
+                inspect(plan, source, folder, tensors.result)
+            return tensors.result()
+        except BaseException:
+            stop.set()  # the writer ends after its current tensor; leaving the pool waits for it
+            raise
+
+
+class _Stopped(Exception):
+    """The checks beside the writer refused the folder: the remaining tensors are not made."""
+
+
+def _write_tensors(
+    plan: WrittenPlan, source: DenseSource, folder: Path, progress: Progress | None, stop: threading.Event
+) -> int:
     read = CachedReader(source.read)
     every_recipe = plan.recipes  # once: naming a non-finite tensor's cause looks at all of them
     total, done = plan.total_bytes, 0
@@ -132,6 +155,8 @@ def _write_tensors(plan: WrittenPlan, source: DenseSource, folder: Path, progres
         writer = StreamingShardWriter(folder / name, recipes)
         try:
             for recipe in recipes:
+                if stop.is_set():
+                    raise _Stopped
                 tensor = materialize(recipe, read)
                 check_finite(recipe, tensor, every_recipe, source)  # NaN or an overflowing down-cast: refused
                 done += writer.write(tensor)
