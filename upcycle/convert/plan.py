@@ -10,6 +10,7 @@ from pathlib import Path
 
 from upcycle.convert import budget
 from upcycle.convert.calibration import CalibrationRun, plan_calibrations
+from upcycle.convert.config_memo import remembered
 from upcycle.convert.exactness import (
     CODE_NAMES,
     DTYPE_NAMES,
@@ -123,12 +124,25 @@ class NotProven(Exception):
 
 def prove_plan(plan: UpcyclePlan, source_config: dict) -> None:
     """The config check a plan built without `prove` still owes: record it, or raise NotProven."""
-    from upcycle.hf.config_check import check_config_equivalence
+    record, problem = config_verdict(source_config, plan.config)
+    if record is None:
+        raise NotProven(problem)
+    plan.config_check = record
 
-    report = check_config_equivalence(source_config, plan.config)
-    if not report.equivalent:
-        raise NotProven(report.first_problem)
-    plan.config_check = report.record()
+
+def config_verdict(source_config: dict, config: dict) -> tuple[dict | None, str | None]:
+    """(the check's record, None) when the MoE config computes what the dense one does, else (None, why not);
+    a passing verdict is remembered for the pair (`config_memo`)."""
+
+    def check() -> tuple[dict | None, str | None]:
+        from upcycle.hf.config_check import check_config_equivalence
+
+        report = check_config_equivalence(source_config, config)
+        return (report.record(), None) if report.equivalent else (None, report.first_problem)
+
+    return remembered(
+        "config check", [source_config, config], check, encode=list, decode=tuple, keep=lambda v: v[0] is not None
+    )
 
 
 def _proven_target(
@@ -141,15 +155,13 @@ def _proven_target(
 ) -> tuple[Target, dict, dict]:
     """The first candidate whose config makes transformers compute what the dense config does, checked
     independently of this module's mapping; refuse when none does (nothing is written)."""
-    from upcycle.hf.config_check import check_config_equivalence
-
     failures = []
     for target in candidates:
         config = target.config(dense, opts, layout, dtype)
-        report = check_config_equivalence(source_config, config)
-        if report.equivalent:
-            return target, config, report.record()
-        failures.append((target, report.first_problem))
+        record, problem = config_verdict(source_config, config)
+        if record is not None:
+            return target, config, record
+        failures.append((target, problem))
     target, problem = failures[0]
     raise UnsupportedModelError(
         f"the {target.architecture} config upcycle would write does not compute what this {dense.title} model "

@@ -6,6 +6,7 @@ the source resident in the process, which would put the whole model into the con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -314,8 +315,35 @@ def open_source(path: Path, trust_remote_code: bool = False, scratch: Path | Non
         yield DenseSource.open(folder, trust_remote_code)
 
 
-def hash_files(paths: list[Path]) -> dict[str, str]:
-    """sha256 of each source file, for provenance (hashlib releases the GIL, so this runs in a thread)."""
+def hash_files(paths: list[Path], remembered: bool = False) -> dict[str, str]:
+    """sha256 of each source file, for provenance (hashlib releases the GIL, so this runs in a thread); with
+    `remembered`, a digest computed before for the same unchanged file is reused (`memo_sha256`)."""
     from upcycle.hashing import file_sha256
 
-    return {os.path.basename(path): file_sha256(path) for path in paths}
+    digest = memo_sha256 if remembered else file_sha256
+    return {os.path.basename(path): digest(path) for path in paths}
+
+
+def memo_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in the cache folder while the file is the same file with the same size and
+    modification time (device, inode, size, mtime in nanoseconds); anything else hashes it again. One small file
+    per digest, written atomically, so concurrent runs never see half a memo. `verify` never uses it."""
+    from upcycle.assets import cache_dir, mark_used
+    from upcycle.hashing import file_sha256
+
+    stat = path.stat()
+    identity = f"{path.resolve()}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = cache_dir() / "sha256" / hashlib.sha256(identity.encode()).hexdigest()
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            mark_used(memo)
+            return digest
+    except OSError:
+        pass
+    digest = file_sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.parent / f".{memo.name}.{os.getpid()}.tmp"
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, memo)
+    return digest

@@ -89,7 +89,7 @@ def write_plan(
     tmp = temporary_sibling(out)
     hashes: dict[str, str] = {}
     hashed = [origin] if origin is not None else [*source.weight_files, source.folder / "config.json"]
-    hasher = threading.Thread(target=lambda: hashes.update(hash_files(hashed)), daemon=True)
+    hasher = threading.Thread(target=lambda: hashes.update(hash_files(hashed, remembered=True)), daemon=True)
     try:
         with _signals_raise():
             tmp.mkdir()

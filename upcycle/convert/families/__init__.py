@@ -12,6 +12,7 @@ import json
 import re
 from typing import TypeVar
 
+from upcycle.convert.config_memo import from_json, remembered, to_json
 from upcycle.convert.families.base import (
     MLP_PROJECTIONS,
     DenseModel,
@@ -98,9 +99,12 @@ def transformers_names(config: dict, tensors: dict[str, T]) -> dict[str, T]:
 
 
 def _installed(model_type: str) -> bool:
-    from transformers import CONFIG_MAPPING
+    def known() -> bool:
+        from transformers import CONFIG_MAPPING
 
-    return model_type in CONFIG_MAPPING
+        return model_type in CONFIG_MAPPING
+
+    return remembered("installed", model_type, known, keep=bool)
 
 
 def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
@@ -108,7 +112,7 @@ def describe_dense(config: dict, tensors: set[str] | dict) -> DenseModel:
     family = family_of(config)
     check_layer_count(config, tensors)  # before transformers builds a config (or a model) of that many layers
     try:
-        resolved = resolved_fields(config)
+        resolved = remembered("resolved fields", config, lambda: resolved_fields(config), to_json, from_json)
     except UnknownConfigError as error:
         raise SourceError(f"config.json cannot be read: {error}.", "re-save the model with save_pretrained.") from None
     expected = _expected_tensors(config)
@@ -206,10 +210,17 @@ def _intermediate_size(family: Family, expected: dict[str, tuple[int, ...]], res
 def _expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor the family's transformers class saves for this config, with its shape (tied copies left out).
 
-    Remembered per config for the process: a merge describes the base and every expert model, often one config."""
+    Remembered per config for the process (a merge describes the base and every expert model, often one config)
+    and on disk (`config_memo`)."""
     key = json.dumps(config, sort_keys=True, default=str)
     if key not in _EXPECTED:
-        _EXPECTED[key] = _build_expected_tensors(config)
+        _EXPECTED[key] = remembered(
+            "expected tensors",
+            config,
+            lambda: _build_expected_tensors(config),
+            encode=lambda shapes: [[name, list(shape)] for name, shape in shapes.items()],
+            decode=lambda pairs: {name: tuple(shape) for name, shape in pairs},
+        )
     return dict(_EXPECTED[key])
 
 
