@@ -12,6 +12,8 @@ as ratios to dropless in the same implementation.
 
     nice .venv/bin/python benchmarks/bench_capacity.py                    # grouped_mm and eager, 1 round
     nice .venv/bin/python benchmarks/bench_capacity.py --repeats 3 --json capacity.json
+    python benchmarks/bench_capacity.py --device cuda --dtype bf16 --shapes all --capacities none,1.0 \
+        --routes upcycle,grouped_mm                                      # the kernels' four reference shapes
 """
 
 from __future__ import annotations
@@ -115,14 +117,44 @@ def main() -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--zero-weight", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--capacities", default=",".join(CAPACITIES), help="a comma list; none is always run")
+    parser.add_argument(
+        "--shapes",
+        default="",
+        help="all, or a comma list of the kernels' reference shapes (E64-k8-H2048-F1024-T16k, ...), each in place "
+        "of --tokens/--hidden/--ffn/--experts/--top-k",
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
         return 0
+    if not args.shapes:
+        summary = measure_shape(args)
+    else:
+        from upcycle.kernels.cross_compile import REFERENCE_SHAPES
+
+        named = {shape.name: shape for shape in REFERENCE_SHAPES}
+        wanted = list(named) if args.shapes == "all" else args.shapes.split(",")
+        if unknown := set(wanted) - set(named):
+            sys.exit(f"unknown shape(s) {sorted(unknown)}; choose from {', '.join(named)}")
+        summary = {}
+        for name in wanted:
+            shape = named[name]
+            args.tokens, args.hidden, args.ffn, args.experts, args.top_k = shape.T, shape.H, shape.F, shape.E, shape.k
+            summary[name] = measure_shape(args)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": summary}, handle, indent=2)
+    return 0
+
+
+def measure_shape(args: argparse.Namespace) -> dict:
+    """Every route at every capacity on the shape `args` describes; prints its table and returns the figures."""
+    capacities = ["none", *(c for c in args.capacities.split(",") if c != "none")]
     implementations = args.routes.split(",")
-    results: dict[str, dict[str, list[dict]]] = {i: {c: [] for c in CAPACITIES} for i in implementations}
+    results: dict[str, dict[str, list[dict]]] = {i: {c: [] for c in capacities} for i in implementations}
     for round_ in range(args.repeats):
-        order = [(i, c) for i in implementations for c in CAPACITIES]
+        order = [(i, c) for i in implementations for c in capacities]
         shift = round_ % len(order)
         for implementation, capacity in order[shift:] + order[:shift]:
             results[implementation][capacity].append(run(args, implementation, capacity))
@@ -143,10 +175,7 @@ def main() -> int:
             print(f"{implementation:<22} {capacity:>8} {row['kept']:>6.1%} {tps:>10.0f} {row['speed_vs_none']:>6.2f}x "
                   f"{row['peak_mb']:>8.0f} {row['memory_vs_none']:>6.2f}x  {row['ran']}")  # fmt: skip
         summary[implementation] = rows
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": summary}, handle, indent=2)
-    return 0
+    return summary
 
 
 def _median(runs: list[dict]) -> dict:

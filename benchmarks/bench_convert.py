@@ -10,13 +10,21 @@ What it measures, per route, in the same run:
 
 Routes, each in its own fresh subprocess so imports and peak memory are per route:
 
-1. ``upcycle``: :func:`upcycle.convert.convert` (plans from headers, streams tensor by tensor);
+1. ``upcycle``: :func:`upcycle.upcycling.convert` (plans from headers, streams tensor by tensor, the config
+   check and the folder checks beside the writing), with a cache that has seen this model once (an untimed
+   conversion before the rounds: its config facts are remembered, see docs/cache.md); ``upcycle-cold``, the same
+   with an empty cache each round (the first conversion of a model); with ``--baseline REV`` also
+   ``upcycle-baseline``, the package as it was at git revision REV on the warm cache (before/after in one run);
 2. ``obvious``: the route everyone writes first with transformers: load the dense model in bf16, build a
    ``MixtralForCausalLM`` in memory, copy attention/norms/embeddings and the dense MLP into every expert,
    keep the random router, ``save_pretrained``;
 3. ``mergekit-moe`` (PyPI ``mergekit``, ``gate_mode: random``) when an executable is found (``--mergekit``,
    ``PATH`` or ``.cache/mergekit-venv``), otherwise skipped with the reason;
-4. ``cp -r`` of upcycle's output folder, the I/O floor for writing that many bytes.
+4. ``cp -r`` of upcycle's output folder, the I/O floor for writing that many bytes, and ``import-torch``
+   (``python -c "import torch"``): the goal is upcycle within 1.3x the two together.
+
+Each upcycle route also reports, from inside the child, the seconds spent in the config check (the probe) and
+in writing the tensors, so the probe's share of the wall time shows.
 
 The routes run interleaved (one of each per round, the order rotated each round, ``cp`` last) and the table
 shows the median over ``--repeats`` rounds.
@@ -45,12 +53,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV_EXE = REPO / ".cache" / "mergekit-venv" / "bin" / "mergekit-moe"
-ROUTES = ("upcycle", "obvious", "mergekit-moe", "cp")
+ROUTES = ("upcycle", "upcycle-cold", "upcycle-baseline", "obvious", "mergekit-moe", "cp", "import-torch")
+UPCYCLE_ROUTES = ("upcycle", "upcycle-cold", "upcycle-baseline")
 MERGEKIT_FLAGS = ["--device", "cpu", "--lazy-unpickle", "--allow-crimes",
                   "--i-understand-this-is-not-useful-without-training"]  # fmt: skip
 COMPARED = ("obvious", "mergekit-moe")  # the routes the goal is stated against
 GOAL_SPEEDUP = 3.0  # upcycle must be at least this much faster ...
 GOAL_MEMORY = 4.0  # ... and use at most 1/this of the peak RSS
+GOAL_FLOOR = 1.3  # ... and take at most this times cp of its output plus `import torch`
+STAGES_ENV = "BENCH_CONVERT_STAGES"  # where an upcycle child writes its stage seconds (JSON)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,10 +70,29 @@ GOAL_MEMORY = 4.0  # ... and use at most 1/this of the peak RSS
 
 
 def child_upcycle(src: Path, out: Path, experts: int, top_k: int, dtype: str) -> None:
-    from upcycle.convert import UpcycleOptions
+    from upcycle.convert import UpcycleOptions, writer
+    from upcycle.hf import config_check
     from upcycle.upcycling import convert
 
+    seconds = {"probe_s": 0.0, "write_tensors_s": 0.0}
+
+    def timed(module, name: str, key: str) -> None:
+        inner = getattr(module, name)
+
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                seconds[key] += time.perf_counter() - start
+
+        setattr(module, name, run)
+
+    timed(config_check, "check_config_equivalence", "probe_s")  # looked up at call time by the plan
+    timed(writer, "_write_tensors", "write_tensors_s")
     convert(src, out, UpcycleOptions(experts=experts, top_k=top_k, dtype=dtype))
+    if os.environ.get(STAGES_ENV):
+        Path(os.environ[STAGES_ENV]).write_text(json.dumps(seconds))
 
 
 def child_obvious(src: Path, out: Path, experts: int, top_k: int, dtype: str) -> None:
@@ -119,7 +149,7 @@ def child_obvious(src: Path, out: Path, experts: int, top_k: int, dtype: str) ->
         AutoTokenizer.from_pretrained(src).save_pretrained(out)
 
 
-CHILD_ROUTES = {"upcycle": child_upcycle, "obvious": child_obvious}
+CHILD_ROUTES = {**dict.fromkeys(UPCYCLE_ROUTES, child_upcycle), "obvious": child_obvious}
 
 
 def check_output(out: Path) -> dict:
@@ -151,6 +181,7 @@ class Run:
     peak_rss_kb: int
     output_bytes: int
     returncode: int
+    stages: dict | None = None  # an upcycle child's own seconds: probe_s, write_tensors_s
 
     @property
     def bytes_per_s(self) -> float:
@@ -323,6 +354,22 @@ def report(summaries: dict[str, Summary], args: argparse.Namespace, notes: list[
                 f"upcycle / cp: {ratio(base.median('wall_s'), cp.median('wall_s')):.1f}x the time of copying its "
                 "own output (the I/O floor)"
             )
+            if torch_import := measured.get("import-torch"):
+                floor = cp.median("wall_s") + torch_import.median("wall_s")
+                t = ratio(base.median("wall_s"), floor)
+                lines.append(f"upcycle / (cp + import torch): {t:.2f}x (goal <= {GOAL_FLOOR:g}x: "
+                             f"{'met' if t <= GOAL_FLOOR else 'NOT met'})")  # fmt: skip
+        if cold := measured.get("upcycle-cold"):
+            for name in COMPARED:
+                if s := measured.get(name):
+                    lines.append(f"{name} / upcycle-cold: {ratio(s.median('wall_s'), cold.median('wall_s')):.1f}x "
+                                 f"time, {ratio(s.median('peak_rss_kb'), cold.median('peak_rss_kb')):.1f}x RSS "
+                                 "(the first conversion of this model)")  # fmt: skip
+        if before := measured.get("upcycle-baseline"):
+            t = ratio(before.median("wall_s"), base.median("wall_s"))
+            m = ratio(before.median("peak_rss_kb"), base.median("peak_rss_kb"))
+            lines.append(f"upcycle-baseline / upcycle: {t:.2f}x time, {m:.2f}x RSS")
+    lines += stage_lines(summaries)
     lines += [f"{name} skipped: {s.skipped}" for name, s in summaries.items() if s.skipped]
     lines += [f"note: {n}" for n in notes]
 
@@ -345,11 +392,53 @@ def report(summaries: dict[str, Summary], args: argparse.Namespace, notes: list[
         print("\n".join(lines))
 
 
+FLOORS = ("cp", "import-torch")
+
+
 def round_order(routes: list[str], rep: int) -> list[str]:
-    """The conversion routes rotated by one each round (no route always runs first); cp last, after upcycle."""
-    conv = [r for r in routes if r != "cp"]
+    """The conversion routes rotated by one each round (no route always runs first); the floors last (cp after
+    upcycle, whose output it copies)."""
+    conv = [r for r in routes if r not in FLOORS]
     shift = rep % len(conv) if conv else 0
-    return conv[shift:] + conv[:shift] + (["cp"] if "cp" in routes else [])
+    return conv[shift:] + conv[:shift] + [r for r in FLOORS if r in routes]
+
+
+def baseline_package(rev: str, into: Path) -> str:
+    """The `upcycle` package as it was at git revision REV, extracted under INTO; returns the short commit."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=False)  # fmt: skip
+    if commit.returncode:
+        sys.exit(f"--baseline {rev}: not a revision of {REPO} ({commit.stderr.strip()})")
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "upcycle"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return commit.stdout.strip()
+
+
+def bench_cache(folder: Path) -> Path:
+    """A cache folder of the benchmark's own that shares the real one's Shakespeare (the text a rounding is
+    measured on) and nothing else: no remembered config facts, no file hashes."""
+    real = Path(os.environ.get("UPCYCLE_CACHE") or Path.home() / ".cache" / "upcycle").expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    if (real / "shakespeare").is_dir() and not (folder / "shakespeare").exists():
+        (folder / "shakespeare").symlink_to(real / "shakespeare")
+    return folder
+
+
+def stage_lines(summaries: dict[str, Summary]) -> list[str]:
+    """The probe's and the tensor writing's seconds inside each upcycle route, beside its wall time."""
+    lines = []
+    for name in UPCYCLE_ROUTES:
+        s = summaries.get(name)
+        runs = [r for r in s.runs if r.stages] if s else []
+        if not runs:
+            continue
+        probe = statistics.median(r.stages["probe_s"] for r in runs)
+        tensors = statistics.median(r.stages["write_tensors_s"] for r in runs)
+        wall = statistics.median(r.wall_s for r in runs)
+        lines.append(f"{name}: config probe {probe:.2f} s ({probe / wall:.0%} of the wall {wall:.2f} s), "
+                     f"writing the tensors {tensors:.2f} s")  # fmt: skip
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -366,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-outputs", action="store_true",
                    help="after timing, load each output in transformers; report missing/unexpected keys")  # fmt: skip
     p.add_argument("--workdir", type=Path, default=None, help="where the temporary output folder is made")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also run upcycle as it was at this git revision (route upcycle-baseline)")  # fmt: skip
     p.add_argument("--child", choices=sorted(CHILD_ROUTES) + ["check"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -390,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown route(s) {sorted(unknown)}; choose from {','.join(ROUTES)}")
     if "cp" in wanted and "upcycle" not in wanted:
         sys.exit("the cp route copies upcycle's output: include upcycle in --routes")
+    if args.baseline is None:
+        wanted = [r for r in wanted if r != "upcycle-baseline"]
+    elif "upcycle-baseline" not in wanted:
+        wanted.append("upcycle-baseline")
 
     notes: list[str] = []
     summaries = {name: Summary(name) for name in ROUTES if name in wanted}
@@ -413,6 +508,19 @@ def main(argv: list[str] | None = None) -> int:
     if mergekit_exe:
         (work / "mergekit-moe.yml").write_text(mergekit_config(args.source, args.experts, args.top_k, args.dtype))
     outputs: dict[str, Path] = {}
+    warm_cache = bench_cache(work / "cache-warm")
+    if any(name in summaries for name in UPCYCLE_ROUTES):  # the warm cache sees the model once, untimed
+        env = offline_env() | {"UPCYCLE_CACHE": str(warm_cache)}
+        if measure([*child, "--child", "upcycle", "--out", str(work / "warm-up"), *common], log, env=env)[2]:
+            sys.exit(f"the untimed warm-up conversion failed:\n{tail(log)}")
+        shutil.rmtree(work / "warm-up")
+    baseline_env = offline_env()
+    if args.baseline is not None:
+        commit = baseline_package(args.baseline, work / "baseline")
+        baseline_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(work / "baseline"), baseline_env.get("PYTHONPATH")])
+        )
+        notes.append(f"upcycle-baseline: the upcycle package at {args.baseline} ({commit}), same interpreter")
     try:
         for rep in range(args.repeats):
             last = rep == args.repeats - 1
@@ -421,20 +529,29 @@ def main(argv: list[str] | None = None) -> int:
                 if summary.skipped or summary.failed:
                     continue
                 out = work / f"{name}-{rep}"
+                env = baseline_env if name == "upcycle-baseline" else offline_env()
+                if name in UPCYCLE_ROUTES:
+                    fresh = bench_cache(work / f"cache-cold-{rep}") if name == "upcycle-cold" else warm_cache
+                    env["UPCYCLE_CACHE"] = str(fresh)
+                stages = work / f"{name}-{rep}.stages.json"
+                env[STAGES_ENV] = str(stages)
                 if name in CHILD_ROUTES:
                     cmd = [*child, "--child", name, "--out", str(out), *common]
                 elif name == "mergekit-moe":
                     cmd = [mergekit_exe, str(work / "mergekit-moe.yml"), str(out), *MERGEKIT_FLAGS]
+                elif name == "import-torch":
+                    cmd = [sys.executable, "-c", "import torch"]
                 else:  # cp of this round's upcycle output
                     cmd = ["cp", "-r", str(work / f"upcycle-{rep}"), str(out)]
                 os.sync()
                 print(f"[round {rep + 1}/{args.repeats}] {name} ...", file=sys.stderr, flush=True)
-                wall, rss, rc = measure(cmd, log, env=offline_env())
-                if rc != 0 or not out.exists():
+                wall, rss, rc = measure(cmd, log, env=env)
+                if rc != 0 or (name != "import-torch" and not out.exists()):
                     summary.failed = f"exit status {rc}; log tail:\n{textwrap.indent(tail(log), '  ')}"
                     print(f"{name} failed ({rc}); see below", file=sys.stderr)
                     continue
-                summary.runs.append(Run(name, rep, wall, rss, folder_bytes(out), rc))
+                seconds = json.loads(stages.read_text()) if stages.is_file() else None
+                summary.runs.append(Run(name, rep, wall, rss, folder_bytes(out) if out.exists() else 0, rc, seconds))
                 if last:
                     outputs[name] = out
             for name in summaries:  # free the disk and page cache of earlier rounds (cp needs upcycle's first)
@@ -446,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         checks: dict[str, dict] = {}
         if args.check_outputs:
             for name, out in outputs.items():
-                if name == "cp":
+                if name in FLOORS:
                     continue
                 result = subprocess.run([*child, "--child", "check", "--out", str(out)], capture_output=True,
                                         text=True, check=False, env=offline_env())  # fmt: skip

@@ -33,19 +33,20 @@ if [ "$stage" = kernels ]; then
     # The first-contact check a training run makes, on the four reference shapes in bf16: verdicts and cost.
     timeout 30 python3 benchmarks/kernel_self_check.py --json "$OUT/self-check.json" >"$OUT/self-check.txt" 2>&1
     echo "exit $?" >>"$OUT/self-check.txt"
-    timeout 140 python3 benchmarks/bench_moe_layer.py --check --impls upcycle,grouped_mm,dense --iters 10 \
+    timeout 120 python3 benchmarks/bench_moe_layer.py --check --impls upcycle,grouped_mm,dense --iters 10 \
         --warmup 2 --json "$OUT/moe-layer.json" >"$OUT/moe-layer.txt" 2>&1
     echo "exit $?" >>"$OUT/moe-layer.txt"
     # A second process: the first call with the tuned configs and triton's compiled kernels already on disk.
     timeout 30 python3 benchmarks/bench_moe_layer.py --impls upcycle --iters 3 --shapes E64-k8-H2048-F1024-T16k \
         --json "$OUT/moe-layer-cached.json" >>"$OUT/moe-layer.txt" 2>&1
     # What the grouped tile order buys: the same kernels in plain row-major order (kernels/triton_fwd.py, group_m).
-    UPCYCLE_KERNELS_GROUP_M=1 timeout 50 python3 benchmarks/bench_moe_layer.py --impls upcycle --iters 10 \
+    UPCYCLE_KERNELS_GROUP_M=1 timeout 40 python3 benchmarks/bench_moe_layer.py --impls upcycle --iters 10 \
         --shapes E8-k2-H4096-F14336-T8k E64-k8-H2048-F1024-T16k --json "$OUT/moe-layer-group1.json" \
         >>"$OUT/moe-layer.txt" 2>&1
-    # Token dropping: one layer at capacity 0.5 / 1.0 / 1.25 / 2.0 / none, which experts implementation ran each.
-    timeout 30 python3 benchmarks/bench_capacity.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 \
-        --ffn 1024 --routes upcycle,grouped_mm --steps 5 --json "$OUT/capacity.json" >"$OUT/capacity.txt" 2>&1
+    # Token dropping on the four reference shapes, dropless and at capacity 1.0, and which experts implementation
+    # ran each (the Triton kernels, or grouped_mm after a failed first-contact check).
+    timeout 60 python3 benchmarks/bench_capacity.py --device cuda --dtype bf16 --shapes all --capacities none,1.0 \
+        --routes upcycle,grouped_mm --steps 3 --warmup 1 --json "$OUT/capacity.json" >"$OUT/capacity.txt" 2>&1
     echo "exit $?" >>"$OUT/capacity.txt"
     # The slow peers last, upcycle again alongside as the anchor (Liger autotunes for a long time on first use).
     timeout 60 python3 benchmarks/bench_moe_layer.py --impls upcycle,liger,eager --iters 5 --warmup 1 \
