@@ -163,6 +163,19 @@ def test_the_rounding_measured_on_the_cast_dense_model_is_the_written_moes(round
     assert written > 1e-3 and measured["relative"] == pytest.approx(written, rel=1e-2)
 
 
+def test_an_approximate_method_that_rounds_is_measured_on_the_written_moe(tmp_path):
+    """Re-drawn neurons cast to bf16: the recorded deviation is the written MoE's (the method's own deviation and
+    the rounding), never the cast alone, since `verify --weights-only --tol` judges by it."""
+    from upcycle.verify.function import Probe, check_function
+
+    dense = hub_llama(tmp_path / "dense")
+    convert(dense, tmp_path / "moe", UpcycleOptions(drop_upcycling=0.5, dtype="bfloat16"))
+    measured = json.loads((tmp_path / "moe" / "upcycle.json").read_text())["exactness"]["rounding_deviation"]
+    assert measured["measured_on"] == "the written MoE"
+    written = check_function(dense, tmp_path / "moe", Probe(tokens=measured["tokens"])).logits_rel_diff
+    assert measured["relative"] == pytest.approx(written, rel=1e-6)
+
+
 @pytest.mark.parametrize("source", ["fp16", "olmo2"])
 @pytest.mark.parametrize("mode", MODES)
 def test_verify_compares_with_the_dense_model_as_stored_in_every_mode(cli, rounded, source, mode):

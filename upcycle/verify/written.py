@@ -59,12 +59,14 @@ def measure_rounding(
 ) -> dict:
     """The relative deviation of the written MoE from the dense model as stored, and how it was measured.
 
-    When every written tensor holds its source's values cast to one dtype (nothing scaled), the MoE computes the
-    dense function on those cast weights (the exactness the config check and the weight recipes establish, which
-    `verify` proves on the written folder). The rounding is then measured on the dense model itself, its weights
-    cast as written: one model of the dense size in memory instead of both, the MoE holding E copies."""
+    When the method is exact and every written tensor holds its source's values cast to one dtype (nothing
+    scaled), the MoE computes the dense function on those cast weights (the exactness the config check and the
+    weight recipes establish, which `verify` proves on the written folder). The rounding is then measured on the
+    dense model itself, its weights cast as written: one model of the dense size in memory instead of both, the MoE
+    holding E copies. An approximate method (re-drawn neurons, noise) is measured on the written MoE: its figure
+    must hold the method's own deviation too (`verify --weights-only --tol` judges by it)."""
     probe = probe_for(plan.config_check.get("smallest_window"), MEASURE_TOKENS)
-    into = single_cast(plan, dense)
+    into = single_cast(plan, dense) if plan.exactness.exact_up_to_rounding else None
     if into is not None and choose_mode("auto", dense, dense, "float32")[0] == "full":
         relative, origin = rounded_dense_deviation(dense.folder, moe_folder, into, probe)
         return {
