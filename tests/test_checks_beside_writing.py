@@ -5,6 +5,8 @@ builds a model)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,8 +21,8 @@ from upcycle.convert import plan as plan_module
 from upcycle.convert import writer as writer_module
 from upcycle.convert.materialize import CachedReader, materialize
 from upcycle.convert.plan import NotProven, build_plan
-from upcycle.convert.source import DenseSource
-from upcycle.errors import UnsupportedModelError
+from upcycle.convert.source import DenseSource, memo_sha256
+from upcycle.errors import SourceError, UnsupportedModelError
 from upcycle.upcycling import convert
 from upcycle.verify import written as written_module
 
@@ -94,3 +96,24 @@ def test_the_config_check_beside_the_writing_is_recorded(dense, tmp_path):
     assert record == result.plan.config_check and record["equivalent"] is True
     dry = convert(dense, tmp_path / "dry", UpcycleOptions(), dry_run=True)
     assert dry.plan.config_check == record and not (tmp_path / "dry").exists()
+
+
+def test_a_source_file_that_cannot_be_hashed_stops_the_conversion(dense, tmp_path, monkeypatch):
+    """The hashes upcycle.json records come from a thread of their own: its failure is the command's, never an
+    empty record."""
+
+    def unreadable(paths, remembered=False):
+        raise OSError(errno.EIO, "Input/output error", str(paths[0]))
+
+    monkeypatch.setattr(writer_module, "hash_files", unreadable)
+    with pytest.raises(SourceError, match="to record its sha256 .Input/output error"):
+        convert(dense, tmp_path / "moe", UpcycleOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_digest(dense, tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("UPCYCLE_CACHE", str(blocked))
+    path = dense / "config.json"
+    assert memo_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

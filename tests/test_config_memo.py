@@ -87,6 +87,6 @@ def test_the_cache_lists_and_checks_the_memos(cache, tmp_path):
     memos = sorted((cache / config_memo.MEMO_FOLDER).iterdir())
     memos[0].write_text("{half")
     entries = [e for e in list_entries(cache) if e.kind == "config fact"]
-    assert len(entries) == len(memos) == 4
+    assert len(entries) == len(memos) >= 3  # the saved tensors too, unless this process described the config before
     verify_entries(entries)
-    assert [e.problem for e in entries] == ["not readable JSON", None, None, None]
+    assert [e.problem for e in entries] == ["not readable JSON"] + [None] * (len(memos) - 1)

@@ -7,7 +7,6 @@ the tokenizer and generation files are the conversion's own.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +35,7 @@ def merge(
     from upcycle.convert.merge.plan import build_merge_plan
     from upcycle.convert.merge.sources import open_merge_sources
     from upcycle.convert.merge.spec import read_merge_spec
+    from upcycle.convert.source import in_background
     from upcycle.convert.writer import check_output, write_plan
     from upcycle.output_safety import refuse_overlap
     from upcycle.verify.written import refuse_other_files
@@ -52,15 +52,12 @@ def merge(
         return Written(plan, None, 0, time.perf_counter() - start)
     for calibration in plan.calibrations:  # the gate rows: the base model on the prompts, once per cache key
         calibration.ensure(base.folder)
-    hashes: dict[str, dict[str, str]] = {}
     models = [(key, model) for key, model in _named(base, experts, shared) if key != "base_model"]
-    hasher = threading.Thread(target=lambda: hashes.update(source_hashes(models)), daemon=True)
-    hasher.start()  # beside the writing, which hashes the base
+    hashes = in_background(lambda: source_hashes(models))  # beside the writing, which hashes the base
 
     def inspect(plan: MergePlan, dense: DenseSource, folder: Path, tensors_written: Callable[[], object]) -> None:
         refuse_other_files(plan, dense, folder)
-        hasher.join()
-        plan.merge["sources_sha256"] = hashes
+        plan.merge["sources_sha256"] = hashes()
 
     written = write_plan(plan, source, out, force=force, progress=progress, inspect=inspect)
     return Written(plan, out, written, time.perf_counter() - start)

@@ -28,19 +28,32 @@ MEMO_FOLDER = "config-facts"
 HF_PACKAGE = Path(__file__).resolve().parents[1] / "hf"
 
 
+CODE = (Path(__file__).resolve(), Path(__file__).resolve().parent / "families" / "__init__.py")  # beside hf/
+
+
 @functools.cache
-def _code_and_versions() -> str:
-    """What else a fact depends on: the installed transformers and torch, and the hf package's source bytes."""
+def _code_and_versions() -> str | None:
+    """What else a fact depends on: the installed transformers and torch, and the bytes of the code that asks
+    (the hf package, this module, the families' description). None, so nothing is remembered, when transformers
+    is an editable or development install: its version then does not name its code."""
     import torch
 
+    transformers = importlib.metadata.distribution("transformers")
+    direct = json.loads(transformers.read_text("direct_url.json") or "{}")
+    if "dev" in transformers.version or direct.get("dir_info", {}).get("editable") or "vcs_info" in direct:
+        return None
     digest = hashlib.sha256()
-    for path in sorted(HF_PACKAGE.rglob("*.py")):
-        digest.update(path.relative_to(HF_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return json.dumps([importlib.metadata.version("transformers"), torch.__version__, digest.hexdigest()])
+    for path in [*sorted(HF_PACKAGE.rglob("*.py")), *CODE]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return json.dumps([transformers.version, torch.__version__, digest.hexdigest()])
 
 
-def memo_path(kind: str, inputs: Any) -> Path:
-    text = json.dumps([kind, inputs, _code_and_versions()], sort_keys=True, default=repr)
+def memo_path(kind: str, inputs: Any) -> Path | None:
+    """Where the fact is remembered, or None when nothing may be (an editable transformers)."""
+    code = _code_and_versions()
+    if code is None:
+        return None
+    text = json.dumps([kind, inputs, code], sort_keys=True, default=repr)
     return cache_dir() / MEMO_FOLDER / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
 
 
@@ -54,23 +67,26 @@ def remembered(
 ) -> T:
     """compute(), or what it returned before for the same kind, inputs, versions and code.
 
-    A value is kept only when `keep` says so and it comes back from JSON exactly as it went in; a memo that cannot
-    be read is computed again (and replaced)."""
+    A value is kept only when `keep` says so and it comes back from JSON exactly as it went in; a remembered value
+    is used only when `keep` says so too, and one that cannot be read is computed again (and replaced)."""
     path = memo_path(kind, inputs)
+    if path is None:
+        return compute()
     try:
         value = decode(json.loads(path.read_text())["value"])
-        mark_used(path)
-        return value
-    except (OSError, ValueError, KeyError, TypeError):
+        if keep(value):
+            mark_used(path)
+            return value
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass
     value = compute()
-    encoded = encode(value)
-    if keep(value) and decode(json.loads(json.dumps(encoded))) == value:
-        try:
+    try:
+        encoded = encode(value)
+        if keep(value) and decode(json.loads(json.dumps(encoded))) == value:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(path, {"kind": kind, "value": encoded})
-        except OSError:
-            pass  # a read-only cache still converts, just without remembering
+    except (OSError, TypeError, ValueError):
+        pass  # not JSON, or a read-only cache: converted all the same, just not remembered
     return value
 
 

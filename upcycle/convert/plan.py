@@ -140,9 +140,12 @@ def config_verdict(source_config: dict, config: dict) -> tuple[dict | None, str 
         report = check_config_equivalence(source_config, config)
         return (report.record(), None) if report.equivalent else (None, report.first_problem)
 
-    return remembered(
-        "config check", [source_config, config], check, encode=list, decode=tuple, keep=lambda v: v[0] is not None
-    )
+    return remembered("config check", [source_config, config], check, encode=list, decode=tuple, keep=_passed)
+
+
+def _passed(verdict: tuple[dict | None, str | None]) -> bool:
+    record, _ = verdict
+    return isinstance(record, dict) and record.get("equivalent") is True
 
 
 def _proven_target(

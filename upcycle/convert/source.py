@@ -6,20 +6,25 @@ the source resident in the process, which would put the whole model into the con
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from upcycle.errors import SourceError
 from upcycle.model_files import check_source_folder, check_source_path
+
+T = TypeVar("T")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -324,6 +329,29 @@ def hash_files(paths: list[Path], remembered: bool = False) -> dict[str, str]:
     return {os.path.basename(path): digest(path) for path in paths}
 
 
+def in_background(compute: Callable[[], T]) -> Callable[[], T]:
+    """Start compute() on a daemon thread (an interrupted command does not wait for it); the returned function
+    waits for its value and raises what it raised, so a failure is never a silently missing result."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = compute()
+        except BaseException as error:  # handed to the caller of result()
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
+
+
 def memo_sha256(path: Path) -> str:
     """sha256 of a file, remembered in the cache folder while the file is the same file with the same size and
     modification time (device, inode, size, mtime in nanoseconds); anything else hashes it again. One small file
@@ -342,8 +370,12 @@ def memo_sha256(path: Path) -> str:
     except OSError:
         pass
     digest = file_sha256(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.parent / f".{memo.name}.{os.getpid()}.tmp"
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, memo)
+    tmp = memo.parent / f".{memo.name}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:  # remembering is best-effort: a read-only or full cache still gets the digest
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, memo)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return digest

@@ -20,9 +20,9 @@ from pathlib import Path
 from upcycle.convert.finite import check_finite
 from upcycle.convert.materialize import CachedReader, materialize
 from upcycle.convert.safetensors_stream import StreamingShardWriter
-from upcycle.convert.source import DenseSource, hash_files
+from upcycle.convert.source import DenseSource, hash_files, in_background
 from upcycle.convert.written_plan import WrittenPlan
-from upcycle.errors import OutputError
+from upcycle.errors import OutputError, SourceError
 from upcycle.hub import ModelSource
 from upcycle.model_card import write_conversion_card
 from upcycle.model_files import copied_files, record_files
@@ -87,20 +87,17 @@ def write_plan(
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
     tmp = temporary_sibling(out)
-    hashes: dict[str, str] = {}
     hashed = [origin] if origin is not None else [*source.weight_files, source.folder / "config.json"]
-    hasher = threading.Thread(target=lambda: hashes.update(hash_files(hashed, remembered=True)), daemon=True)
     try:
         with _signals_raise():
             tmp.mkdir()
-            hasher.start()
+            hashes = in_background(lambda: _source_hashes(hashed))
             _write_metadata(plan, source, tmp)
             written = _write_beside(plan, source, tmp, progress, inspect)
-            hasher.join()
             plan.source = {
                 "path": str((origin or source.folder).resolve()),
                 "kind": "gguf" if origin is not None else "folder",
-                "sha256": hashes,
+                "sha256": hashes(),
                 **source_identity(source.folder, origin),  # name and license, as the source states them
             }
             if hub is not None and hub.repo_id:  # the repository names the model; its cache path names nothing
@@ -123,6 +120,17 @@ def write_plan(
         remove(tmp)
         raise
     return written
+
+
+def _source_hashes(paths: list[Path]) -> dict[str, str]:
+    """Every source file's sha256 for upcycle.json, or the error that names the file that could not be read."""
+    try:
+        return hash_files(paths, remembered=True)
+    except OSError as error:
+        raise SourceError(
+            f"cannot read {error.filename or 'a source file'} to record its sha256 ({error.strerror or error}).",
+            "check that the source is complete and readable, then run the command again.",
+        ) from None
 
 
 def _write_beside(

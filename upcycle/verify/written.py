@@ -67,8 +67,11 @@ def measure_rounding(
     must hold the method's own deviation too (`verify --weights-only --tol` judges by it)."""
     probe = probe_for(plan.config_check.get("smallest_window"), MEASURE_TOKENS)
     into = single_cast(plan, dense) if plan.exactness.exact_up_to_rounding else None
+    measured = None
     if into is not None and choose_mode("auto", dense, dense, "float32")[0] == "full":
-        relative, origin = rounded_dense_deviation(dense.folder, moe_folder, into, probe)
+        measured = rounded_dense_deviation(dense.folder, moe_folder, into, probe)
+    if measured is not None:
+        relative, origin = measured
         return {
             "relative": relative, "what": "logits", "compute": "float32", "tokens": probe.tokens, "text": origin,
             "measured_on": f"the dense model, its weights cast to {into} as written",
@@ -98,14 +101,19 @@ def single_cast(plan: WrittenPlan, dense: DenseSource) -> str | None:
     return rounding.into[0] if CODE_NAMES.get(code) == rounding.into[0] else None
 
 
-def rounded_dense_deviation(dense_folder: Path, moe_folder: Path, into: str, probe: Probe) -> tuple[float, str]:
-    """Relative logits deviation of the dense model (fp32 compute) once every weight is cast to `into` and back."""
+def rounded_dense_deviation(dense_folder: Path, moe_folder: Path, into: str, probe: Probe) -> tuple[float, str] | None:
+    """Relative logits deviation of the dense model (fp32 compute) once every weight is cast to `into` and back;
+    None when the model keeps stored values outside its parameters (a persistent buffer: cast in the MoE's files,
+    it would be missed here)."""
     import torch
 
     from upcycle.hf.loading import TORCH_DTYPES, load_causal_lm_strict
     from upcycle.verify.layer_pairs import relative
 
     model = load_causal_lm_strict(dense_folder, torch.float32).eval()
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if any(t.is_floating_point() for name, t in model.state_dict().items() if name not in parameters):
+        return None
     ids, origin = load_text_tokens(moe_folder, probe.text, probe.tokens, model.config.get_text_config().vocab_size)
     with torch.no_grad():
         stored = model(ids[None]).logits[0]
