@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from upcycle.assets import cache_dir, mark_used
 from upcycle.output_safety import write_json_atomically
 
 T = TypeVar("T")
@@ -53,6 +52,8 @@ def memo_path(kind: str, inputs: Any) -> Path | None:
     code = _code_and_versions()
     if code is None:
         return None
+    from upcycle.assets import cache_dir  # imports torch: not before a conversion runs
+
     text = json.dumps([kind, inputs, code], sort_keys=True, default=repr)
     return cache_dir() / MEMO_FOLDER / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
 
@@ -75,6 +76,8 @@ def remembered(
     try:
         value = decode(json.loads(path.read_text())["value"])
         if keep(value):
+            from upcycle.assets import mark_used
+
             mark_used(path)
             return value
     except (OSError, ValueError, KeyError, TypeError, IndexError):
