@@ -146,16 +146,18 @@ def _grouped_gemm_kernel(
     )
     if tile_expert < 0:
         return
+    s = rows  # the sorted rows' assignments (token * top_k + slot), read once when the epilogue needs them
     a_rows = rows
     if SWIGLU_BACKWARD:
-        a_rows = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0).to(tl.int64) // top_k
+        s = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        a_rows = s // top_k
     acc = _rows_times_expert(
         a_ptr, a_rows, stride_as, stride_ak, b_ptr + expert * stride_be, stride_bk, stride_bn, row_mask, cols,
         col_mask, KD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if SWIGLU_BACKWARD:
         _swiglu_backward_epilogue(
-            acc, rows, row_mask, pid_n, cols, col_mask, N, top_k, sorted_s_ptr, gu_ptr, w_ptr, c_ptr, part_ptr,
+            acc, rows, s, row_mask, pid_n, cols, col_mask, N, top_k, gu_ptr, w_ptr, c_ptr, part_ptr,
             stride_gs, stride_gn, stride_wt, stride_wk, stride_cs, stride_cn, stride_ps,
         )  # fmt: skip
     else:
@@ -165,7 +167,7 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _swiglu_backward_epilogue(
-    dh_raw, rows, row_mask, pid_n, cols, col_mask, N, top_k, sorted_s_ptr, gu_ptr, w_ptr, dgu_ptr, part_ptr,
+    dh_raw, rows, s, row_mask, pid_n, cols, col_mask, N, top_k, gu_ptr, w_ptr, dgu_ptr, part_ptr,
     stride_gs, stride_gn, stride_wt, stride_wk, stride_ds, stride_dn, stride_ps,
 ):  # fmt: skip
     """Given dy W_d (before the routing weight): router-weight partials <dy W_d, h> per column block, and
@@ -177,7 +179,6 @@ def _swiglu_backward_epilogue(
     sig = _sigmoid(g)
     silu = g * sig
     tl.store(part_ptr + rows * stride_ps + pid_n, tl.reduce(dh_raw * silu * u, 1, _add), mask=row_mask)
-    s = tl.load(sorted_s_ptr + rows, mask=row_mask, other=0)
     wt = tl.load(w_ptr + (s // top_k) * stride_wt + (s % top_k) * stride_wk, mask=row_mask, other=0.0)
     dh = dh_raw * wt.to(tl.float32)[:, None]
     d_ptrs = dgu_ptr + rows[:, None] * stride_ds + cols[None, :] * stride_dn
